@@ -1,5 +1,97 @@
-"""ipfs_execute_magic: pure, shareable computations on IPFS content in a bubblewrap sandbox."""
+"""ipfs_execute_magic: pure, shareable computations on IPFS content in a bubblewrap sandbox.
+
+The Python API (the CLI and the notebook magic call the same core):
+
+    import ipfs_execute_magic as ie
+    data = ie.add("words/")                      # CID of a local folder
+    record = ie.run(BUSYBOX, data, "sh", "-c", "sort /input/words.txt > /output/sorted")
+    print(record.output)                         # CID of /output
+
+One `Runner` (daemon connection and staging cache) is kept per process, so repeated runs pay
+only for the sandbox. `configure(...)` changes its settings.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .record import RunRecord
+    from .runner import Runner
+    from .settings import Settings
+
+_runner: Runner | None = None
+_runner_lock = threading.Lock()
+
+
+def configure(settings: Settings | None = None, **changes: Any) -> Settings:
+    """Use these settings for later calls (fields of Settings, e.g. api=..., home=...)."""
+    global _runner
+    from .runner import Runner
+    from .settings import Settings
+
+    base = settings or Settings.from_env()
+    if changes:
+        base = base.with_changes(**changes)
+    with _runner_lock:
+        if _runner is not None:
+            _runner.close()
+        _runner = Runner(base)
+    return base
+
+
+def default_runner() -> Runner:
+    global _runner
+    with _runner_lock:
+        if _runner is None:
+            from .runner import Runner
+
+            _runner = Runner()
+        return _runner
+
+
+def run(rootfs: str, input: str | None = None, *args: str, timeout: float | None = None,
+        memory: int | None = None, pids: int | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None) -> RunRecord:
+    """Run `/sbin/init ARGS...` of ROOTFS on INPUT; return the run's record (`.output` is a CID)."""
+    from dataclasses import replace
+
+    from .record import RunRequest
+
+    runner = default_runner()
+    limits = runner.settings.limits
+    changes = {k: v for k, v in (("timeout", timeout), ("memory_bytes", memory), ("pids", pids))
+               if v is not None}
+    if changes:
+        limits = replace(limits, **changes)
+    request = RunRequest(rootfs=str(rootfs), input=str(input) if input is not None else None,
+                         args=tuple(str(a) for a in args), limits=limits)
+    return runner.run(request, on_stdout=on_stdout, on_stderr=on_stderr)
+
+
+def add(path: str | Path) -> str:
+    """Add a local file or directory to IPFS (pinned); return its CID."""
+    return default_runner().store.add_path(Path(path))
+
+
+def mkdir(entries: Mapping[str, str]) -> str:
+    """CID of a new directory with each NAME set to a CID or IPFS path (NAME may be a/b)."""
+    store = default_runner().store
+    return store.compose({name: store.resolve(str(path)) for name, path in entries.items()})
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """`%load_ext ipfs_execute_magic`: the Jupyter layer is imported only here."""
+    from .jupyter.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+__all__ = ["__version__", "add", "configure", "default_runner", "load_ipython_extension",
+           "mkdir", "run"]

@@ -74,6 +74,10 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     online: bool = False  # embedded node joins the public network only when asked
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.home, Path):
+            object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
+
     @property
     def repo_dir(self) -> Path:
         return self.home / "kubo"

@@ -1,0 +1,301 @@
+"""The command-line tools `ipfs-execute` and `ipfs-mkdir`.
+
+Contract (kept from the original shell tool): options come before ROOTFS; everything after INPUT
+goes to /sbin/init verbatim, even when it looks like an option; only the output CID is printed
+on stdout; the payload's stdout and stderr go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE, IpfsExecuteError, UsageError
+from .settings import Limits, Settings
+
+DESCRIPTION = """\
+Run /sbin/init ARG... of the root filesystem ROOTFS in a bubblewrap sandbox, with the directory
+INPUT read-only at /input and an empty writable /output; add /output to IPFS, pin it and print
+its CID. No network inside; limits on time, memory and processes.
+
+ROOTFS is a .tar.gz, .tar.zst or .tar file in IPFS, or a directory used as the root itself.
+INPUT is a directory. Both may be written CID, CID/sub/path, /ipfs/CID/sub/path or /ipns/NAME.
+"""
+
+EPILOG = f"""\
+exit status:
+  0         the payload exited 0
+  1-255     the payload's own exit status (the output is still added and its CID printed)
+  {EXIT_USAGE}         usage error (bad arguments, malformed CID or path)
+  {EXIT_TIMEOUT}       the payload ran past --timeout and was killed (output still added)
+  {EXIT_TOOL_FAILURE}       the tool itself failed: IPFS, staging or sandbox set-up
+
+other commands:
+  ipfs-execute add PATH...            add files or directories, print their CIDs
+  ipfs-execute node status|start|stop the embedded IPFS node (repo path and API address)
+
+environment:
+  IPFS_EXECUTE_API      use this Kubo RPC API (multiaddr) instead of the embedded node
+  IPFS_EXECUTE_HOME     data directory (embedded node repo, staging cache)
+  IPFS_EXECUTE_TIMEOUT  default --timeout
+
+example:
+  ipfs-execute $BUSYBOX $EMPTY sh -c 'echo blabla > /output/test'
+"""
+
+# Options that take a value: needed to find where ROOTFS starts without guessing.
+_VALUE_OPTIONS = {"--timeout", "--api", "--home", "--memory", "--pids", "--tmp-size",
+                  "--fetch-timeout"}
+_SUBCOMMANDS = {"add", "node"}
+
+
+def _size(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 2G)") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text.removesuffix("s"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Limits()
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute", description=DESCRIPTION, epilog=EPILOG,
+        usage="ipfs-execute [OPTIONS] ROOTFS INPUT [ARG...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rootfs", metavar="ROOTFS", help="root filesystem CID or IPFS path")
+    parser.add_argument("input", metavar="INPUT", help="input directory CID or IPFS path")
+    parser.add_argument("args", metavar="ARG", nargs="*",
+                        help="arguments of /sbin/init, passed verbatim (options too)")
+    parser.add_argument("--timeout", type=_seconds, default=None,
+                        help=f"wall-clock limit in seconds (default {defaults.timeout:g})")
+    parser.add_argument("--memory", type=_size, default=None,
+                        help="memory limit of the whole sandbox, e.g. 512M (default 2G)")
+    parser.add_argument("--pids", type=int, default=None,
+                        help=f"limit on processes and threads (default {defaults.pids})")
+    parser.add_argument("--tmp-size", type=_size, default=None,
+                        help="size of the /tmp tmpfs (default 256M)")
+    parser.add_argument("--api", metavar="MULTIADDR",
+                        help="use your own Kubo daemon at this RPC API address "
+                             "(default: $IPFS_EXECUTE_API, else the embedded node)")
+    parser.add_argument("--home", metavar="DIR", type=Path,
+                        help="data directory (default: $IPFS_EXECUTE_HOME or a per-user one)")
+    parser.add_argument("--fetch-timeout", type=_seconds, default=None,
+                        help="how long to wait for a CID to be retrievable (default 60)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the run's record as JSON instead of the output CID")
+    parser.add_argument("--version", action="version", version=_version_text())
+    return parser
+
+
+def _version_text() -> str:
+    from . import __version__
+
+    return f"ipfs-execute {__version__}"
+
+
+def split_leading_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Options before the first positional word, and everything from that word on."""
+    options: list[str] = []
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--":
+            return options, list(argv[index + 1:])
+        if not word.startswith("-") or word == "-":
+            break
+        options.append(word)
+        if word in _VALUE_OPTIONS:
+            if index + 1 < len(argv):
+                options.append(argv[index + 1])
+            index += 1
+        index += 1
+    return options, list(argv[index:])
+
+
+def _settings(options: argparse.Namespace) -> Settings:
+    limits = Settings.from_env().limits
+    changes = {name: value for name, value in (
+        ("timeout", options.timeout), ("memory_bytes", options.memory),
+        ("pids", options.pids), ("tmp_bytes", options.tmp_size)) if value is not None}
+    if changes:
+        limits = Limits(**{**limits.__dict__, **changes})
+    return Settings.from_env(api=options.api, home=options.home, limits=limits,
+                             fetch_timeout=options.fetch_timeout)
+
+
+def _write_through(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def _fail(error: IpfsExecuteError) -> int:
+    print(f"ipfs-execute: {error}", file=sys.stderr)
+    return error.exit_status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    option_words, rest = split_leading_options(argv)
+    if "-h" in option_words or "--help" in option_words or (not rest and not option_words):
+        parser.print_help()
+        return 0 if rest or option_words else EXIT_USAGE
+    if rest and rest[0] in _SUBCOMMANDS:
+        return _subcommand(rest[0], option_words, rest[1:])
+    if len(rest) < 2:
+        parser.print_usage(sys.stderr)
+        print("ipfs-execute: error: ROOTFS and INPUT are required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        options = parser.parse_args(option_words + rest[:2])
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if exit_.code in (0, None) else EXIT_USAGE
+    payload_args = rest[2:]
+
+    from .record import RunRequest
+    from .runner import Runner
+
+    try:
+        settings = _settings(options)
+        request = RunRequest(rootfs=options.rootfs, input=options.input,
+                             args=tuple(payload_args), limits=settings.limits,
+                             interactive=sys.stdin.isatty())
+        runner = Runner(settings)
+        try:
+            record = runner.run(request, on_stdout=_write_through, on_stderr=_write_through)
+        finally:
+            runner.close()
+    except IpfsExecuteError as error:
+        return _fail(error)
+    except KeyboardInterrupt:
+        print("ipfs-execute: interrupted; the sandbox was stopped", file=sys.stderr)
+        return 130
+
+    print(record.to_json() if options.json else record.output, flush=True)
+    if record.timed_out:
+        print(f"ipfs-execute: the payload ran past {request.limits.timeout:g} s and was killed; "
+              f"its partial output is {record.output}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    return record.exit_status if record.exit_status is not None else EXIT_TOOL_FAILURE
+
+
+def _subcommand(name: str, option_words: list[str], words: list[str]) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--api", metavar="MULTIADDR")
+    common.add_argument("--home", type=Path)
+    try:
+        options, unknown = common.parse_known_args(option_words)
+        if unknown:
+            raise UsageError(f"unknown option(s) before {name}: {' '.join(unknown)}")
+        settings = Settings.from_env(api=options.api, home=options.home)
+        if name == "add":
+            return _add(settings, words)
+        return _node(settings, words)
+    except IpfsExecuteError as error:
+        return _fail(error)
+
+
+def _add(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute add",
+        description="Add files or directories to IPFS (dot-files included, symlinks kept as "
+                    "symlinks, the same CID as `ipfs add -r --hidden` with the "
+                    "unixfs-v1-2025 profile), pin them and print one CID per line.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    try:
+        options = parser.parse_args(words)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else EXIT_USAGE
+    from .store import Store
+
+    with Store.connect(settings) as store:
+        for path in options.paths:
+            print(store.add_path(path, pin=True), flush=True)
+    return 0
+
+
+def _node(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute node",
+        description="Manage the embedded IPFS node: `status` shows its repo and API address "
+                    "(to point the Kubo CLI at it), `start` starts it, `stop` stops it.")
+    parser.add_argument("action", choices=["status", "start", "stop"])
+    try:
+        options = parser.parse_args(words)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else EXIT_USAGE
+    if settings.api:
+        print(f"using your own daemon at {settings.api} (IPFS_EXECUTE_API / --api); "
+              "the embedded node is not used")
+        return 0
+    from .node import EmbeddedNode
+
+    node = EmbeddedNode(settings)
+    if options.action == "start":
+        api = node.ensure_running()
+        print(api)
+    elif options.action == "stop":
+        print("stopped" if node.stop() else "was not running")
+    else:
+        print(node.status().describe())
+    return 0
+
+
+MKDIR_DESCRIPTION = """\
+Print the CID of a new directory holding the given entries: each NAME is set to the IPFS PATH
+(a CID or IPFS path). NAME may contain slashes (a/b) to make sub directories. The directory is
+pinned.
+"""
+
+
+def mkdir_main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="ipfs-mkdir", description=MKDIR_DESCRIPTION,
+                                     usage="ipfs-mkdir [--api MULTIADDR] NAME PATH [NAME PATH...]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("entries", nargs="*", metavar="NAME PATH")
+    parser.add_argument("--api", metavar="MULTIADDR")
+    parser.add_argument("--home", type=Path)
+    try:
+        options = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else EXIT_USAGE
+    words = options.entries
+    if len(words) % 2:
+        parser.print_usage(sys.stderr)
+        print("ipfs-mkdir: error: entries come in pairs NAME PATH", file=sys.stderr)
+        return EXIT_USAGE
+    from .store import IpfsPath, Store
+
+    try:
+        settings = Settings.from_env(api=options.api, home=options.home)
+        pairs = list(zip(words[0::2], words[1::2]))
+        parsed = [(name, IpfsPath.parse(path)) for name, path in pairs]
+        with Store.connect(settings) as store:
+            entries = {name: store.resolve(path) for name, path in parsed}
+            print(store.compose(entries))
+    except IpfsExecuteError as error:
+        print(f"ipfs-mkdir: {error}", file=sys.stderr)
+        return error.exit_status
+    return 0
+
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""All access to IPFS, in one place: resolve, add, fetch, list, compose, pin.
+
+This is the only module that imports ipfshttpclient, and where its gaps are covered:
+- `connect()` refuses every modern Kubo, so the client is built directly and the daemon's
+  version is checked here;
+- its `add` sends other import flags than the Kubo CLI, drops symlinks and can hang on many
+  files, so trees are added with a streamed multipart body of our own (through the client's
+  transport) that sends every import flag explicitly and keeps symlinks as UnixFS symlinks;
+- its `get` extracts without any safety filter, so the raw tar stream is handed to
+  `archive.extract` instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import secrets
+import stat as stat_module
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import warnings
+
+import ipfshttpclient
+import ipfshttpclient.exceptions as ipfs_exceptions
+
+# ipfshttpclient 0.7 passes `strict=` to urllib3 2.x on every request; harmless, and not the
+# user's concern.
+warnings.filterwarnings("ignore", message="The 'strict' parameter", category=FutureWarning)
+
+from .errors import (DaemonUnreachableError, DaemonVersionError, InvalidPathError, IpfsError,
+                     NotRetrievableError)
+from .node import EmbeddedNode
+from .settings import MIN_KUBO_VERSION, Settings
+
+# The import settings of Kubo's `unixfs-v1-2025` profile, sent explicitly on every add so that a
+# daemon with other defaults gives the same CIDs as the embedded node and the Kubo CLI.
+IMPORT_OPTIONS: Mapping[str, str] = {
+    "cid-version": "1",
+    "raw-leaves": "true",
+    "chunker": "size-1048576",
+    "hash": "sha2-256",
+    "trickle": "false",
+    "inline": "false",
+    "max-file-links": "1024",
+    "max-directory-links": "0",
+    "max-hamt-fanout": "256",
+    "wrap-with-directory": "false",
+    "empty-dirs": "true",
+    "preserve-mode": "false",
+    "preserve-mtime": "false",
+}
+UPLOAD_CHUNK = 256 * 1024
+
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_CIDV0 = re.compile(rf"^Qm[{_BASE58}]{{44}}$")
+_CIDV1_BASE32 = re.compile(r"^b[a-z2-7]{20,}$")
+_CIDV1_OTHER = re.compile(rf"^(z[{_BASE58}]{{20,}}|k[0-9a-z]{{20,}}|f[0-9a-f]{{20,}})$")
+_IPNS_NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
+
+
+def is_cid(text: str) -> bool:
+    """Syntax check of a CID (v0 base58, or v1 in base32/base58/base36/base16)."""
+    if _CIDV0.match(text):
+        return True
+    if _CIDV1_BASE32.match(text):
+        padded = text[1:].upper() + "=" * (-len(text[1:]) % 8)
+        try:
+            raw = base64.b32decode(padded)
+        except ValueError:
+            return False
+        return len(raw) > 4 and raw[0] == 0x01  # CID version 1
+    return bool(_CIDV1_OTHER.match(text))
+
+
+@dataclass(frozen=True)
+class IpfsPath:
+    """A parsed user path: `CID`, `CID/sub`, `/ipfs/CID/sub` or `/ipns/NAME/sub`."""
+
+    namespace: str  # "ipfs" or "ipns"
+    root: str  # CID or IPNS name
+    sub: str  # "" or "a/b"
+
+    @classmethod
+    def parse(cls, text: str) -> IpfsPath:
+        original = text
+        text = text.strip()
+        if text.startswith("ipfs://"):
+            text = "/ipfs/" + text[len("ipfs://"):]
+        elif text.startswith("ipns://"):
+            text = "/ipns/" + text[len("ipns://"):]
+        namespace = "ipfs"
+        if text.startswith("/ipfs/"):
+            text = text[len("/ipfs/"):]
+        elif text.startswith("/ipns/"):
+            namespace, text = "ipns", text[len("/ipns/"):]
+        root, _, sub = text.partition("/")
+        sub = sub.strip("/")
+        parts = [p for p in sub.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise InvalidPathError(f"{original!r}: '.' and '..' are not allowed in an IPFS path")
+        if namespace == "ipfs" and not is_cid(root):
+            raise InvalidPathError(f"{original!r} is not a CID or IPFS path (expected CID, "
+                                   "CID/sub/path, /ipfs/CID/sub/path or /ipns/NAME)")
+        if namespace == "ipns" and not _IPNS_NAME.match(root):
+            raise InvalidPathError(f"{original!r}: {root!r} is not an IPNS name")
+        return cls(namespace, root, "/".join(parts))
+
+    @property
+    def is_plain_cid(self) -> bool:
+        return self.namespace == "ipfs" and not self.sub
+
+    def __str__(self) -> str:
+        return f"/{self.namespace}/{self.root}" + (f"/{self.sub}" if self.sub else "")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    cid: str
+    size: int
+    kind: str  # "file", "directory" or "symlink"
+
+
+@dataclass(frozen=True)
+class Stat:
+    cid: str
+    kind: str  # "file", "directory", "symlink"
+    size: int  # file size, or cumulative size of a directory
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    numbers = re.findall(r"\d+", text.split("-")[0])
+    return tuple(int(n) for n in numbers[:3])
+
+
+class _IteratorReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks (an HTTP response body)."""
+
+    def __init__(self, chunks: Iterable[bytes], close: Any = None) -> None:
+        self._chunks: Iterator[bytes] = iter(chunks)
+        self._pending = memoryview(b"")
+        self._close = close
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def close(self) -> None:
+        if self._close is not None:
+            try:
+                self._close()
+            finally:
+                self._close = None
+        super().close()
+
+
+class Store:
+    """A connection to one Kubo daemon."""
+
+    def __init__(self, api: str, *, fetch_timeout: float = 60.0) -> None:
+        self.api = api
+        self.fetch_timeout = fetch_timeout
+        # Built directly: ipfshttpclient.connect() refuses every Kubo >= 0.8 (version check is ours).
+        self._client = ipfshttpclient.Client(addr=api, session=True, timeout=None)
+        self._http = self._client._client  # the client's transport, for the calls it gets wrong
+        self._version: str | None = None
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Store:
+        """The user's daemon when `settings.api` is set, else the embedded node (started if needed)."""
+        if settings.api:
+            store = cls(settings.api, fetch_timeout=settings.fetch_timeout)
+        else:
+            api = EmbeddedNode(settings).ensure_running()
+            store = cls(api, fetch_timeout=settings.fetch_timeout)
+        store.check_version()
+        return store
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # closing a dead connection must not mask the real error
+            pass
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- low level -------------------------------------------------------------------------
+
+    def _call(self, path: str, *args: str, opts: Mapping[str, str] | None = None,
+              decoder: str = "json", stream: bool = False, data: Any = None,
+              headers: Mapping[str, str] | None = None, timeout: float | None = None,
+              what: str = "") -> Any:
+        request_opts = dict(opts or {})
+        if timeout is not None:
+            request_opts.setdefault("timeout", f"{timeout:g}s")  # Kubo's own per-command timeout
+        try:
+            answer = self._http.request(path, args, opts=request_opts, decoder=decoder,
+                                        stream=stream, data=data, headers=headers or {})
+            # The JSON decoder returns a list of the objects the daemon streamed; most
+            # commands stream exactly one.
+            if decoder == "json" and not stream and isinstance(answer, list) and len(answer) == 1:
+                return answer[0]
+            return answer
+        except ipfs_exceptions.ConnectionError:
+            raise DaemonUnreachableError(
+                f"no IPFS daemon answers at {self.api}: start it (`ipfs daemon`), fix --api / "
+                "IPFS_EXECUTE_API, or unset them to use the embedded node") from None
+        except ipfs_exceptions.TimeoutError:
+            raise NotRetrievableError(f"{what or path}: not retrievable within "
+                                      f"{self.fetch_timeout:g} s") from None
+        except ipfs_exceptions.ErrorResponse as error:
+            raise self._translate(error, what or " ".join(args)) from None
+        except ipfs_exceptions.Error as error:
+            raise IpfsError(f"IPFS {path} {' '.join(args)} failed: {error}") from None
+
+    def _translate(self, error: Exception, what: str) -> IpfsError:
+        message = str(error).strip()
+        lowered = message.lower()
+        if ("not found" in lowered or "offline" in lowered or "deadline" in lowered
+                or "context canceled" in lowered or "no link named" in lowered):
+            hint = ("is the path right? For content from other peers, run the node online "
+                    "or pin it locally first")
+            if "no link named" in lowered:
+                hint = "that sub path does not exist in the directory"
+            return NotRetrievableError(f"{what}: not retrievable ({message}); {hint}")
+        if "invalid" in lowered or "failed to decode" in lowered or "selected encoding" in lowered:
+            return InvalidPathError(f"{what}: {message}")
+        return IpfsError(f"{what}: {message}")
+
+    # -- daemon ----------------------------------------------------------------------------
+
+    def version(self) -> str:
+        if self._version is None:
+            self._version = str(self._call("/version", what="daemon version")["Version"])
+        return self._version
+
+    def check_version(self) -> None:
+        version = self.version()
+        if _parse_version(version) < MIN_KUBO_VERSION:
+            minimum = ".".join(map(str, MIN_KUBO_VERSION))
+            raise DaemonVersionError(f"the IPFS daemon at {self.api} is Kubo {version}; "
+                                     f"ipfs-execute needs Kubo {minimum} or newer")
+
+    def gateway_url(self) -> str | None:
+        """The daemon's HTTP gateway as a base URL, when it has one on an IP address."""
+        try:
+            value = self._call("/config", "Addresses.Gateway", what="gateway address")["Value"]
+        except IpfsError:
+            return None
+        addresses = value if isinstance(value, list) else [value]
+        for address in addresses:
+            parts = str(address).split("/")
+            if len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+                host = "127.0.0.1" if parts[2] == "0.0.0.0" else parts[2]
+                host = f"[{host}]" if ":" in host else host
+                return f"http://{host}:{parts[4]}"
+        return None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def resolve(self, path: str | IpfsPath) -> str:
+        """The CID a user path stands for. `/ipns/` names are resolved once, here."""
+        parsed = path if isinstance(path, IpfsPath) else IpfsPath.parse(path)
+        if parsed.is_plain_cid:
+            return parsed.root
+        answer = self._call("/resolve", str(parsed), opts={"recursive": "true"},
+                            timeout=self.fetch_timeout, what=str(parsed))
+        resolved = str(answer["Path"])
+        cid = resolved.removeprefix("/ipfs/").split("/")[0]
+        if not is_cid(cid):
+            raise IpfsError(f"{parsed} resolved to {resolved}, which is not an immutable path")
+        return cid
+
+    def stat(self, cid: str) -> Stat:
+        answer = self._call("/files/stat", f"/ipfs/{cid}", timeout=self.fetch_timeout, what=cid)
+        kind = str(answer.get("Type", "file"))
+        size = int(answer.get("Size") or 0) if kind == "file" else int(
+            answer.get("CumulativeSize") or 0)
+        return Stat(cid=str(answer.get("Hash", cid)), kind=kind, size=size)
+
+    def cat_stream(self, cid: str) -> BinaryIO:
+        """A file's bytes, streamed (never held in memory whole)."""
+        chunks = self._call("/cat", f"/ipfs/{cid}", decoder="none", stream=True,
+                            timeout=self.fetch_timeout, what=cid)
+        return io.BufferedReader(_IteratorReader(chunks, close=chunks.close),  # type: ignore[arg-type]
+                                 buffer_size=1024 * 1024)
+
+    def cat(self, cid_or_path: str) -> bytes:
+        with self.cat_stream(cid_or_path) as stream:
+            return stream.read()
+
+    def tar_stream(self, cid: str) -> BinaryIO:
+        """The raw tar stream of `get` (top member named after the CID), for safe extraction."""
+        chunks = self._call("/get", f"/ipfs/{cid}", decoder="none", stream=True,
+                            timeout=self.fetch_timeout, what=cid)
+        return io.BufferedReader(_IteratorReader(chunks, close=chunks.close),  # type: ignore[arg-type]
+                                 buffer_size=1024 * 1024)
+
+    def ls(self, cid: str) -> list[Entry]:
+        answer = self._call("/ls", f"/ipfs/{cid}", opts={"resolve-type": "true", "size": "true"},
+                            timeout=self.fetch_timeout, what=cid)
+        objects = answer.get("Objects") or [{}]
+        kinds = {0: "file", 1: "directory", 2: "file", 4: "symlink", 5: "symlink"}
+        return [Entry(name=link["Name"], cid=link["Hash"], size=int(link.get("Size") or 0),
+                      kind=kinds.get(int(link.get("Type", 2)), "file"))
+                for link in objects[0].get("Links") or []]
+
+    def walk(self, cid: str, prefix: str = "") -> Iterator[tuple[str, Entry]]:
+        """Every entry under a directory, depth first, as (relative path, entry)."""
+        for entry in self.ls(cid):
+            path = f"{prefix}{entry.name}"
+            yield path, entry
+            if entry.kind == "directory":
+                yield from self.walk(entry.cid, path + "/")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def add_path(self, path: Path, *, pin: bool = True) -> str:
+        """Add a file or directory tree; returns the root CID (the Kubo CLI's `add -r --hidden`)."""
+        path = Path(path)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise InvalidPathError(f"{path}: no such file or directory") from None
+        if not (stat_module.S_ISDIR(st.st_mode) or stat_module.S_ISREG(st.st_mode)):
+            raise InvalidPathError(f"{path}: only a regular file or a directory can be added")
+        boundary = secrets.token_hex(16)
+        body = _multipart_tree(path, boundary)
+        opts = dict(IMPORT_OPTIONS)
+        opts.update({"pin": "true" if pin else "false", "quieter": "true", "progress": "false"})
+        answer = self._call("/add", opts=opts, data=body, what=f"add {path}",
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        results = answer if isinstance(answer, list) else [answer]
+        if not results or "Hash" not in results[-1]:
+            raise IpfsError(f"adding {path} gave no CID (daemon answered {results!r:.200})")
+        return str(results[-1]["Hash"])
+
+    def add_bytes(self, data: bytes, *, name: str = "file", pin: bool = True) -> str:
+        boundary = secrets.token_hex(16)
+        body = [_part_header(boundary, name, "application/octet-stream"), data, b"\r\n",
+                f"--{boundary}--\r\n".encode()]
+        opts = dict(IMPORT_OPTIONS)
+        opts.update({"pin": "true" if pin else "false", "quieter": "true", "progress": "false"})
+        answer = self._call("/add", opts=opts, data=iter(body), what=f"add {name}",
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        results = answer if isinstance(answer, list) else [answer]
+        return str(results[-1]["Hash"])
+
+    def empty_directory(self) -> str:
+        """The CID of an empty UnixFS directory (with the import settings above)."""
+        return self.compose({})
+
+    def pin(self, cid: str) -> None:
+        self._call("/pin/add", f"/ipfs/{cid}", opts={"recursive": "true"},
+                   timeout=self.fetch_timeout, what=f"pin {cid}")
+
+    def compose(self, entries: Mapping[str, str], base: str | None = None) -> str:
+        """A new directory: `base` (or empty) with each name (may be nested: a/b) set to a CID.
+
+        The RPC `object patch` commands are gone from Kubo, so this goes through MFS.
+        """
+        for name in entries:
+            parts = name.strip("/").split("/")
+            if not name.strip("/") or any(p in ("", ".", "..") for p in parts):
+                raise InvalidPathError(f"{name!r} is not a usable entry name")
+        scratch = f"/.ipfs-execute-compose-{secrets.token_hex(8)}"
+        try:
+            if base:
+                self._call("/files/cp", f"/ipfs/{base}", scratch, timeout=self.fetch_timeout,
+                           what=f"compose on {base}")
+            else:
+                self._call("/files/mkdir", scratch, opts={"cid-version": "1", "hash": "sha2-256"},
+                           what="compose")
+            for name, cid in entries.items():
+                target = f"{scratch}/{name.strip('/')}"
+                self._call("/files/cp", f"/ipfs/{cid}", target,
+                           opts={"parents": "true", "force": "true"},
+                           timeout=self.fetch_timeout, what=f"compose {name}={cid}")
+            answer = self._call("/files/stat", scratch, opts={"hash": "true"}, what="compose")
+            cid = str(answer["Hash"])
+            self.pin(cid)
+            return cid
+        finally:
+            try:
+                self._call("/files/rm", scratch, opts={"recursive": "true", "force": "true"},
+                           what="compose clean-up")
+            except IpfsError:
+                pass
+
+
+# -- multipart body for /add -----------------------------------------------------------------
+
+def _part_header(boundary: str, name: str, content_type: str) -> bytes:
+    # Kubo unescapes file names with Go's url.QueryUnescape, so escape everything ('+' too).
+    quoted = urllib.parse.quote(name, safe="")
+    return (f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n").encode()
+
+
+def _file_chunks(path: str) -> Iterator[bytes]:
+    # O_NOFOLLOW: a file swapped for a symlink after listing must not be followed.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        while chunk := handle.read(UPLOAD_CHUNK):
+            yield chunk
+
+
+def _multipart_tree(root: Path, boundary: str) -> Iterator[bytes]:
+    """Stream a tree as Kubo's multipart format: parents before children, sorted, no following."""
+    root_name = root.name or "root"
+
+    def emit(host_path: str, name: str) -> Iterator[bytes]:
+        st = os.lstat(host_path)
+        if stat_module.S_ISDIR(st.st_mode):
+            yield _part_header(boundary, name, "application/x-directory")
+            yield b"\r\n"
+            for child in sorted(os.listdir(host_path)):
+                yield from emit(os.path.join(host_path, child), f"{name}/{child}")
+        elif stat_module.S_ISLNK(st.st_mode):
+            yield _part_header(boundary, name, "application/symlink")
+            yield os.readlink(host_path).encode("utf-8", "surrogateescape")
+            yield b"\r\n"
+        elif stat_module.S_ISREG(st.st_mode):
+            yield _part_header(boundary, name, "application/octet-stream")
+            yield from _file_chunks(host_path)
+            yield b"\r\n"
+        # Sockets, fifos and devices have no UnixFS form; they are left out.
+
+    yield from emit(str(root), root_name)
+    yield f"--{boundary}--\r\n".encode()

@@ -1,0 +1,71 @@
+"""Shared fixtures: one real embedded Kubo node and one data directory for the whole session.
+
+Nothing here is skipped for a missing tool: `./run test` installs bwrap, Kubo and the rest,
+and a missing tool is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))  # `examples` is importable as a package from the tests
+
+
+def _world_traversable_tmpdir(prefix: str) -> Path:
+    # pytest's own tmp dirs are 0700; the sandbox runs as an unprivileged uid when the tests
+    # run as root, and it must be able to reach the staged trees.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(scope="session")
+def home() -> Iterator[Path]:
+    path = _world_traversable_tmpdir("iex-home-")
+    yield path
+    from ipfs_execute_magic.node import EmbeddedNode
+    from ipfs_execute_magic.settings import Settings
+
+    EmbeddedNode(Settings(home=path)).stop()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings(home: Path):
+    from ipfs_execute_magic.settings import Settings
+
+    return Settings(home=home)
+
+
+@pytest.fixture(scope="session")
+def store(settings):
+    from ipfs_execute_magic.store import Store
+
+    with Store.connect(settings) as connected:
+        yield connected
+
+
+@pytest.fixture(scope="session")
+def kubo_env(home: Path, store) -> dict[str, str]:
+    """Environment for running the Kubo CLI against the embedded node."""
+    env = dict(os.environ)
+    env["IPFS_PATH"] = str(home / "kubo")
+    env["PATH"] = f"{Path(sys.prefix) / 'bin'}:{env['PATH']}"
+    return env
+
+
+@pytest.fixture()
+def scratch() -> Iterator[Path]:
+    path = _world_traversable_tmpdir("iex-scratch-")
+    yield path
+    subprocess.run(["chmod", "-R", "u+rwX", str(path)], check=False)
+    shutil.rmtree(path, ignore_errors=True)

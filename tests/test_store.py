@@ -1,0 +1,159 @@
+"""The store against the real embedded Kubo node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ipfs_execute_magic.errors import (DaemonUnreachableError, InvalidPathError,
+                                       NotRetrievableError)
+from ipfs_execute_magic.store import IpfsPath, Store, _parse_version, is_cid
+
+
+def make_tree(root: Path) -> Path:
+    tree = root / "tree"
+    (tree / "a" / "b" / "c").mkdir(parents=True)
+    (tree / "a" / "b" / "c" / "deep.txt").write_text("deep\n")
+    (tree / ".dotfile").write_text("hidden\n")
+    (tree / ".dotdir").mkdir()
+    (tree / ".dotdir" / "x").write_text("x")
+    (tree / "empty").mkdir()
+    (tree / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 17))  # several 1 MiB chunks
+    (tree / "name with spaces+plus%.txt").write_text("odd name")
+    os.symlink("a/b/c/deep.txt", tree / "rel-link")
+    os.symlink("/etc/passwd", tree / "abs-link")
+    os.symlink("a", tree / "dir-link")
+    os.symlink("does/not/exist", tree / "dangling")
+    return tree
+
+
+def test_tree_cid_equals_kubo_cli(store: Store, kubo_env, scratch: Path) -> None:
+    tree = make_tree(scratch)
+    ours = store.add_path(tree)
+    cli = subprocess.run(["ipfs", "add", "-r", "--hidden", "-Q", "--only-hash",
+                          "--cid-version=1", "--raw-leaves", "--chunker=size-1048576", str(tree)],
+                         env=kubo_env, capture_output=True, text=True, check=True)
+    assert ours == cli.stdout.strip()
+    kinds = {entry.name: entry.kind for entry in store.ls(ours)}
+    assert kinds["rel-link"] == kinds["abs-link"] == kinds["dir-link"] == "symlink"
+    assert kinds["empty"] == "directory" and ".dotfile" in kinds and ".dotdir" in kinds
+
+
+def test_symlinks_are_not_followed(store: Store, kubo_env, scratch: Path) -> None:
+    tree = make_tree(scratch)
+    cid = store.add_path(tree)
+    target = subprocess.run(["ipfs", "cat", f"{cid}/rel-link"], env=kubo_env,
+                            capture_output=True, text=True, check=True)
+    # A UnixFS symlink node holds its target path, not the bytes of the file it points to.
+    assert target.stdout == "a/b/c/deep.txt"
+    assert store.cat(f"{cid}/abs-link") == b"/etc/passwd"
+    assert store.cat(f"{cid}/a/b/c/deep.txt") == b"deep\n"
+
+
+def test_resolve_forms(store: Store, scratch: Path) -> None:
+    tree = make_tree(scratch)
+    cid = store.add_path(tree)
+    sub = store.resolve(f"{cid}/a/b")
+    assert store.resolve(f"/ipfs/{cid}/a/b") == sub
+    assert store.resolve(f"/ipfs/{cid}/a/b/") == sub
+    assert store.resolve(f"ipfs://{cid}/a/b") == sub
+    assert store.resolve(cid) == cid
+    assert [e.name for e in store.ls(sub)] == ["c"]
+
+
+def test_ipns_resolved_once_to_immutable_cid(store: Store, kubo_env, scratch: Path) -> None:
+    tree = make_tree(scratch)
+    cid = store.add_path(tree)
+    published = subprocess.run(["ipfs", "name", "publish", "--allow-offline", "-Q",
+                                f"/ipfs/{cid}"], env=kubo_env, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    name = published.removeprefix("/ipns/")
+    assert store.resolve(f"/ipns/{name}") == cid
+    assert store.resolve(f"/ipns/{name}/a/b") == store.resolve(f"{cid}/a/b")
+
+
+@pytest.mark.parametrize("bad", ["", "hello", "Qm123", "/ipfs/", "/ipfs/notacid/x",
+                                 "bafy../..", f"/ipfs/{'b' + 'a' * 58}/../etc"])
+def test_malformed_paths_are_usage_errors(bad: str) -> None:
+    with pytest.raises(InvalidPathError) as error:
+        IpfsPath.parse(bad)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_sub_path_says_which(store: Store, scratch: Path) -> None:
+    cid = store.add_path(make_tree(scratch))
+    with pytest.raises(NotRetrievableError) as error:
+        store.resolve(f"{cid}/no/such/file")
+    assert cid in str(error.value)
+
+
+def test_unknown_cid_fails_fast_offline(store: Store) -> None:
+    unknown = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+    with pytest.raises(NotRetrievableError) as error:
+        store.cat(unknown)
+    assert unknown in str(error.value)
+
+
+def test_compose_nested_names(store: Store, scratch: Path) -> None:
+    cid = store.add_path(make_tree(scratch))
+    deep = store.resolve(f"{cid}/a/b/c/deep.txt")
+    composed = store.compose({"data/deep.txt": deep, "tree": cid})
+    assert store.cat(f"{composed}/data/deep.txt") == b"deep\n"
+    assert store.resolve(f"{composed}/tree") == cid
+    extended = store.compose({"more.txt": deep}, base=composed)
+    assert sorted(e.name for e in store.ls(extended)) == ["data", "more.txt", "tree"]
+    with pytest.raises(InvalidPathError):
+        store.compose({"../escape": deep})
+
+
+def test_ten_thousand_files_do_not_hang(store: Store, kubo_env, scratch: Path) -> None:
+    tree = scratch / "many"
+    for group in range(100):
+        folder = tree / f"g{group:03d}"
+        folder.mkdir(parents=True)
+        for index in range(100):
+            (folder / f"f{index:03d}").write_text(f"{group}-{index}\n")
+    ours = store.add_path(tree)  # pytest-timeout bounds this; the CLI takes seconds
+    cli = subprocess.run(["ipfs", "add", "-r", "--hidden", "-Q", "--only-hash", str(tree)],
+                         env=kubo_env, capture_output=True, text=True, check=True)
+    assert ours == cli.stdout.strip()
+
+
+def test_add_streams_in_constant_memory(settings, scratch: Path) -> None:
+    big = scratch / "big.bin"
+    with open(big, "wb") as handle:
+        handle.truncate(400 * 1024 * 1024)  # sparse: cheap to make, 400 MiB to read
+    probe = textwrap.dedent(f"""
+        import resource
+        from ipfs_execute_magic.settings import Settings
+        from ipfs_execute_magic.store import Store
+        store = Store.connect(Settings(home={str(settings.home)!r}))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        store.add_path({str(big)!r}, pin=False)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) // 1024)
+    """)
+    grown_mib = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                   check=True).stdout.strip())
+    assert grown_mib < 64, f"adding a 400 MiB file grew the client by {grown_mib} MiB"
+
+
+def test_unreachable_daemon_is_a_clear_error() -> None:
+    store = Store("/ip4/127.0.0.1/tcp/1")
+    with pytest.raises(DaemonUnreachableError) as error:
+        store.version()
+    assert "/ip4/127.0.0.1/tcp/1" in str(error.value)
+
+
+def test_cid_syntax() -> None:
+    assert is_cid("QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn")
+    assert is_cid("bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354")
+    assert not is_cid("bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf35!")
+    assert not is_cid("QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3N0")  # 0 is not base58
+    assert _parse_version("0.43.1") == (0, 43, 1)
+    assert _parse_version("0.44.0-rc1") == (0, 44, 0)
