@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .record import RunRecord
+    from .result import IpfsRef, RunResult
     from .runner import Runner
     from .settings import Settings
 
@@ -55,11 +55,17 @@ def default_runner() -> Runner:
         return _runner
 
 
-def run(rootfs: str, input: str | None = None, *args: str, timeout: float | None = None,
+def run(rootfs: str, input: str | None = None, *args: str, script: str | None = None,
+        interpreter: str = "sh", timeout: float | None = None,
         memory: int | None = None, pids: int | None = None,
         on_stdout: Callable[[bytes], None] | None = None,
-        on_stderr: Callable[[bytes], None] | None = None) -> RunRecord:
-    """Run `/sbin/init ARGS...` of ROOTFS on INPUT; return the run's record (`.output` is a CID)."""
+        on_stderr: Callable[[bytes], None] | None = None) -> RunResult:
+    """Run `/sbin/init ARGS...` of ROOTFS on INPUT (a CID, IPFS path, or a previous result).
+
+    With `script`, the text is written into the input tree and run as
+    `/sbin/init INTERPRETER /input/.ipfs-execute/script ARGS...`. The result's `str()` is the
+    output CID; `.record` has everything else.
+    """
     from dataclasses import replace
 
     from .record import RunRequest
@@ -71,19 +77,26 @@ def run(rootfs: str, input: str | None = None, *args: str, timeout: float | None
     if changes:
         limits = replace(limits, **changes)
     request = RunRequest(rootfs=str(rootfs), input=str(input) if input is not None else None,
-                         args=tuple(str(a) for a in args), limits=limits)
-    return runner.run(request, on_stdout=on_stdout, on_stderr=on_stderr)
+                         args=tuple(str(a) for a in args), limits=limits, script=script,
+                         interpreter=interpreter)
+    return runner.execute(request, on_stdout=on_stdout, on_stderr=on_stderr)
 
 
-def add(path: str | Path) -> str:
+def add(path: str | Path) -> IpfsRef:
     """Add a local file or directory to IPFS (pinned); return its CID."""
-    return default_runner().store.add_path(Path(path))
+    from .result import IpfsRef
 
-
-def mkdir(entries: Mapping[str, str]) -> str:
-    """CID of a new directory with each NAME set to a CID or IPFS path (NAME may be a/b)."""
     store = default_runner().store
-    return store.compose({name: store.resolve(str(path)) for name, path in entries.items()})
+    return IpfsRef(store.add_path(Path(path)), store)
+
+
+def mkdir(entries: Mapping[str, str]) -> IpfsRef:
+    """CID of a new directory with each NAME set to a CID or IPFS path (NAME may be a/b)."""
+    from .result import IpfsRef
+
+    store = default_runner().store
+    cid = store.compose({name: store.resolve(str(path)) for name, path in entries.items()})
+    return IpfsRef(cid, store)
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -10,6 +10,11 @@ from .settings import Limits
 
 RECORD_FORMAT = "ipfs-execute/run-record/1"
 
+# Where a script given with the request lands in the input tree. Reserved: an input that already
+# has this name is refused rather than silently shadowed.
+SCRIPT_DIR = ".ipfs-execute"
+SCRIPT_PATH = f"{SCRIPT_DIR}/script"
+
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -20,6 +25,15 @@ class RunRequest:
     args: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     interactive: bool = False  # pass a terminal's stdin through (never for cached runs)
+    # A script written into the input tree at SCRIPT_PATH and run as
+    # `/sbin/init INTERPRETER /input/SCRIPT_PATH ARGS...` (the notebook cell body).
+    script: str | None = None
+    interpreter: str = "sh"
+
+    def argv(self) -> tuple[str, ...]:
+        if self.script is not None:
+            return ("/sbin/init", *self.interpreter.split(), f"/input/{SCRIPT_PATH}", *self.args)
+        return ("/sbin/init", *self.args)
 
 
 @dataclass(frozen=True)
@@ -27,9 +41,9 @@ class RunRecord:
     """The outcome of one run; `output` is None only when nothing could be saved."""
 
     rootfs: str
-    input: str
+    input: str  # the input the payload saw (with the script, when there is one)
     output: str | None
-    args: tuple[str, ...]
+    args: tuple[str, ...]  # /sbin/init's arguments, as run
     exit_status: int | None  # payload's status; None if it never finished (timeout)
     timed_out: bool
     started_at: str  # UTC, ISO 8601
@@ -38,6 +52,8 @@ class RunRecord:
     limits_enforced: dict[str, str]  # what was really enforced, and how
     versions: dict[str, str]
     staged_from_cache: dict[str, bool]
+    given_input: str | None = None  # the input before the script was added
+    script: str | None = None  # CID of the script file
     format: str = RECORD_FORMAT
 
     @property

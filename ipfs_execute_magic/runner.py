@@ -16,8 +16,9 @@ from pathlib import Path
 
 from . import __version__, sandbox
 from .cache import ContentCache, remove_tree
-from .errors import IpfsError, OutputNotSavedError
-from .record import RunRecord, RunRequest
+from .errors import IpfsError, OutputNotSavedError, UsageError
+from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest
+from .result import RunResult, StreamTail
 from .settings import Settings
 from .staging import EMPTY_DIRECTORY_CID, ProgressCallback, Stager
 from .store import IpfsPath, Store
@@ -64,7 +65,10 @@ class Runner:
         rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
         input_path = IpfsPath.parse(request.input) if request.input else None
         rootfs_cid = self.store.resolve(rootfs_path)
-        input_cid = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
+        given_input = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
+        input_cid, script_cid = given_input, None
+        if request.script is not None:
+            input_cid, script_cid = self.add_script(given_input, request.script)
         durations["resolve"] = time.monotonic() - t0
 
         stager = Stager(self.store, self.cache, on_progress=on_progress)
@@ -79,7 +83,7 @@ class Runner:
         keep_output = False
         try:
             spec = sandbox.SandboxSpec(rootfs=rootfs.path, input_dir=staged_input.path,
-                                       output_dir=output_dir, argv=("/sbin/init", *request.args),
+                                       output_dir=output_dir, argv=request.argv(),
                                        limits=request.limits, interactive=request.interactive)
             t_run = time.monotonic()
             result = sandbox.run_sandbox(spec, on_stdout=on_stdout, on_stderr=on_stderr)
@@ -103,13 +107,30 @@ class Runner:
         durations["total"] = time.monotonic() - t0
 
         return RunRecord(
-            rootfs=rootfs_cid, input=input_cid, output=output_cid, args=tuple(request.args),
+            rootfs=rootfs_cid, input=input_cid, output=output_cid, args=request.argv()[1:],
             exit_status=result.exit_status, timed_out=result.timed_out, started_at=started_at,
             durations={k: round(v, 6) for k, v in durations.items()},
             limits=asdict(request.limits), limits_enforced=dict(result.limits_enforced),
             versions=self.versions(),
             staged_from_cache={"rootfs": rootfs.was_cached, "input": staged_input.was_cached},
+            given_input=given_input if script_cid else None, script=script_cid,
         )
+
+    def add_script(self, input_cid: str, script: str) -> tuple[str, str]:
+        """A new input: `input_cid` plus the script at SCRIPT_PATH. Returns (input, script) CIDs."""
+        if any(entry.name == SCRIPT_DIR for entry in self.store.ls(input_cid)):
+            raise UsageError(f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
+                             "reserved for the cell's script: rename it in your input")
+        script_cid = self.store.add_bytes(script.encode(), name="script")
+        return self.store.compose({SCRIPT_PATH: script_cid}, base=input_cid), script_cid
+
+    def execute(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
+                on_stderr: OutputCallback | None = None,
+                on_progress: ProgressCallback | None = None) -> RunResult:
+        """`run`, keeping the tail of what the payload printed, as a RunResult."""
+        stdout, stderr = StreamTail(on_stdout), StreamTail(on_stderr)
+        record = self.run(request, on_stdout=stdout, on_stderr=stderr, on_progress=on_progress)
+        return RunResult(record, stdout.value(), stderr.value(), store=self.store)
 
     def versions(self) -> dict[str, str]:
         return {"ipfs-execute": __version__, "kubo": self.store.version(),

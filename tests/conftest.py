@@ -10,22 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from helpers import world_traversable_tmpdir as _world_traversable_tmpdir
+
 PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT))  # `examples` is importable as a package from the tests
-
-
-def _world_traversable_tmpdir(prefix: str) -> Path:
-    # pytest's own tmp dirs are 0700; the sandbox runs as an unprivileged uid when the tests
-    # run as root, and it must be able to reach the staged trees.
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    path.chmod(0o755)
-    return path
+sys.path.insert(0, str(PROJECT / "examples"))  # the image builders (`import images`)
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +62,27 @@ def scratch() -> Iterator[Path]:
     yield path
     subprocess.run(["chmod", "-R", "u+rwX", str(path)], check=False)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    path = _world_traversable_tmpdir("iex-images-")
+    return path
+
+
+@pytest.fixture(scope="session")
+def busybox_tarball(image_dir: Path) -> Path:
+    import images
+
+    return images.build_busybox(image_dir)
+
+
+@pytest.fixture(scope="session")
+def busybox_cid(store, busybox_tarball: Path) -> str:
+    return store.add_path(busybox_tarball)
+
+
+@pytest.fixture(scope="session")
+def empty_cid(store) -> str:
+    return store.empty_directory()
+

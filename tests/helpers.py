@@ -1,0 +1,34 @@
+"""Helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BIN = Path(sys.prefix) / "bin"
+
+
+def world_traversable_tmpdir(prefix: str) -> Path:
+    # pytest's own tmp dirs are 0700; the sandbox runs as an unprivileged uid when the tests
+    # run as root, and it must be able to reach the staged trees.
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPFS_EXECUTE_")}
+    env["IPFS_EXECUTE_HOME"] = str(home)
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    env.update(extra)
+    return env
+
+
+def ipfs_execute(home: Path, *args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real `ipfs-execute` console script."""
+    return subprocess.run([str(BIN / "ipfs-execute"), *args],
+                          env=kwargs.pop("env", None) or cli_env(home), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)

@@ -1,0 +1,328 @@
+"""`ipfs-execute` end to end: the real console script, the real Kubo node, real bwrap."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import tarfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from helpers import BIN, cli_env, ipfs_execute, world_traversable_tmpdir
+
+from ipfs_execute_magic.errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE
+
+
+def leftovers(home: Path) -> list[str]:
+    """Anything a finished run should not leave behind."""
+    found: list[str] = []
+    runs = home / "runs"
+    if runs.exists():
+        found += [f"run dir {p}" for p in runs.iterdir()]
+    tmp = home / "cache" / "tmp"
+    if tmp.exists():
+        found += [f"cache temp {p}" for p in tmp.iterdir() if not p.name.endswith(".lock")]
+    return found
+
+
+def sandbox_processes(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def test_original_session_blabla(home: Path, busybox_cid: str, empty_cid: str, kubo_env) -> None:
+    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", "echo blabla > /output/test")
+    assert result.returncode == 0, result.stderr
+    cid = result.stdout.strip()
+    assert len(cid.splitlines()) == 1  # only the CID on stdout
+    cat = subprocess.run(["ipfs", "cat", f"{cid}/test"], env=kubo_env, capture_output=True,
+                         text=True, check=True)
+    assert cat.stdout == "blabla\n"
+    assert leftovers(home) == []
+
+
+def test_payload_output_goes_to_stderr_and_options_after_input_are_verbatim(
+        home: Path, busybox_cid: str, empty_cid: str) -> None:
+    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
+                          'echo out; echo err >&2; echo "$@" > /output/args', "sh",
+                          "--timeout", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "out\n" in result.stderr and "err\n" in result.stderr
+    assert "out" not in result.stdout
+    cid = result.stdout.strip()
+    from ipfs_execute_magic.settings import Settings
+    from ipfs_execute_magic.store import Store
+
+    with Store.connect(Settings(home=home)) as store:
+        assert store.cat(f"{cid}/args") == b"--timeout 1 --json\n"
+
+
+def test_exit_status_passthrough_keeps_output(home: Path, busybox_cid: str, empty_cid: str,
+                                              store) -> None:
+    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
+                          "echo partial > /output/p; exit 3")
+    assert result.returncode == 3
+    assert store.cat(f"{result.stdout.strip()}/p") == b"partial\n"
+
+
+def test_json_record(home: Path, busybox_cid: str, empty_cid: str) -> None:
+    result = ipfs_execute(home, "--json", "--timeout", "30", busybox_cid, empty_cid,
+                          "sh", "-c", "echo 1 > /output/one")
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["rootfs"] == busybox_cid and record["input"] == empty_cid
+    assert record["output"].startswith("bafy")
+    assert record["args"] == ["sh", "-c", "echo 1 > /output/one"]
+    assert record["exit_status"] == 0 and record["timed_out"] is False
+    assert record["limits"]["timeout"] == 30
+    assert "timeout" in record["limits_enforced"]
+    assert set(record["durations"]) >= {"resolve", "stage_rootfs", "sandbox", "add_output", "total"}
+    assert record["versions"]["kubo"] == "0.43.1"
+
+
+def test_chaining_an_output_rootfs(home: Path, busybox_cid: str, busybox_tarball: Path,
+                                   store) -> None:
+    # A run whose output is a new image: the busybox image plus /etc/motd.
+    data = world_traversable_tmpdir("iex-chain-")
+    (data / "rootfs.tar.gz").write_bytes(busybox_tarball.read_bytes())
+    input_cid = store.add_path(data)
+    build = ipfs_execute(home, busybox_cid, input_cid, "sh", "-c",
+                         "mkdir /tmp/r && tar xzf /input/rootfs.tar.gz -C /tmp/r && "
+                         "echo chained > /tmp/r/etc/motd && "
+                         "tar czf /output/rootfs.tar.gz -C /tmp/r .")
+    assert build.returncode == 0, build.stderr
+    image = build.stdout.strip()
+    use = ipfs_execute(home, f"{image}/rootfs.tar.gz", store.empty_directory(),
+                       "sh", "-c", "cat /etc/motd > /output/motd")
+    assert use.returncode == 0, use.stderr
+    assert store.cat(f"{use.stdout.strip()}/motd") == b"chained\n"
+
+
+def test_input_is_read_only_and_root_is_read_only(home: Path, busybox_cid: str, store) -> None:
+    data = world_traversable_tmpdir("iex-ro-")
+    (data / "in.txt").write_text("data\n")
+    input_cid = store.add_path(data)
+    script = ("cat /input/in.txt > /output/copy; "
+              "(echo x > /input/in.txt) 2>/dev/null && echo input-writable >> /output/bad; "
+              "(echo x > /etc/x) 2>/dev/null && echo root-writable >> /output/bad; "
+              "(echo 1 > /proc/sys/kernel/hostname) 2>/dev/null && echo sys-writable >> /output/bad; "
+              "grep CapEff /proc/self/status > /output/caps; "
+              "(wget -q -T 2 -O- http://1.1.1.1/ || nc -w 2 1.1.1.1 80 </dev/null) "
+              ">/dev/null 2>&1 && echo network >> /output/bad; "
+              "hostname > /output/hostname; true")
+    result = ipfs_execute(home, busybox_cid, input_cid, "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.strip()
+    names = {e.name for e in store.ls(out)}
+    assert "bad" not in names, store.cat(f"{out}/bad")
+    assert store.cat(f"{out}/copy") == b"data\n"
+    assert store.cat(f"{out}/caps").split() == [b"CapEff:", b"0000000000000000"]
+    assert store.cat(f"{out}/hostname") == b"sandbox\n"
+
+
+def test_timeout_kills_everything(home: Path, busybox_cid: str, empty_cid: str, store) -> None:
+    marker = f"iex-timeout-{os.getpid()}-{time.monotonic_ns()}"
+    started = time.monotonic()
+    result = ipfs_execute(home, "--timeout", "2", busybox_cid, empty_cid, "sh", "-c",
+                          f"echo before > /output/b; setsid sh -c 'sleep 1000 # {marker}' & "
+                          f"sleep 1000 # {marker}")
+    elapsed = time.monotonic() - started
+    assert result.returncode == EXIT_TIMEOUT, result.stderr
+    assert elapsed < 15
+    assert "killed" in result.stderr
+    assert store.cat(f"{result.stdout.strip()}/b") == b"before\n"  # partial output kept
+    time.sleep(0.3)
+    assert sandbox_processes(marker) == []
+    assert leftovers(home) == []
+
+
+def test_usage_errors_exit_2(home: Path, busybox_cid: str) -> None:
+    assert ipfs_execute(home).returncode == EXIT_USAGE
+    only_rootfs = ipfs_execute(home, busybox_cid)
+    assert only_rootfs.returncode == EXIT_USAGE and "INPUT" in only_rootfs.stderr
+    bad_cid = ipfs_execute(home, "not-a-cid", busybox_cid, "true")
+    assert bad_cid.returncode == EXIT_USAGE
+    assert "not-a-cid" in bad_cid.stderr and len(bad_cid.stderr.strip().splitlines()) == 1
+    bad_option = ipfs_execute(home, "--timeout", "soon", busybox_cid, busybox_cid)
+    assert bad_option.returncode == EXIT_USAGE
+    input_file = ipfs_execute(home, busybox_cid, busybox_cid, "true")
+    assert input_file.returncode == EXIT_USAGE and "not a directory" in input_file.stderr
+
+
+def test_tool_failures_exit_125_with_one_line(home: Path, busybox_cid: str, empty_cid: str,
+                                              store) -> None:
+    scratch = world_traversable_tmpdir("iex-bad-")
+    (scratch / "notar.tar.gz").write_bytes(b"this is not an archive at all\n" * 10)
+    not_archive = store.add_path(scratch / "notar.tar.gz")
+    result = ipfs_execute(home, not_archive, empty_cid, "true")
+    assert result.returncode == EXIT_TOOL_FAILURE
+    assert not_archive in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    # A valid archive without /sbin/init.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("bin/")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    (scratch / "noinit.tar.gz").write_bytes(buffer.getvalue())
+    no_init = store.add_path(scratch / "noinit.tar.gz")
+    result = ipfs_execute(home, no_init, empty_cid, "true")
+    assert result.returncode == EXIT_TOOL_FAILURE
+    assert "/sbin/init" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+    # Corrupt: a truncated gzip stream.
+    whole = gzip.compress(b"\0" * 100_000)
+    (scratch / "cut.tar.gz").write_bytes(whole[: len(whole) // 2])
+    cut = store.add_path(scratch / "cut.tar.gz")
+    result = ipfs_execute(home, cut, empty_cid, "true")
+    assert result.returncode == EXIT_TOOL_FAILURE and cut in result.stderr
+
+
+def test_malicious_archive_names_member_and_leaves_host_untouched(
+        home: Path, empty_cid: str, store) -> None:
+    victim = world_traversable_tmpdir("iex-victim-")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        link = tarfile.TarInfo("escape")
+        link.type = tarfile.SYMTYPE
+        link.linkname = str(victim)
+        tar.addfile(link)
+        payload = b"pwned"
+        member = tarfile.TarInfo("escape/owned.txt")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    scratch = world_traversable_tmpdir("iex-evil-")
+    (scratch / "evil.tar.gz").write_bytes(buffer.getvalue())
+    evil = store.add_path(scratch / "evil.tar.gz")
+    result = ipfs_execute(home, evil, empty_cid, "true")
+    assert result.returncode == EXIT_TOOL_FAILURE
+    assert "escape/owned.txt" in result.stderr
+    assert list(victim.iterdir()) == []
+    assert leftovers(home) == []
+
+
+def test_eight_concurrent_runs_share_a_cold_cache(busybox_cid: str, store, settings) -> None:
+    # A fresh data directory (cold cache) that uses the session's node as "own daemon".
+    home = world_traversable_tmpdir("iex-concurrent-")
+    env = cli_env(home, IPFS_EXECUTE_API=store.api)
+    inputs = []
+    for index in range(8):
+        folder = world_traversable_tmpdir("iex-in-")
+        (folder / "n").write_text(f"{index}\n")
+        inputs.append(store.add_path(folder))
+
+    def one(index: int) -> tuple[int, subprocess.CompletedProcess]:
+        return index, ipfs_execute(home, busybox_cid, inputs[index], "sh", "-c",
+                                   "cat /input/n > /output/n; echo done >> /output/n", env=env)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for index, result in results:
+        assert result.returncode == 0, result.stderr
+        assert store.cat(f"{result.stdout.strip()}/n") == f"{index}\ndone\n".encode()
+    assert len(list((home / "cache" / "rootfs").iterdir())) == 1
+    assert leftovers(home) == []
+
+
+def test_interactive_terminal_stdin(home: Path, busybox_cid: str, empty_cid: str, store) -> None:
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen([str(BIN / "ipfs-execute"), busybox_cid, empty_cid, "sh"],
+                               stdin=secondary, stdout=subprocess.PIPE, stderr=secondary,
+                               env=cli_env(home), text=True)
+    os.close(secondary)
+    os.write(primary, b"echo typed > /output/typed\nexit 0\n")
+    # Drain the terminal so the sandbox never blocks writing to it.
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            ready, _, _ = select.select([primary], [], [], 0.1)
+            if ready:
+                try:
+                    os.read(primary, 4096)
+                except OSError:
+                    return
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    out, _ = process.communicate(timeout=60)
+    stop.set()
+    os.close(primary)
+    assert process.returncode == 0
+    assert store.cat(f"{out.strip()}/typed") == b"typed\n"
+
+
+def test_ipfs_mkdir_composes_like_the_original(home: Path, store, kubo_env) -> None:
+    folder = world_traversable_tmpdir("iex-mkdir-")
+    (folder / "a.txt").write_text("A\n")
+    file_cid = store.add_path(folder / "a.txt")
+    dir_cid = store.add_path(folder)
+    result = subprocess.run([str(BIN / "ipfs-mkdir"), "a.txt", file_cid, "sub/dir", dir_cid],
+                            env=cli_env(home), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    cid = result.stdout.strip()
+    assert store.cat(f"{cid}/a.txt") == b"A\n"
+    assert store.cat(f"{cid}/sub/dir/a.txt") == b"A\n"
+    odd = subprocess.run([str(BIN / "ipfs-mkdir"), "a.txt"], env=cli_env(home),
+                         capture_output=True, text=True)
+    assert odd.returncode == EXIT_USAGE
+
+
+def test_help_is_complete() -> None:
+    result = subprocess.run([str(BIN / "ipfs-execute"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for word in ("ROOTFS", "INPUT", "--timeout", "--api", "--json", "--memory", "124", "125",
+                 "node status"):
+        assert word in result.stdout
+    mkdir_help = subprocess.run([str(BIN / "ipfs-mkdir"), "--help"], capture_output=True,
+                                text=True)
+    assert mkdir_help.returncode == 0 and "NAME PATH" in mkdir_help.stdout
+
+
+@pytest.mark.timeout(120)
+def test_daemon_dying_mid_run_keeps_the_output(busybox_tarball: Path) -> None:
+    # Its own embedded node, so killing it does not disturb the other tests.
+    home = world_traversable_tmpdir("iex-dying-")
+    env = cli_env(home)
+    add = subprocess.run([str(BIN / "ipfs-execute"), "add", str(busybox_tarball)], env=env,
+                         capture_output=True, text=True, check=True)
+    busybox = add.stdout.strip()
+    process = subprocess.Popen(
+        [str(BIN / "ipfs-execute"), busybox, "/ipfs/bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
+         "sh", "-c", "echo precious > /output/result; sleep 3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL)
+    time.sleep(1.5)
+    pid = int((home / "node.pid").read_text())
+    os.kill(pid, 9)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == EXIT_TOOL_FAILURE, err
+    assert out == ""
+    kept = [line for line in err.split() if "kept-outputs" in line]
+    assert kept, err
+    kept_path = Path(kept[0].rstrip(";)"))
+    assert (kept_path / "result").read_text() == "precious\n"
+    # A retry adds it (the node restarts on demand).
+    retry = subprocess.run([str(BIN / "ipfs-execute"), "add", str(kept_path)], env=env,
+                           capture_output=True, text=True)
+    assert retry.returncode == 0, retry.stderr
+    subprocess.run([str(BIN / "ipfs-execute"), "node", "stop"], env=env, check=True,
+                   capture_output=True)
+
+
+def test_bwrap_missing_says_how_to_fix(home: Path, busybox_cid: str, empty_cid: str,
+                                       tmp_path: Path) -> None:
+    # A PATH with everything the tool needs except bwrap.
+    fake_bin = world_traversable_tmpdir("iex-nobwrap-")
+    env = cli_env(home, PATH=f"{BIN}:{fake_bin}")
+    result = ipfs_execute(home, busybox_cid, empty_cid, "true", env=env)
+    assert result.returncode == EXIT_TOOL_FAILURE
+    assert "bubblewrap" in result.stderr and len(result.stderr.strip().splitlines()) == 1
