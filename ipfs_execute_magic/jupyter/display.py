@@ -1,0 +1,484 @@
+"""How a run's result looks in a notebook: a widget, static HTML and plain text in one bundle.
+
+Every result carries all three because a shared notebook is often opened where widgets do not
+work: untrusted (JupyterLab shows text/html), on GitHub or without saved widget state. So the
+HTML repeats the widget's information (status, the three CIDs, the /output listing, previews of
+small files) statically, with http(s) gateway links: untrusted HTML drops `ipfs://` hrefs, so
+`ipfs://CID` is shown as link text only.
+
+The core never imports this: the magics register `result_mimebundle` as IPython's mimebundle
+formatter for RunResult (and `ref_mimebundle` for IpfsRef).
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import csv
+import html
+import io
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import ipywidgets as widgets
+
+from ..errors import IpfsExecuteError
+from ..result import FileEntry, IpfsRef, RunResult
+
+PUBLIC_GATEWAY = "https://ipfs.io"
+
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+               ".gif": "image/gif", ".svg": "image/svg+xml"}
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+
+@dataclass(frozen=True)
+class PreviewLimits:
+    """How much of the output one rendering may fetch and embed."""
+
+    text_bytes: int  # head of a text file shown
+    text_lines: int
+    table_rows: int
+    image_bytes: int  # larger images are linked, not embedded
+    total_bytes: int  # everything embedded in one rendering
+    files: int  # how many files get a preview
+
+
+# The static HTML is saved in the notebook: keep it small. The widget fetches on click.
+HTML_PREVIEWS = PreviewLimits(text_bytes=4096, text_lines=60, table_rows=20,
+                              image_bytes=512 * 1024, total_bytes=1536 * 1024, files=12)
+WIDGET_PREVIEW = PreviewLimits(text_bytes=64 * 1024, text_lines=2000, table_rows=200,
+                               image_bytes=4 * 1024**2, total_bytes=4 * 1024**2, files=1)
+LISTING_ROWS = 500  # rows of the static listing
+WIDGET_ROWS = 300  # rows of the widget tree (each row is two widgets)
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def gateway_href(gateway: str, cid: str, path: str = "") -> str:
+    href = f"{gateway.rstrip('/')}/ipfs/{cid}"
+    return f"{href}/{urllib.parse.quote(path)}" if path else href
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _link(href: str, text: str) -> str:
+    return f'<a href="{_e(href)}" target="_blank" rel="noopener">{_e(text)}</a>'
+
+
+# -- previews ----------------------------------------------------------------------------------
+
+def preview_html(path: str, data: bytes, size: int, limits: PreviewLimits) -> str | None:
+    """An HTML preview of a file's first bytes, or None when it is nothing we can show."""
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix in IMAGE_TYPES:
+        if size > limits.image_bytes or len(data) < size:
+            return None
+        encoded = base64.b64encode(data).decode("ascii")
+        return (f'<img src="data:{IMAGE_TYPES[suffix]};base64,{encoded}" alt="{_e(path)}" '
+                'style="max-width:100%;max-height:480px"/>')
+    if b"\0" in data[:8192]:
+        return None  # binary
+    text = _decode_head(data)
+    if text is None:
+        return None
+    truncated = len(data) < size
+    if suffix in TABLE_DELIMITERS:
+        return _table_html(text, TABLE_DELIMITERS[suffix], limits.table_rows, truncated)
+    lines = text.splitlines(keepends=True)
+    shown = "".join(lines[:limits.text_lines])
+    more = truncated or len(lines) > limits.text_lines
+    note = f'<div><i>… first {human_size(len(shown.encode()))} of {human_size(size)}</i></div>' \
+        if more else ""
+    return f'<pre style="max-height:360px;overflow:auto;margin:0">{_e(shown)}</pre>{note}'
+
+
+def _decode_head(data: bytes) -> str | None:
+    # A cut in the middle of a multi-byte character is not a reason to call the file binary.
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        return decoder.decode(data, final=False)
+    except UnicodeDecodeError:
+        return None
+
+
+def _table_html(text: str, delimiter: str, max_rows: int, truncated: bool) -> str:
+    lines = text.splitlines()
+    if truncated and lines:
+        lines = lines[:-1]  # the last line may be cut
+    rows = list(csv.reader(io.StringIO("\n".join(lines[:max_rows + 1])), delimiter=delimiter))
+    if not rows:
+        return "<i>(empty table)</i>"
+    head, body = rows[0], rows[1:max_rows + 1]
+    parts = ['<table style="border-collapse:collapse;font-size:90%"><thead><tr>']
+    parts += [f'<th style="text-align:left;padding:0 0.6em">{_e(cell)}</th>' for cell in head]
+    parts.append("</tr></thead><tbody>")
+    for row in body:
+        parts.append("<tr>" + "".join(f'<td style="padding:0 0.6em">{_e(cell)}</td>'
+                                      for cell in row) + "</tr>")
+    parts.append("</tbody></table>")
+    if truncated or len(lines) > max_rows + 1:
+        parts.append(f"<div><i>… first {len(body)} rows</i></div>")
+    return "".join(parts)
+
+
+# -- the view ----------------------------------------------------------------------------------
+
+class ResultView:
+    """Everything shown for one RunResult; reads /output once per rendering."""
+
+    def __init__(self, result: RunResult, gateway: str) -> None:
+        self.result = result
+        self.gateway = gateway.rstrip("/") or PUBLIC_GATEWAY
+        self._entries: list[FileEntry] | None = None
+        self.listing_error: str | None = None
+        self._heads: dict[tuple[str, int], bytes] = {}
+
+    @property
+    def entries(self) -> list[FileEntry]:
+        if self._entries is None:
+            self._entries = []
+            if self.result.record.output is None:
+                self.listing_error = "this run has no output"
+            elif self.result.store is None:
+                self.listing_error = "no IPFS connection to list the output"
+            else:
+                try:
+                    self._entries = self.result.files()
+                except IpfsExecuteError as error:
+                    self.listing_error = f"the output could not be listed: {error}"
+        return self._entries
+
+    def head(self, entry: FileEntry, limit: int) -> bytes | None:
+        """The first `limit` bytes of a file of the output (None if unreadable)."""
+        key = (entry.cid, limit)
+        if key not in self._heads:
+            assert self.result.store is not None
+            try:
+                with self.result.store.cat_stream(entry.cid) as stream:
+                    self._heads[key] = stream.read(limit)
+            except IpfsExecuteError:
+                return None
+        return self._heads[key]
+
+    # -- pieces shared by the widget and the HTML ------------------------------------------
+
+    def status_text(self) -> str:
+        record = self.result.record
+        if record.timed_out:
+            limit = record.limits.get("timeout")
+            return f"✗ timed out after {limit:g} s" if limit else "✗ timed out"
+        if record.exit_status == 0:
+            return "✓ exit 0"
+        return f"✗ exit {record.exit_status}"
+
+    def summary_text(self) -> str:
+        files = [e for e in self.entries if e.kind != "directory"]
+        total = sum(e.size for e in files)
+        count = f"{len(files)} file{'s' if len(files) != 1 else ''} ({human_size(total)})"
+        return f"{self.status_text()} in {self.result.duration:.2f} s, {count}"
+
+    def cids(self) -> list[tuple[str, str | None]]:
+        record = self.result.record
+        return [("output", record.output), ("input", record.input), ("rootfs", record.rootfs)]
+
+    def header_html(self) -> str:
+        colour = "#1a7f37" if self.result.ok else "#cf222e"
+        rows = []
+        for label, cid in self.cids():
+            shown = _link(gateway_href(self.gateway, cid), f"ipfs://{cid}") if cid else "—"
+            rows.append(f'<tr><td style="padding:0 0.8em 0 0;text-align:left">{label}</td>'
+                        f'<td style="text-align:left"><code>{shown}</code></td></tr>')
+        return (f'<div><b style="color:{colour}">{_e(self.status_text())}</b> in '
+                f'{self.result.duration:.2f} s</div>'
+                f'<table style="border-collapse:collapse">{"".join(rows)}</table>')
+
+    def _directory_sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for entry in self.entries:
+            if entry.kind == "directory":
+                continue
+            parts = entry.path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                key = "/".join(parts[:depth])
+                sizes[key] = sizes.get(key, 0) + entry.size
+        return sizes
+
+    def _size_of(self, entry: FileEntry, dir_sizes: dict[str, int]) -> int:
+        return dir_sizes.get(entry.path, 0) if entry.kind == "directory" else entry.size
+
+    def _entry_href(self, entry: FileEntry) -> str:
+        return gateway_href(self.gateway, str(self.result.record.output), entry.path)
+
+    # -- static HTML -----------------------------------------------------------------------
+
+    def to_html(self) -> str:
+        parts = ['<div class="ipfs-execute-result">', self.header_html()]
+        entries = self.entries
+        if self.listing_error:
+            parts.append(f"<div><i>{_e(self.listing_error)}</i></div>")
+        elif not entries:
+            parts.append("<div><i>/output is empty</i></div>")
+        else:
+            parts.append(self._listing_html(entries))
+            parts.append(self._previews_html(entries))
+        parts.append("</div>")
+        return "".join(parts)
+
+    def _listing_html(self, entries: list[FileEntry]) -> str:
+        dir_sizes = self._directory_sizes()
+        cell = "padding:0 0.8em 0 0"
+        rows = [f'<table style="border-collapse:collapse"><thead><tr>'
+                f'<th style="text-align:left;{cell}">/output</th>'
+                f'<th style="text-align:right;{cell}">size</th>'
+                f'<th style="text-align:left">CID</th></tr></thead><tbody>']
+        for entry in entries[:LISTING_ROWS]:
+            depth = entry.path.count("/")
+            name = entry.path.rsplit("/", 1)[-1] + ("/" if entry.kind == "directory" else "")
+            if entry.kind == "symlink":
+                name += " (symlink)"
+            size = self._size_of(entry, dir_sizes)
+            rows.append(
+                f'<tr><td style="text-align:left;{cell};padding-left:{depth * 1.2:g}em">'
+                f'{_link(self._entry_href(entry), name)}</td>'
+                f'<td style="text-align:right;{cell}" title="{size} bytes">{human_size(size)}</td>'
+                f'<td style="text-align:left"><code>{_e(entry.cid)}</code></td></tr>')
+        rows.append("</tbody></table>")
+        if len(entries) > LISTING_ROWS:
+            rows.append(f"<div><i>… and {len(entries) - LISTING_ROWS} more entries</i></div>")
+        return "".join(rows)
+
+    def _previews_html(self, entries: list[FileEntry]) -> str:
+        limits = HTML_PREVIEWS
+        budget = limits.total_bytes
+        parts: list[str] = []
+        for entry in entries:
+            if len(parts) >= limits.files or budget <= 0:
+                break
+            if entry.kind != "file":
+                continue
+            snippet = self.preview(entry, limits, budget)
+            if snippet is None:
+                continue
+            budget -= len(snippet)
+            parts.append(f'<details open><summary><code>{_e(entry.path)}</code> '
+                         f'({human_size(entry.size)})</summary>{snippet}</details>')
+        return "".join(parts)
+
+    def preview(self, entry: FileEntry, limits: PreviewLimits,
+                budget: int | None = None) -> str | None:
+        suffix = PurePosixPath(entry.path).suffix.lower()
+        cap = limits.image_bytes if suffix in IMAGE_TYPES else limits.text_bytes
+        if budget is not None:
+            cap = min(cap, budget)
+        if suffix in IMAGE_TYPES and entry.size > cap:
+            return None
+        data = self.head(entry, cap)
+        if data is None:
+            return None
+        return preview_html(entry.path, data, entry.size, limits)
+
+    # -- plain text ------------------------------------------------------------------------
+
+    def to_plain(self) -> str:
+        lines = [f"RunResult {self.summary_text()}"]
+        lines += [f"{label:<7} ipfs://{cid}" for label, cid in self.cids() if cid]
+        if self.listing_error:
+            lines.append(self.listing_error)
+        dir_sizes = self._directory_sizes()
+        for entry in self.entries[:LISTING_ROWS]:
+            indent = "  " * entry.path.count("/")
+            name = entry.path.rsplit("/", 1)[-1] + ("/" if entry.kind == "directory" else "")
+            size = human_size(self._size_of(entry, dir_sizes))
+            lines.append(f"{size:>10}  {indent}{name}  {entry.cid}")
+        if len(self.entries) > LISTING_ROWS:
+            lines.append(f"… and {len(self.entries) - LISTING_ROWS} more entries")
+        return "\n".join(lines)
+
+    # -- the bundle ------------------------------------------------------------------------
+
+    def mimebundle(self) -> dict[str, Any]:
+        bundle: dict[str, Any] = {}
+        try:
+            bundle.update(OutputBrowser(self)._repr_mimebundle_())
+        except Exception:  # noqa: BLE001 - no widget is better than no display at all
+            pass
+        # After the widget's bundle: its text/plain is only the widget's repr.
+        bundle["text/html"] = self.to_html()
+        bundle["text/plain"] = self.to_plain()
+        return bundle
+
+
+# -- the widget --------------------------------------------------------------------------------
+
+class OutputBrowser(widgets.VBox):  # type: ignore[misc]
+    """Header, a collapsible tree of /output, and a preview of the file clicked."""
+
+    def __init__(self, view: ResultView) -> None:
+        self.view = view
+        self.buttons: dict[str, widgets.Button] = {}  # path -> the entry's button
+        self._selected: widgets.Button | None = None
+        self.preview = widgets.HTML(
+            "<i>click a file to preview it</i>",
+            layout=widgets.Layout(border="1px solid #ccc", padding="4px", max_height="520px",
+                                  overflow="auto"))
+        header = widgets.HTML(view.header_html())
+        entries = view.entries
+        if view.listing_error or not entries:
+            note = view.listing_error or "/output is empty"
+            super().__init__([header, widgets.HTML(f"<i>{_e(note)}</i>")])
+            return
+        self._dir_sizes = view._directory_sizes()
+        children: dict[str, list[FileEntry]] = {}
+        for entry in entries[:WIDGET_ROWS]:
+            parent = entry.path.rsplit("/", 1)[0] if "/" in entry.path else ""
+            children.setdefault(parent, []).append(entry)
+        tree_rows = self._rows(children, "", 0)
+        if len(entries) > WIDGET_ROWS:
+            tree_rows.append(widgets.HTML(f"<i>… and {len(entries) - WIDGET_ROWS} more "
+                                          "entries (see the gateway listing)</i>"))
+        tree = widgets.VBox(tree_rows,
+                            layout=widgets.Layout(max_height="360px", overflow="auto"))
+        super().__init__([header, tree, self.preview])
+        first = next((e for e in entries if e.kind == "file" and e.path in self.buttons), None)
+        if first is not None:
+            self.show(first.path)
+
+    def _rows(self, children: dict[str, list[FileEntry]], parent: str,
+              depth: int) -> list[widgets.Widget]:
+        rows: list[widgets.Widget] = []
+        for entry in children.get(parent, []):
+            name = entry.path.rsplit("/", 1)[-1]
+            is_dir = entry.kind == "directory"
+            size = human_size(self.view._size_of(entry, self._dir_sizes))
+            button = widgets.Button(
+                description=name + ("/" if is_dir else ""),
+                icon="folder-open" if is_dir else "file", tooltip=entry.cid,
+                layout=widgets.Layout(width="auto", margin=f"0 0 0 {depth * 20}px"))
+            info = widgets.HTML(
+                f'<span style="display:inline-block;min-width:6em;text-align:right">'
+                f'{_e(size)}</span>&nbsp; {_link(self.view._entry_href(entry), entry.cid)}')
+            rows.append(widgets.HBox([button, info]))
+            self.buttons[entry.path] = button
+            if is_dir:
+                box = widgets.VBox(self._rows(children, entry.path, depth + 1))
+                button.on_click(self._toggler(button, box))
+                rows.append(box)
+            else:
+                button.on_click(lambda _button, path=entry.path: self.show(path))
+        return rows
+
+    @staticmethod
+    def _toggler(button: widgets.Button, box: widgets.VBox) -> Callable[[Any], None]:
+        def toggle(_button: Any) -> None:
+            hidden = box.layout.display == "none"
+            box.layout.display = "flex" if hidden else "none"
+            button.icon = "folder-open" if hidden else "folder"
+        return toggle
+
+    def show(self, path: str) -> None:
+        """Preview one file of the output (fetched now, within WIDGET_PREVIEW)."""
+        entry = next((e for e in self.view.entries if e.path == path), None)
+        if entry is None:
+            raise KeyError(path)
+        if self._selected is not None:
+            self._selected.button_style = ""
+        self._selected = self.buttons.get(path)
+        if self._selected is not None:
+            self._selected.button_style = "info"
+        link = _link(self.view._entry_href(entry), "open through the gateway")
+        title = f"<div><code>{_e(path)}</code> ({human_size(entry.size)}) · {link}</div>"
+        snippet = self.view.preview(entry, WIDGET_PREVIEW)
+        if snippet is None:
+            snippet = "<i>no preview (binary or too large)</i>"
+        self.preview.value = title + snippet
+
+
+# -- IPython formatters ------------------------------------------------------------------------
+
+def result_mimebundle(result: RunResult, gateway: str) -> dict[str, Any]:
+    return ResultView(result, gateway).mimebundle()
+
+
+def ref_mimebundle(ref: IpfsRef, gateway: str) -> dict[str, Any]:
+    """A bound CID (from %ipfs_add / %ipfs_mkdir): `ipfs://…` linked through the gateway."""
+    path = str(ref).removeprefix("/ipfs/")
+    cid, _, sub = path.partition("/")
+    href = gateway_href(gateway, cid, sub)
+    return {"text/plain": repr(ref),
+            "text/html": f"<code>{_link(href, f'ipfs://{path}')}</code>"}
+
+
+# -- staging progress --------------------------------------------------------------------------
+
+def progress_bundle(what: str, done: int, total: int | None) -> dict[str, str]:
+    if total:
+        share = min(done / total, 1.0)
+        plain = f"fetching {what}: {human_size(done)} of {human_size(total)} ({share:.0%})"
+        bar = f'<progress value="{done}" max="{total}"></progress> '
+    else:
+        plain = f"fetching {what}: {human_size(done)}"
+        bar = "<progress></progress> "
+    return {"text/plain": plain, "text/html": f"<div>{bar}{_e(plain)}</div>"}
+
+
+def static_line(text: str) -> dict[str, str]:
+    return {"text/plain": text, "text/html": f"<div><i>{_e(text)}</i></div>"}
+
+
+class StagingProgress:
+    """Staging progress in the cell via display_id; replaced by a one-line summary at the end.
+
+    Shown only once staging takes longer than `delay` seconds, so quick runs print nothing.
+    Plain display data (no widget): the saved notebook keeps only the summary line.
+    """
+
+    def __init__(self, delay: float = 0.5) -> None:
+        self.delay = delay
+        self._started = time.monotonic()
+        self._handle: Any = None
+        self._fetched: dict[str, tuple[int, float]] = {}  # what -> (bytes, seconds)
+        self._first_seen: dict[str, float] = {}
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        first = self._first_seen.setdefault(what, now)
+        self._fetched[what] = (done, now - first)
+        if self._handle is None and now - self._started < self.delay:
+            return
+        from IPython.display import display
+
+        bundle = progress_bundle(what, done, total)
+        if self._handle is None:
+            self._handle = display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+
+    @property
+    def shown(self) -> bool:
+        return self._handle is not None
+
+    def finish(self, outcome: str = "") -> None:
+        """Replace the progress line with a static summary (only if it was shown)."""
+        if self._handle is None:
+            return
+        fetched = "; ".join(f"fetched {what}: {human_size(size)} in {seconds:.1f} s"
+                            for what, (size, seconds) in self._fetched.items())
+        text = f"{fetched}{f' ({outcome})' if outcome else ''}"
+        self._handle.update(static_line(text), raw=True)
+        self._handle = None

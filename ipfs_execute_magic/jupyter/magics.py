@@ -1,0 +1,463 @@
+"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`: the notebook front end of the core.
+
+A thin layer: arguments become a RunRequest for the same Runner the Python API uses
+(`ipfs_execute_magic.default_runner()`), the payload's output streams into the cell as it is
+printed, and the result is bound to a variable. Errors are translated at this edge: arguments and
+CIDs into IPython's one-line UsageError, a failing payload into a short error without a Python
+traceback, an interrupt into one line and a re-raised KeyboardInterrupt (so Run All stops).
+"""
+
+from __future__ import annotations
+
+import codecs
+import keyword
+import re
+import shlex
+import sys
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, kwds, magic_arguments
+from traitlets import Float, Int, TraitError, Unicode, Union, observe, validate
+
+import ipfs_execute_magic as ie
+
+from ..cli import _seconds, _size
+from ..errors import IpfsExecuteError
+from ..errors import UsageError as CoreUsageError
+from ..record import SCRIPT_PATH, RunRequest
+from ..result import IpfsRef, RunResult
+from ..settings import Settings
+from ..store import IpfsPath, Store
+from .display import PUBLIC_GATEWAY, StagingProgress, ref_mimebundle, result_mimebundle
+
+if TYPE_CHECKING:
+    from ..runner import Runner
+
+INTERRUPTED_LINE = "interrupted: the sandbox was stopped"
+PROGRESS_DELAY = 0.5  # seconds of staging before a progress line appears
+STDERR_TAIL_LINES = 12  # of a failing payload's stderr, in its error
+_PYTHON = re.compile(r"python[0-9.]*")
+
+
+class PayloadFailedError(Exception):
+    """The payload exited non-zero or ran past its timeout. `.result` is the finished run.
+
+    Rendered without a Python traceback: the exit status and the tail of stderr say more.
+    """
+
+    def __init__(self, result: RunResult, bound_to: str | None = None) -> None:
+        self.result = result
+        self.bound_to = bound_to
+        record = result.record
+        if record.timed_out:
+            limit = record.limits.get("timeout")
+            what = f"the payload ran past the {limit:g} s timeout and was killed"
+        else:
+            what = f"the payload exited with status {record.exit_status}"
+        kept = (f"the result is bound to `{bound_to}`" if bound_to
+                else "use -o NAME to keep the result")
+        super().__init__(f"{what} (output ipfs://{record.output}; {kept})")
+
+    def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> list[str]:
+        return self.result.stderr_text.rstrip("\n").splitlines()[-lines:]
+
+    def _render_traceback_(self) -> list[str]:
+        rendered = [f"{type(self).__name__}: {self}"]
+        tail = self.stderr_tail()
+        if tail:
+            rendered.append(f"last {len(tail)} line{'s' if len(tail) > 1 else ''} of stderr:")
+            rendered += [f"  {line}" for line in tail]
+        return rendered
+
+
+def _short(error: BaseException, text: str) -> BaseException:
+    # IPython prints `_render_traceback_()` instead of a traceback. Set on the instance, so the
+    # exception keeps its own type for code that catches it.
+    error._render_traceback_ = lambda: [text]  # type: ignore[attr-defined]
+    return error
+
+
+@contextmanager
+def core_errors() -> Iterator[None]:
+    """Core errors as the notebook shows them: usage errors in one line, others short."""
+    try:
+        yield
+    except CoreUsageError as error:
+        raise UsageError(str(error)) from None
+    except IpfsExecuteError as error:
+        raise _short(error, f"{type(error).__name__}: {error}")
+
+
+def unbuffered(interpreter: str) -> str:
+    """`python3` -> `python3 -u`: Python payloads must print as they go, not at exit."""
+    # The sandbox's fixed environment has no PYTHONUNBUFFERED, so this is done with the flag.
+    words = interpreter.split()
+    if words and _PYTHON.fullmatch(PurePosixPath(words[0]).name) and "-u" not in words[1:]:
+        return " ".join([words[0], "-u", *words[1:]])
+    return interpreter
+
+
+def split_payload_args(line: str) -> tuple[list[str], list[str]]:
+    """Shell-like words of a magic line: (before `--`, after `--`)."""
+    try:
+        words = shlex.split(line)
+    except ValueError as error:
+        raise UsageError(f"cannot split the line into words: {error}") from None
+    if "--" in words:
+        cut = words.index("--")
+        return words[:cut], words[cut + 1:]
+    return words, []
+
+
+def check_name(name: str | None) -> str | None:
+    if name is not None and (not name.isidentifier() or keyword.iskeyword(name)):
+        raise UsageError(f"-o {name!r}: not a Python variable name")
+    return name
+
+
+def check_ipfs_path(label: str, text: str) -> None:
+    """Refuse a malformed CID or path before anything runs, hinting at unexpanded variables."""
+    try:
+        IpfsPath.parse(text)
+    except CoreUsageError as error:
+        hint = ""
+        if "$" in text or "{" in text:
+            # IPython leaves the whole line as written when any `$name`/`{expr}` fails.
+            hint = " (a `$name` or `{expr}` was not expanded: is the variable defined?)"
+        raise UsageError(f"{label}: {error}{hint}") from None
+
+
+def _embedded_gateway(store: Store) -> str | None:
+    """The embedded node's gateway URL when its config says "port 0" (the `test` profile).
+
+    Kubo writes the port it really bound to `$IPFS_PATH/gateway`; only valid when `store`
+    talks to the embedded node of the current settings.
+    """
+    repo = ie.default_runner().settings.repo_dir
+    try:
+        if (repo / "api").read_text().strip() != store.api:
+            return None
+        url = (repo / "gateway").read_text().strip()
+    except OSError:
+        return None
+    return url if url.startswith(("http://", "https://")) else None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+class _StreamForwarder:
+    """The payload's bytes as text on the kernel's sys.stdout/sys.stderr, flushed per chunk.
+
+    Written to the real streams (not an ipywidgets.Output) so the text is saved in the cell.
+    """
+
+    def __init__(self, stream_name: str) -> None:
+        self.stream_name = stream_name
+        # A chunk may end inside a multi-byte character.
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def __call__(self, chunk: bytes) -> None:
+        self._write(self._decoder.decode(chunk))
+
+    def flush(self) -> None:
+        self._write(self._decoder.decode(b"", final=True))
+
+    def _write(self, text: str) -> None:
+        if text:
+            stream = getattr(sys, self.stream_name)
+            stream.write(text)
+            stream.flush()
+
+
+EXECUTE_USAGE = "ipfs_execute [options] ROOTFS [INPUT] [-- ARG...]"
+EXECUTE_EPILOG = f"""\
+The cell is written into the input tree at /input/{SCRIPT_PATH} (a reserved name: an input that
+already has it is refused) and run as `/sbin/init INTERPRETER /input/{SCRIPT_PATH} ARG...`.
+The line form `%ipfs_execute ROOTFS INPUT -- ARG...` runs `/sbin/init ARG...` without a script.
+
+`$name` and `{{expr}}` in the line are expanded by IPython (never in the cell body). A result
+stands for its output CID: `{{counts}}/sub/file` or `{{counts / "sub/file"}}` is a sub path.
+
+The result (a RunResult: .output .input .rootfs CIDs, .exit_status, .stdout, .stderr,
+.read_text(path), .ls(path), .files()) is returned and, with -o, bound to NAME; str() of it is
+the output CID. A failing payload raises PayloadFailedError (exit status and the tail of
+stderr) after binding the result, unless --no-raise-error.
+
+Defaults come from `%config IpfsExecuteMagics` (api, gateway, home, timeout, memory, pids).
+
+Examples:
+  %%ipfs_execute $busybox $data -o counts
+  sort /input/words.txt | uniq -c > /output/counts.txt
+
+  %%ipfs_execute $pyimage $counts -o report --interpreter python3 --timeout 60
+  print(open("/input/counts.txt").read())
+
+  %ipfs_execute $busybox {{counts}} -o listing -- sh -c 'ls -l /input > /output/ls.txt'
+"""
+
+
+@magics_class
+class IpfsExecuteMagics(Magics):
+    """Run cells in a bubblewrap sandbox on IPFS content; bind the results."""
+
+    api = Unicode("", help="RPC API multiaddr of your own Kubo daemon "
+                  "(empty: $IPFS_EXECUTE_API, else the embedded node)").tag(config=True)
+    gateway = Unicode("", help="base URL of the HTTP gateway for links, e.g. "
+                      "https://ipfs.io (empty: the node's own gateway, else "
+                      f"{PUBLIC_GATEWAY})").tag(config=True)
+    home = Unicode("", help="data directory: embedded node, staging cache "
+                   "(empty: $IPFS_EXECUTE_HOME, else the default)").tag(config=True)
+    timeout = Float(None, allow_none=True,
+                    help="default wall-clock limit of a run, seconds").tag(config=True)
+    memory = Union([Int(), Unicode()], default_value=None, allow_none=True,
+                   help="default memory limit of a run: bytes or a size like '512M'"
+                   ).tag(config=True)
+    pids = Int(None, allow_none=True,
+               help="default limit on processes and threads of a run").tag(config=True)
+
+    def __init__(self, shell: Any = None, **kwargs: Any) -> None:
+        # Before super().__init__: configured values notify the observers during it.
+        self._gateways: weakref.WeakKeyDictionary[Store, str] = weakref.WeakKeyDictionary()
+        super().__init__(shell=shell, **kwargs)
+
+    # -- configuration -----------------------------------------------------------------------
+
+    @validate("memory")
+    def _valid_memory(self, proposal: dict[str, Any]) -> int | None:
+        value = proposal["value"]
+        if isinstance(value, str):
+            try:
+                value = _size(value)
+            except Exception as error:  # argparse.ArgumentTypeError
+                raise TraitError(f"memory: {error}") from None
+        if value is not None and value <= 0:
+            raise TraitError("memory must be positive")
+        return value
+
+    @validate("timeout", "pids")
+    def _valid_positive(self, proposal: dict[str, Any]) -> Any:
+        value = proposal["value"]
+        if value is not None and value <= 0:
+            raise TraitError(f"{proposal['trait'].name} must be positive")
+        return value
+
+    @observe("api", "home", "timeout", "memory", "pids")
+    def _settings_changed(self, _change: dict[str, Any]) -> None:
+        self.apply_settings()
+
+    def settings(self) -> Settings:
+        """The core's settings: the environment's, changed by this object's config."""
+        limits = Settings.from_env().limits
+        changes = {name: value for name, value in (
+            ("timeout", self.timeout), ("memory_bytes", self.memory), ("pids", self.pids))
+            if value is not None}
+        with core_errors():
+            return Settings.from_env(api=self.api or None, home=self.home or None,
+                                     limits=replace(limits, **changes))
+
+    def apply_settings(self) -> None:
+        """Rebuild the process's Runner (the one the Python API uses too)."""
+        ie.configure(self.settings())
+
+    def gateway_for(self, store: Store | None) -> str:
+        if self.gateway:
+            return self.gateway.rstrip("/")
+        if store is None:
+            return PUBLIC_GATEWAY
+        if store not in self._gateways:
+            try:
+                url = store.gateway_url()
+            except IpfsExecuteError:
+                return PUBLIC_GATEWAY
+            if url is not None and url.endswith(":0"):
+                url = _embedded_gateway(store)
+            self._gateways[store] = url or PUBLIC_GATEWAY
+        return self._gateways[store]
+
+    # -- display (registered as IPython formatters by load_ipython_extension) ----------------
+
+    def result_bundle(self, result: RunResult) -> dict[str, Any]:
+        return result_mimebundle(result, self.gateway_for(result.store))
+
+    def ref_bundle(self, ref: IpfsRef) -> dict[str, Any]:
+        return ref_mimebundle(ref, self.gateway_for(ref._store))
+
+    # -- magics ------------------------------------------------------------------------------
+
+    @magic_arguments()
+    @kwds(usage=EXECUTE_USAGE, epilog=EXECUTE_EPILOG)
+    @argument("rootfs", metavar="ROOTFS",
+              help="root filesystem: CID or IPFS path of a .tar.gz/.tar.zst/.tar file, or of a "
+                   "directory used as the root itself")
+    @argument("input", metavar="INPUT", nargs="?", default=None,
+              help="directory mounted read-only at /input (default: an empty directory)")
+    @argument("-o", "--out", metavar="NAME",
+              help="bind the result to this variable (also when the payload fails)")
+    @argument("--interpreter", metavar="COMMAND", default=None,
+              help="what runs the cell: /sbin/init COMMAND /input/SCRIPT (default: sh). "
+                   "Python interpreters get -u (unbuffered)")
+    @argument("--timeout", metavar="SECONDS", type=_seconds, default=None,
+              help="wall-clock limit; the whole sandbox is killed after it")
+    @argument("--memory", metavar="SIZE", type=_size, default=None,
+              help="memory limit of the whole sandbox, e.g. 512M, 2G")
+    @argument("--pids", metavar="N", type=_positive_int, default=None,
+              help="limit on processes and threads")
+    @argument("--tmp-size", metavar="SIZE", type=_size, default=None,
+              help="size of the /tmp tmpfs, e.g. 64M")
+    @argument("--no-raise-error", action="store_true",
+              help="a failing payload returns its result instead of raising")
+    @argument("-q", "--quiet", action="store_true",
+              help="no live output and no progress; display the result only if it failed")
+    @line_cell_magic
+    def ipfs_execute(self, line: str, cell: str | None = None) -> RunResult | None:
+        """Run the cell in a sandbox: ROOTFS as /, INPUT read-only at /input, an empty /output.
+
+        /output is added to IPFS; its CID is the result. The payload's stdout and stderr
+        stream into the cell while it runs; there is no network inside.
+        """
+        words, payload_args = split_payload_args(line)
+        try:
+            options = self.ipfs_execute.parser.parse_args(words)
+        except UsageError as error:
+            hint = " (arguments for the payload go after --)" if "unrecognized" in str(error) \
+                else ""
+            raise UsageError(f"{error}{hint}") from None
+        name = check_name(options.out)
+        check_ipfs_path("ROOTFS", options.rootfs)
+        if options.input is not None:
+            check_ipfs_path("INPUT", options.input)
+
+        script: str | None = None
+        interpreter = options.interpreter or "sh"
+        if cell is None:
+            if options.interpreter is not None:
+                raise UsageError("--interpreter needs a cell to run (use %%ipfs_execute)")
+        else:
+            if not cell.strip():
+                raise UsageError("the cell is empty: write the script below the magic line, or "
+                                 "use the line form %ipfs_execute ROOTFS INPUT -- ARG...")
+            script = cell if cell.endswith("\n") else cell + "\n"
+
+        runner = ie.default_runner()
+        changes = {field: value for field, value in (
+            ("timeout", options.timeout), ("memory_bytes", options.memory),
+            ("pids", options.pids), ("tmp_bytes", options.tmp_size)) if value is not None}
+        with core_errors():
+            request = RunRequest(rootfs=options.rootfs, input=options.input,
+                                 args=tuple(payload_args),
+                                 limits=replace(runner.settings.limits, **changes),
+                                 script=script, interpreter=unbuffered(interpreter))
+        return self._run(runner, request, name=name, quiet=options.quiet,
+                         raise_error=not options.no_raise_error)
+
+    def _run(self, runner: Runner, request: RunRequest, *, name: str | None, quiet: bool,
+             raise_error: bool) -> RunResult | None:
+        stdout = None if quiet else _StreamForwarder("stdout")
+        stderr = None if quiet else _StreamForwarder("stderr")
+        progress = None if quiet else StagingProgress(PROGRESS_DELAY)
+        outcome = "failed"
+        try:
+            with core_errors():
+                result: RunResult = runner.execute(request, on_stdout=stdout, on_stderr=stderr,
+                                                   on_progress=progress)
+            outcome = ""
+        except KeyboardInterrupt as interrupt:
+            # The core has killed the sandbox already; say so once and stop Run All.
+            outcome = "interrupted"
+            for forwarder in (stdout, stderr):
+                if forwarder is not None:
+                    forwarder.flush()
+            print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+            raise _short(interrupt, "KeyboardInterrupt")
+        finally:
+            for forwarder in (stdout, stderr):
+                if forwarder is not None:
+                    forwarder.flush()
+            if progress is not None:
+                progress.finish(outcome)
+
+        if name is not None:
+            self.shell.user_ns[name] = result
+        if not result.ok and raise_error:
+            raise PayloadFailedError(result, name)
+        if quiet and result.ok:
+            return None
+        return result
+
+    @magic_arguments()
+    @argument("path", metavar="PATH",
+              help="local file or folder (relative to the kernel's working directory)")
+    @argument("-o", "--out", metavar="NAME", help="bind the CID to this variable")
+    @line_magic
+    def ipfs_add(self, line: str) -> IpfsRef:
+        """Add a local file or folder to IPFS (pinned); return its CID (the same as `ie.add`).
+
+        Dot-files are included and symlinks kept as symlinks; the CID is the one
+        `ipfs add -r --hidden` gives with the unixfs-v1-2025 profile.
+        """
+        words, _ = split_payload_args(line)
+        options = self.ipfs_add.parser.parse_args(words)
+        name = check_name(options.out)
+        with core_errors():
+            ref = ie.add(Path(options.path).expanduser())
+        if name is not None:
+            self.shell.user_ns[name] = ref
+        return ref
+
+    @magic_arguments()
+    @argument("entries", metavar="NAME=PATH", nargs="+",
+              help="an entry of the new directory: NAME (may be a/b) set to PATH, a CID, IPFS "
+                   "path or bound value ($data, {counts}/sub)")
+    @argument("-o", "--out", metavar="NAME", help="bind the CID to this variable")
+    @line_magic
+    def ipfs_mkdir(self, line: str) -> IpfsRef:
+        """Compose a new IPFS directory from existing content; return its CID (as `ie.mkdir`).
+
+        Example: %ipfs_mkdir words.txt=$words code={repo}/src -o data
+        """
+        words, _ = split_payload_args(line)
+        options = self.ipfs_mkdir.parser.parse_args(words)
+        name = check_name(options.out)
+        entries: dict[str, str] = {}
+        for word in options.entries:
+            entry, sep, path = word.partition("=")
+            if not sep or not entry or not path:
+                raise UsageError(f"{word!r}: expected NAME=PATH")
+            if entry in entries:
+                raise UsageError(f"{entry!r} is given twice")
+            check_ipfs_path(entry, path)
+            entries[entry] = path
+        with core_errors():
+            ref = ie.mkdir(entries)
+        if name is not None:
+            self.shell.user_ns[name] = ref
+        return ref
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the magics, their config and the result formatters."""
+    magics = IpfsExecuteMagics(ipython)
+    ipython.register_magics(magics)
+    # `%config IpfsExecuteMagics...` finds configurables here; keep one (reloads).
+    ipython.configurables[:] = [c for c in ipython.configurables
+                                if not isinstance(c, IpfsExecuteMagics)] + [magics]
+    formatter = ipython.display_formatter.mimebundle_formatter
+    formatter.for_type(RunResult, magics.result_bundle)
+    formatter.for_type(IpfsRef, magics.ref_bundle)

@@ -1,0 +1,218 @@
+"""ContentCache: atomic fills, one filler per key across processes, cleanup after crashes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ipfs_execute_magic.cache import ContentCache, remove_tree
+
+CID = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
+OTHER = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+
+
+def write_tree(path: Path) -> None:
+    (path / "sub").mkdir()
+    (path / "sub/file").write_text("content")
+
+
+def test_fill_get_remove(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path / "cache")
+    assert cache.get("rootfs", CID) is None
+    assert cache.entries("rootfs") == []
+    path = cache.fill("rootfs", CID, write_tree)
+    assert path == cache.path_for("rootfs", CID) == tmp_path / "cache/rootfs" / CID
+    assert cache.get("rootfs", CID) == path
+    assert (path / "sub/file").read_text() == "content"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    for directory in (tmp_path / "cache", tmp_path / "cache/rootfs"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+    assert cache.fill("rootfs", CID, lambda _: pytest.fail("filled twice")) == path
+    assert cache.entries("rootfs") == [CID]
+    assert cache.entries("input") == []
+    cache.remove("rootfs", CID)
+    assert cache.get("rootfs", CID) is None and not path.exists()
+    assert os.listdir(tmp_path / "cache/tmp") == []
+    cache.remove("rootfs", CID)  # removing what is not there is fine
+
+
+@pytest.mark.parametrize("key", ["", "../etc", "a/b", "bafy.x", "bafy key", "x" * 201])
+def test_keys_must_be_cids(tmp_path: Path, key: str) -> None:
+    cache = ContentCache(tmp_path)
+    with pytest.raises(ValueError, match="must be a CID"):
+        cache.path_for("rootfs", key)
+    with pytest.raises(ValueError, match="must be a CID"):
+        cache.fill("rootfs", key, write_tree)
+
+
+@pytest.mark.parametrize("kind", ["", "../x", "Rootfs", "tmp/x"])
+def test_kinds_must_be_words(tmp_path: Path, kind: str) -> None:
+    with pytest.raises(ValueError, match="cache kind"):
+        ContentCache(tmp_path).get(kind, CID)
+
+
+def test_failing_filler_leaves_nothing_and_next_caller_retries(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path)
+
+    def broken(path: Path) -> None:
+        write_tree(path)
+        (path / "ro").mkdir()
+        (path / "ro/f").write_text("x")
+        os.chmod(path / "ro", 0o555)
+        (path / "escape").symlink_to(tmp_path / "outside")
+        raise RuntimeError("download failed")
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside/keep").write_text("keep")
+    with pytest.raises(RuntimeError, match="download failed"):
+        cache.fill("input", CID, broken)
+    assert cache.get("input", CID) is None
+    assert os.listdir(tmp_path / "tmp") == []
+    assert (tmp_path / "outside/keep").read_text() == "keep"  # the symlink was not followed
+    assert cache.fill("input", CID, write_tree) == cache.path_for("input", CID)
+
+
+def test_keyboard_interrupt_in_filler_cleans_up(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path)
+
+    def interrupted(path: Path) -> None:
+        write_tree(path)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.fill("rootfs", CID, interrupted)
+    assert os.listdir(tmp_path / "tmp") == [] and cache.get("rootfs", CID) is None
+
+
+def _fill_in_process(root: str, counter: str, start: float) -> str:
+    def slow_filler(path: Path) -> None:
+        with open(counter, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        write_tree(path)
+
+    time.sleep(max(0.0, start - time.time()))
+    return str(ContentCache(Path(root)).fill("rootfs", CID, slow_filler))
+
+
+def test_concurrent_processes_fill_once(tmp_path: Path) -> None:
+    counter = tmp_path / "filler-calls"
+    start = time.time() + 0.5  # all eight try at the same moment
+    context = multiprocessing.get_context("fork")
+    with context.Pool(8) as pool:
+        results = pool.starmap(_fill_in_process, [(str(tmp_path / "cache"), str(counter), start)] * 8)
+    assert len(counter.read_text().splitlines()) == 1
+    assert set(results) == {str(tmp_path / "cache/rootfs" / CID)}
+    assert (Path(results[0]) / "sub/file").read_text() == "content"
+
+
+def test_concurrent_threads_fill_once(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path)
+    calls = []
+    results: list[Path] = []
+    barrier = threading.Barrier(6)
+
+    def filler(path: Path) -> None:
+        calls.append(1)
+        time.sleep(0.1)
+        write_tree(path)
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(cache.fill("rootfs", CID, filler))
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and len(results) == 6
+
+
+def test_stale_tmp_is_removed_but_live_filler_is_not(tmp_path: Path) -> None:
+    cache = ContentCache(tmp_path)
+    cache.fill("rootfs", "warmup", write_tree)
+    # Work dirs of killed fillers: one for the key we fill next, one for another key.
+    for name in (f"rootfs.{CID}.dead1", f"input.{OTHER}.dead2"):
+        stale = tmp_path / "tmp" / name
+        stale.mkdir()
+        write_tree(stale)
+        os.chmod(stale / "sub", 0o555)
+    (tmp_path / "tmp/unrelated-name").mkdir()  # not ours: left alone
+
+    inside_filler = threading.Event()
+    release = threading.Event()
+
+    def blocking_filler(path: Path) -> None:
+        inside_filler.set()
+        release.wait(10)
+        write_tree(path)
+
+    live = threading.Thread(target=cache.fill, args=("input", "liveKey", blocking_filler))
+    live.start()
+    try:
+        assert inside_filler.wait(10)
+        live_dirs = [name for name in os.listdir(tmp_path / "tmp") if name.startswith("input.liveKey.")]
+        assert len(live_dirs) == 1
+        cache.fill("rootfs", CID, write_tree)
+        remaining = sorted(os.listdir(tmp_path / "tmp"))
+        assert remaining == sorted([live_dirs[0], "unrelated-name"])
+    finally:
+        release.set()
+        live.join()
+    assert cache.get("input", "liveKey") is not None
+    assert cache.entries("rootfs") == sorted([CID, "warmup"])
+
+
+def test_remove_tree_does_not_follow_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    os.chmod(outside, 0o555)
+    tree = tmp_path / "tree"
+    (tree / "ro").mkdir(parents=True)
+    (tree / "ro/link").symlink_to(outside)
+    (tree / "dirlink").symlink_to(outside)
+    os.chmod(tree / "ro", 0o500)
+    remove_tree(tree)
+    assert not tree.exists()
+    assert (outside / "keep").read_text() == "keep"
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o555
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged uid")
+def test_read_only_tree_is_removed_by_an_unprivileged_owner() -> None:
+    # Root ignores directory permissions; an ordinary user is stopped by a 0555 directory.
+    base = Path(tempfile.mkdtemp(prefix="ipfs-execute-cache-test-"))
+    try:
+        os.chmod(base, 0o755)
+        tree = base / "tree"
+        (tree / "a/b").mkdir(parents=True)
+        (tree / "a/b/file").write_text("x")
+        for path in (tree, tree / "a", tree / "a/b", tree / "a/b/file"):
+            os.chown(path, 65534, 65534)
+        os.chmod(tree / "a/b", 0o555)
+        os.chmod(tree / "a", 0o555)
+        os.chmod(base, 0o777)  # the uid must be able to unlink `tree` itself
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            status = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                remove_tree(tree)
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not tree.exists()
+    finally:
+        remove_tree(base)
