@@ -758,6 +758,9 @@ class _Extraction:
             return None
         except tarfile.TruncatedHeaderError:
             self._fail_truncated("it ends inside a header")
+        except RecursionError:
+            # tarfile recurses once per extended header: only a hostile chain gets this deep.
+            self._fail_corrupt(f"too many chained extended headers at byte {header_offset}")
         except (tarfile.TarError, ValueError) as exc:
             if reader.exhausted:
                 self._fail_truncated(f"it ends inside a header: {exc}")

@@ -82,20 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input", metavar="INPUT", help="input directory CID or IPFS path")
     parser.add_argument("args", metavar="ARG", nargs="*",
                         help="arguments of /sbin/init, passed verbatim (options too)")
-    parser.add_argument("--timeout", type=_seconds, default=None,
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help=f"wall-clock limit in seconds (default {defaults.timeout:g})")
-    parser.add_argument("--memory", type=_size, default=None,
+    parser.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                         help="memory limit of the whole sandbox, e.g. 512M (default 2G)")
-    parser.add_argument("--pids", type=int, default=None,
+    parser.add_argument("--pids", type=int, default=None, metavar="N",
                         help=f"limit on processes and threads (default {defaults.pids})")
-    parser.add_argument("--tmp-size", type=_size, default=None,
+    parser.add_argument("--tmp-size", type=_size, default=None, metavar="SIZE",
                         help="size of the /tmp tmpfs (default 256M)")
     parser.add_argument("--api", metavar="MULTIADDR",
                         help="use your own Kubo daemon at this RPC API address "
                              "(default: $IPFS_EXECUTE_API, else the embedded node)")
     parser.add_argument("--home", metavar="DIR", type=Path,
                         help="data directory (default: $IPFS_EXECUTE_HOME or a per-user one)")
-    parser.add_argument("--fetch-timeout", type=_seconds, default=None,
+    parser.add_argument("--fetch-timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="how long to wait for a CID to be retrievable (default 60)")
     parser.add_argument("--json", action="store_true",
                         help="print the run's record as JSON instead of the output CID")
@@ -260,7 +260,9 @@ def _node(settings: Settings, words: list[str]) -> int:
 MKDIR_DESCRIPTION = """\
 Print the CID of a new directory holding the given entries: each NAME is set to the IPFS PATH
 (a CID or IPFS path). NAME may contain slashes (a/b) to make sub directories. The directory is
-pinned.
+pinned. Use it to compose the INPUT of a run from several CIDs:
+
+  ipfs-execute $BUSYBOX $(ipfs-mkdir rootfs.tar.gz $ALPINE packages $PKGS) sh /input/build.sh
 """
 
 
@@ -269,9 +271,14 @@ def mkdir_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipfs-mkdir", description=MKDIR_DESCRIPTION,
                                      usage="ipfs-mkdir [--api MULTIADDR] NAME PATH [NAME PATH...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("entries", nargs="*", metavar="NAME PATH")
-    parser.add_argument("--api", metavar="MULTIADDR")
-    parser.add_argument("--home", type=Path)
+    parser.add_argument("entries", nargs="*", metavar="NAME PATH",
+                        help="entry name (a/b makes sub directories) and the CID or IPFS path "
+                             "it points to")
+    parser.add_argument("--api", metavar="MULTIADDR",
+                        help="use your own Kubo daemon (default: $IPFS_EXECUTE_API, else the "
+                             "embedded node)")
+    parser.add_argument("--home", type=Path, metavar="DIR",
+                        help="data directory of the embedded node (default: $IPFS_EXECUTE_HOME)")
     try:
         options = parser.parse_args(argv)
     except SystemExit as exit_:

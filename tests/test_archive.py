@@ -306,6 +306,18 @@ def test_oversized_extended_header_is_refused(host: Host) -> None:
         run(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024), host.dest)
 
 
+def test_long_chain_of_extended_headers(host: Host) -> None:
+    chain = []
+    for i in range(1500):
+        info = tarfile.TarInfo("././@LongLink")
+        info.type = tarfile.GNUTYPE_LONGNAME
+        info.size = 12
+        chain.append(info.tobuf(tarfile.GNU_FORMAT) + b"name%06d\0\0" % i + bytes(500))
+    data = b"".join(chain) + tar_bytes(regular("x"))
+    with pytest.raises(BadRootfsError, match="chained extended headers"):
+        run(data, host.dest)
+
+
 def test_duplicate_file_names_replace_without_following_symlinks(host: Host) -> None:
     data = tar_bytes(
         regular("a", b"first"),

@@ -326,3 +326,32 @@ def test_bwrap_missing_says_how_to_fix(home: Path, busybox_cid: str, empty_cid: 
     result = ipfs_execute(home, busybox_cid, empty_cid, "true", env=env)
     assert result.returncode == EXIT_TOOL_FAILURE
     assert "bubblewrap" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_user_namespaces_disabled_says_how_to_fix(home: Path, busybox_cid: str,
+                                                  empty_cid: str) -> None:
+    """With user.max_user_namespaces=0, bwrap cannot start: the tool says which sysctl to set.
+
+    The host's sysctl is not writable from here (nor should a test flip it for the whole
+    machine), so the tool runs in a user namespace of its own, where root may set the limit
+    for everything below it, and uid 65534 is mapped so the privilege drop still works.
+    """
+    # Once the uid map is written, exec again: the new program starts as uid 0 of the
+    # namespace, with its capabilities (the first exec happened while still unmapped).
+    inner = (f'echo 0 > /proc/sys/user/max_user_namespaces && '
+             f'exec {BIN / "ipfs-execute"} {busybox_cid} {empty_cid} true')
+    script = f'read go && exec sh -c "{inner}"'
+    child = subprocess.Popen(["unshare", "--user", "--", "sh", "-c", script],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=cli_env(home))
+    own_namespace = os.readlink("/proc/self/ns/user")
+    deadline = time.monotonic() + 10
+    while os.readlink(f"/proc/{child.pid}/ns/user") == own_namespace:
+        assert time.monotonic() < deadline, "the child never entered its user namespace"
+        time.sleep(0.01)
+    for kind in ("uid", "gid"):
+        Path(f"/proc/{child.pid}/{kind}_map").write_text("0 0 65536\n")
+    out, err = child.communicate("go\n", timeout=60)
+    assert child.returncode == EXIT_TOOL_FAILURE, err
+    assert out == ""
+    assert "max_user_namespaces" in err and len(err.strip().splitlines()) == 1, err
