@@ -106,6 +106,7 @@ class Stager:
         kind = self.store.stat(cid)
         if kind.kind == "directory":
             self._extract_directory(cid, dest, what=f"rootfs {cid}")
+            _make_files_executable(dest)
         elif kind.kind == "file":
             stream = _CountingReader(self.store.cat_stream(cid), f"rootfs {cid}", kind.size,
                                      self.on_progress)
@@ -148,6 +149,17 @@ def _hoist_single_top(dest: Path, top_name: str) -> None:
         os.rename(parked / child, dest / child)
     os.rmdir(parked)
     os.chmod(dest, 0o755)
+
+
+def _make_files_executable(root: Path) -> None:
+    """UnixFS directories carry no file modes (unless added with preserve-mode), so a directory
+    used as a root would have no executable at all: make every regular file executable."""
+    for folder, _dirs, files in os.walk(root, followlinks=False):
+        for name in files:
+            path = os.path.join(folder, name)
+            st = os.lstat(path)
+            if stat_module.S_ISREG(st.st_mode):
+                os.chmod(path, 0o755)
 
 
 def check_rootfs(root: Path, cid: str) -> None:

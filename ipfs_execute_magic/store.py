@@ -236,13 +236,17 @@ class Store:
     def _translate(self, error: Exception, what: str) -> IpfsError:
         message = str(error).strip()
         lowered = message.lower()
-        if ("not found" in lowered or "offline" in lowered or "deadline" in lowered
-                or "context canceled" in lowered or "no link named" in lowered):
-            hint = ("is the path right? For content from other peers, run the node online "
-                    "or pin it locally first")
-            if "no link named" in lowered:
-                hint = "that sub path does not exist in the directory"
-            return NotRetrievableError(f"{what}: not retrievable ({message}); {hint}")
+        if "deadline" in lowered or "context canceled" in lowered:
+            return NotRetrievableError(
+                f"{what}: not retrievable within {self.fetch_timeout:g} s: no peer provided it "
+                "(is the CID right? is a node that has it online and connected? raise "
+                "--fetch-timeout for slow networks)")
+        if "no link named" in lowered:
+            return NotRetrievableError(f"{what}: that sub path does not exist ({message})")
+        if "not found" in lowered or "offline" in lowered:
+            return NotRetrievableError(
+                f"{what}: not retrievable ({message}); the node is offline and does not have "
+                "it: add or pin it first, or use an online daemon (--api)")
         if "invalid" in lowered or "failed to decode" in lowered or "selected encoding" in lowered:
             return InvalidPathError(f"{what}: {message}")
         return IpfsError(f"{what}: {message}")

@@ -355,3 +355,80 @@ def test_user_namespaces_disabled_says_how_to_fix(home: Path, busybox_cid: str,
     assert child.returncode == EXIT_TOOL_FAILURE, err
     assert out == ""
     assert "max_user_namespaces" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_rootfs_formats_tar_zst_and_directory(home: Path, busybox_tarball: Path,
+                                              empty_cid: str, store) -> None:
+    scratch = world_traversable_tmpdir("iex-formats-")
+    raw_tar = scratch / "busybox.tar"
+    raw_tar.write_bytes(gzip.decompress(busybox_tarball.read_bytes()))
+    subprocess.run(["zstd", "-q", "-o", str(scratch / "busybox.tar.zst"), str(raw_tar)],
+                   check=True)
+    unpacked = scratch / "root"
+    unpacked.mkdir()
+    subprocess.run(["tar", "xf", str(raw_tar), "-C", str(unpacked)], check=True)
+    rootfs_cids = {
+        "tar": store.add_path(raw_tar),
+        "zst": store.add_path(scratch / "busybox.tar.zst"),
+        "dir": store.add_path(unpacked),  # a directory CID used as the root itself
+    }
+    for kind, rootfs in rootfs_cids.items():
+        result = ipfs_execute(home, rootfs, empty_cid, "sh", "-c",
+                              f"echo {kind} > /output/kind")
+        assert result.returncode == 0, (kind, result.stderr)
+        assert store.cat(f"{result.stdout.strip()}/kind") == f"{kind}\n".encode()
+
+
+def test_rootfs_with_a_symlinked_mount_point_is_refused(home: Path, empty_cid: str,
+                                                        store) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name in ("sbin/", "input/", "output/"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        init = tarfile.TarInfo("sbin/init")
+        init.size, init.mode = 10, 0o755
+        tar.addfile(init, io.BytesIO(b"#!/bin/sh\n"))
+        link = tarfile.TarInfo("tmp")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+    scratch = world_traversable_tmpdir("iex-mnt-")
+    (scratch / "mnt.tar.gz").write_bytes(buffer.getvalue())
+    rootfs = store.add_path(scratch / "mnt.tar.gz")
+    result = ipfs_execute(home, rootfs, empty_cid, "true")
+    assert result.returncode == EXIT_TOOL_FAILURE
+    assert "/tmp is a symlink" in result.stderr
+    assert leftovers(home) == []
+
+
+def test_failed_payload_leaves_nothing_behind(home: Path, busybox_cid: str,
+                                              empty_cid: str) -> None:
+    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
+                          "mkdir -p /output/ro/sub && chmod 0500 /output/ro/sub /output/ro; "
+                          "exit 7")
+    assert result.returncode == 7
+    assert leftovers(home) == []
+
+
+@pytest.mark.timeout(90)
+def test_unretrievable_cid_fails_within_the_fetch_timeout() -> None:
+    # An online node (no bootstrap peers: nobody has the CID) waits for providers; the fetch
+    # timeout bounds the wait and the error names the CID.
+    home = world_traversable_tmpdir("iex-online-")
+    from ipfs_execute_magic.node import EmbeddedNode
+    from ipfs_execute_magic.settings import Settings
+
+    node = EmbeddedNode(Settings(home=home, online=True))
+    api = node.ensure_running()
+    try:
+        unknown = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+        started = time.monotonic()
+        result = ipfs_execute(home, "--api", api, "--fetch-timeout", "3", unknown,
+                              unknown, "true")
+        elapsed = time.monotonic() - started
+        assert result.returncode == EXIT_TOOL_FAILURE
+        assert unknown in result.stderr and "3 s" in result.stderr, result.stderr
+        assert elapsed < 20
+    finally:
+        node.stop()
