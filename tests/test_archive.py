@@ -457,16 +457,13 @@ def test_rootfs_tree_round_trip(rootfs: Path, tmp_path: Path, kind: str) -> None
     assert stats.bytes >= 5 * 1024 * 1024
 
 
-needs_zstd_binary = pytest.mark.skipif(shutil.which("zstd") is None, reason="needs the zstd command")
-
-
 def use_zstd_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Take the fallback used when the zstandard module is missing: a zstd process."""
     monkeypatch.setattr(archive, "_zstandard_available", lambda: False)
 
 
 @pytest.mark.parametrize("decoder", ["zlib-thread", "zstandard-thread",
-                                     pytest.param("zstd-process", marks=needs_zstd_binary)])
+                                     "zstd-process"])
 def test_rootfs_from_a_pipe(rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decoder: str) -> None:
     """A non-seekable stream, through each way of decompressing."""
     path = tmp_path / "rootfs.tar.x"
@@ -666,7 +663,7 @@ def test_corrupt_gzip(tmp_path: Path, big_tar: bytes) -> None:
         run(bytes(data), tmp_path)
 
 
-@pytest.mark.parametrize("process", [False, pytest.param(True, marks=needs_zstd_binary)])
+@pytest.mark.parametrize("process", [False, True])
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_broken_zstd(tmp_path: Path, big_tar: bytes, monkeypatch: pytest.MonkeyPatch, process: bool,
                      damage: str) -> None:
@@ -739,7 +736,6 @@ class _RecordingPopen(subprocess.Popen):  # type: ignore[type-arg]
         _RecordingPopen.started.append(self)
 
 
-@needs_zstd_binary
 @pytest.mark.parametrize("interrupt", [UnsafeArchiveError, KeyboardInterrupt])
 def test_decompressor_process_is_reaped_on_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interrupt: type[BaseException]

@@ -128,10 +128,14 @@ def test_errors_render_short_in_the_kernel(kernel: Kernel) -> None:
     assert "status 4" in content["traceback"][0] and content["traceback"][-1] == "  bad input"
     assert len(content["traceback"]) == 3
 
-    reply = execute(kernel.client, "%%ipfs_execute not-a-cid\necho")
+    messages: list[dict[str, Any]] = []
+    reply = execute(kernel.client, "%%ipfs_execute not-a-cid\necho", on_iopub=messages.append)
     content = reply["content"]
     assert content["ename"] == "UsageError" and "not a CID" in content["evalue"]
-    assert len(content["traceback"]) == 1
+    # IPython shows a UsageError as one line on stderr, with no traceback.
+    shown = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+    assert shown.startswith("UsageError: ROOTFS:") and shown.count("\n") == 1
+    assert not content["traceback"]
 
 
 def test_interrupt_kills_the_sandbox_and_the_kernel_goes_on(kernel: Kernel) -> None:

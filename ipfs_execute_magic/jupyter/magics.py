@@ -186,11 +186,14 @@ class _StreamForwarder:
             stream.flush()
 
 
-EXECUTE_USAGE = "ipfs_execute [options] ROOTFS [INPUT] [-- ARG...]"
+# argparse %-formats the usage, and IPython puts one more "%" in front: shown as %%ipfs_execute
+EXECUTE_USAGE = "%%ipfs_execute [options] ROOTFS [INPUT] [-- ARG...]"
 EXECUTE_EPILOG = f"""\
-The cell is written into the input tree at /input/{SCRIPT_PATH} (a reserved name: an input that
-already has it is refused) and run as `/sbin/init INTERPRETER /input/{SCRIPT_PATH} ARG...`.
-The line form `%ipfs_execute ROOTFS INPUT -- ARG...` runs `/sbin/init ARG...` without a script.
+The cell is written into the input tree at /input/{SCRIPT_PATH} (a reserved name:
+an input that already has it is refused) and run as
+`/sbin/init INTERPRETER /input/{SCRIPT_PATH} ARG...`.
+The line form `%ipfs_execute ROOTFS [INPUT] -- ARG...` runs `/sbin/init ARG...` without a
+script, like the ipfs-execute command.
 
 `$name` and `{{expr}}` in the line are expanded by IPython (never in the cell body). A result
 stands for its output CID: `{{counts}}/sub/file` or `{{counts / "sub/file"}}` is a sub path.
