@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .lineage import LineageNode
     from .result import IpfsRef, RunResult
     from .runner import Runner
     from .settings import Settings
+    from .verify import Verdict
 
 _runner: Runner | None = None
 _runner_lock = threading.Lock()
@@ -57,14 +59,15 @@ def default_runner() -> Runner:
 
 def run(rootfs: str, input: str | None = None, *args: str, script: str | None = None,
         interpreter: str = "sh", timeout: float | None = None,
-        memory: int | None = None, pids: int | None = None,
+        memory: int | None = None, pids: int | None = None, use_cache: bool = True,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None) -> RunResult:
     """Run `/sbin/init ARGS...` of ROOTFS on INPUT (a CID, IPFS path, or a previous result).
 
     With `script`, the text is written into the input tree and run as
     `/sbin/init INTERPRETER /input/.ipfs-execute/script ARGS...`. The result's `str()` is the
-    output CID; `.record` has everything else.
+    output CID; `.record` has everything else. An identical earlier run is not repeated:
+    its recorded result comes back with `.cache_hit` set (`use_cache=False` runs anyway).
     """
     from dataclasses import replace
 
@@ -79,7 +82,24 @@ def run(rootfs: str, input: str | None = None, *args: str, script: str | None = 
     request = RunRequest(rootfs=str(rootfs), input=str(input) if input is not None else None,
                          args=tuple(str(a) for a in args), limits=limits, script=script,
                          interpreter=interpreter)
-    return runner.execute(request, on_stdout=on_stdout, on_stderr=on_stderr)
+    return runner.execute(request, on_stdout=on_stdout, on_stderr=on_stderr,
+                          use_cache=use_cache)
+
+
+def verify(target: object, runs: int = 1) -> Verdict:
+    """Re-run a recorded run (a RunResult, a record CID or an output CID) and compare outputs."""
+    from .verify import verify as verify_stored
+
+    runner = default_runner()
+    record_cid = getattr(target, "record_cid", None) or str(target)
+    return verify_stored(runner, runner.results.find(record_cid), runs=runs)
+
+
+def lineage(target: object) -> LineageNode:
+    """How a result came to be: the recorded runs behind it, back to data added by hand."""
+    from .lineage import lineage as lineage_of
+
+    return lineage_of(default_runner().results, str(target))
 
 
 def add(path: str | Path) -> IpfsRef:
@@ -106,5 +126,5 @@ def load_ipython_extension(ipython: Any) -> None:
     load(ipython)
 
 
-__all__ = ["__version__", "add", "configure", "default_runner", "load_ipython_extension",
-           "mkdir", "run"]
+__all__ = ["__version__", "add", "configure", "default_runner", "lineage",
+           "load_ipython_extension", "mkdir", "run", "verify"]

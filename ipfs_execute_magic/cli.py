@@ -8,6 +8,7 @@ on stdout; the payload's stdout and stderr go to stderr.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,14 +33,23 @@ exit status:
   {EXIT_TIMEOUT}       the payload ran past --timeout and was killed (output still added)
   {EXIT_TOOL_FAILURE}       the tool itself failed: IPFS, staging or sandbox set-up
 
-other commands:
-  ipfs-execute add PATH...            add files or directories, print their CIDs
-  ipfs-execute node status|start|stop the embedded IPFS node (repo path and API address)
+result cache:
+  A successful run is recorded in IPFS; an identical run (same rootfs, input, arguments)
+  returns the recorded output without running (a line on stderr says so).
+
+other commands (each has --help):
+  ipfs-execute add PATH...              add files or directories, print their CIDs
+  ipfs-execute verify RECORD [--runs N] re-run a recorded run and compare outputs
+  ipfs-execute verify NOTEBOOK.ipynb    re-run every recorded run in an executed notebook
+  ipfs-execute lineage CID              the runs that produced CID, back to the data
+  ipfs-execute cache export|import CID|list   share the result cache as one CID
+  ipfs-execute node status|start|stop   the embedded IPFS node (repo path and API address)
 
 environment:
   IPFS_EXECUTE_API      use this Kubo RPC API (multiaddr) instead of the embedded node
   IPFS_EXECUTE_HOME     data directory (embedded node repo, staging cache)
   IPFS_EXECUTE_TIMEOUT  default --timeout
+  IPFS_EXECUTE_ONLINE   1: the embedded node joins the network (to share with other nodes)
 
 example:
   ipfs-execute $BUSYBOX $EMPTY sh -c 'echo blabla > /output/test'
@@ -48,7 +58,7 @@ example:
 # Options that take a value: needed to find where ROOTFS starts without guessing.
 _VALUE_OPTIONS = {"--timeout", "--api", "--home", "--memory", "--pids", "--tmp-size",
                   "--fetch-timeout"}
-_SUBCOMMANDS = {"add", "node"}
+_SUBCOMMANDS = {"add", "node", "verify", "cache", "lineage"}
 
 
 def _size(text: str) -> int:
@@ -98,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fetch-timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="how long to wait for a CID to be retrievable (default 60)")
     parser.add_argument("--json", action="store_true",
-                        help="print the run's record as JSON instead of the output CID")
+                        help="print the run's record (and its CID) as JSON instead of the "
+                             "output CID")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="run even when an identical run is recorded (a different output "
+                             "is reported)")
     parser.add_argument("--version", action="version", version=_version_text())
     return parser
 
@@ -178,7 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              interactive=sys.stdin.isatty())
         runner = Runner(settings)
         try:
-            record = runner.run(request, on_stdout=_write_through, on_stderr=_write_through)
+            outcome = runner.run(request, on_stdout=_write_through, on_stderr=_write_through,
+                                 use_cache=not options.no_cache)
+            record = outcome.record
+            if outcome.cache_hit:
+                # Replay what the original run printed, then say nothing ran.
+                for cid in (record.stdout, record.stderr):
+                    if cid:
+                        _write_through(runner.store.cat(cid))
+                print(f"ipfs-execute: cache hit: the recorded result of an identical run on "
+                      f"{record.started_at} (record {outcome.record_cid}); nothing was run "
+                      "(--no-cache runs it again)", file=sys.stderr)
         finally:
             runner.close()
     except IpfsExecuteError as error:
@@ -187,7 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ipfs-execute: interrupted; the sandbox was stopped", file=sys.stderr)
         return 130
 
-    print(record.to_json() if options.json else record.output, flush=True)
+    if outcome.disagreement:
+        print(f"ipfs-execute: warning: {outcome.disagreement}", file=sys.stderr)
+    if options.json:
+        document = json.loads(record.to_json())
+        document.update(record_cid=outcome.record_cid, cache_hit=outcome.cache_hit)
+        print(json.dumps(document, indent=2, sort_keys=True), flush=True)
+    else:
+        print(record.output, flush=True)
     if record.timed_out:
         print(f"ipfs-execute: the payload ran past {request.limits.timeout:g} s and was killed; "
               f"its partial output is {record.output}", file=sys.stderr)
@@ -204,9 +235,9 @@ def _subcommand(name: str, option_words: list[str], words: list[str]) -> int:
         if unknown:
             raise UsageError(f"unknown option(s) before {name}: {' '.join(unknown)}")
         settings = Settings.from_env(api=options.api, home=options.home)
-        if name == "add":
-            return _add(settings, words)
-        return _node(settings, words)
+        handlers = {"add": _add, "node": _node, "verify": _verify, "cache": _cache,
+                    "lineage": _lineage}
+        return handlers[name](settings, words)
     except IpfsExecuteError as error:
         return _fail(error)
 
@@ -254,6 +285,100 @@ def _node(settings: Settings, words: list[str]) -> int:
         print("stopped" if node.stop() else "was not running")
     else:
         print(node.status().describe())
+    return 0
+
+
+def _verify(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute verify",
+        description="Re-run recorded runs without the cache and compare their outputs. TARGET "
+                    "is a run record CID, the output CID of a recorded run, or an executed "
+                    "notebook (.ipynb): every run recorded in it is checked. Exit status 0 "
+                    "when everything reproduced, 1 when something did not.")
+    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="runs per record, under varied conditions: another staging "
+                             "location, shuffled directory order, another start time")
+    try:
+        options = parser.parse_args(words)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else EXIT_USAGE
+    from .runner import Runner
+    from .verify import records_in_notebook, verify
+
+    runner = Runner(settings)
+    try:
+        if options.target.endswith(".ipynb"):
+            targets = [(f"cell {index}", cid)
+                       for index, cid in records_in_notebook(Path(options.target))]
+            if not targets:
+                raise UsageError(f"{options.target}: no recorded runs in it (was it executed "
+                                 "and saved?)")
+        else:
+            targets = [("", options.target)]
+        all_good = True
+        for label, target in targets:
+            stored = runner.results.find(target)
+            verdict = verify(runner, stored, runs=options.runs)
+            text = verdict.describe()
+            print(f"{label}: {text}" if label else text, flush=True)
+            all_good = all_good and verdict.reproducible
+        return 0 if all_good else 1
+    finally:
+        runner.close()
+
+
+def _cache(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute cache",
+        description="The result cache lives in the IPFS node (MFS /ipfs-execute/cache). "
+                    "`export` prints one CID holding every cached record: give it to someone "
+                    "whose node can reach yours; `import CID` merges such an export (each "
+                    "record is checked against its key); `list` shows the cached runs.")
+    parser.add_argument("action", choices=["export", "import", "list"])
+    parser.add_argument("cid", nargs="?", metavar="CID")
+    try:
+        options = parser.parse_args(words)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else EXIT_USAGE
+    from .result_cache import ResultCache
+    from .store import Store
+
+    with Store.connect(settings) as store:
+        cache = ResultCache(store)
+        if options.action == "export":
+            print(cache.export())
+        elif options.action == "import":
+            if not options.cid:
+                raise UsageError("cache import needs the CID of an export")
+            report = cache.import_(options.cid)
+            print(f"imported {report.added} cached runs ({report.already_present} already "
+                  f"here, {len(report.rejected)} rejected)")
+        else:
+            for key in cache.entries():
+                stored = cache.lookup(key)
+                if stored:
+                    record = stored.record
+                    print(f"{record.started_at}  {record.output}  {' '.join(record.args)[:60]}")
+    return 0
+
+
+def _lineage(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute lineage",
+        description="Show how CID came to be: the recorded run that produced it, the runs that "
+                    "produced that run's input and rootfs, back to data added by hand.")
+    parser.add_argument("cid", metavar="CID")
+    try:
+        options = parser.parse_args(words)
+    except SystemExit as exit_:
+        return 0 if exit_.code == 0 else EXIT_USAGE
+    from .lineage import lineage
+    from .result_cache import ResultCache
+    from .store import Store
+
+    with Store.connect(settings) as store:
+        print(lineage(ResultCache(store), options.cid).to_text())
     return 0
 
 

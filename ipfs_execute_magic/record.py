@@ -1,14 +1,24 @@
-"""What a run was asked to do (RunRequest) and what it did (RunRecord), as versioned JSON."""
+"""What a run was asked to do (RunRequest) and what it did (RunRecord), as versioned JSON.
+
+A record is stored in IPFS as a small human-readable JSON file (`ipfs cat RECORD`): everything
+that determined the output (rootfs, input with the script, argv, environment, the sandbox
+profile), what came out (output, exit status, stdout and stderr as CIDs), and what could explain
+a difference between two runs (versions, kernel, limits and determinism measures applied).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .settings import Limits
 
 RECORD_FORMAT = "ipfs-execute/run-record/1"
+# Bumped whenever the meaning of a cache key changes, so old entries stop matching.
+CACHE_KEY_FORMAT = "ipfs-execute/cache-key/1"
 
 # Where a script given with the request lands in the input tree. Reserved: an input that already
 # has this name is refused rather than silently shadowed.
@@ -24,7 +34,7 @@ class RunRequest:
     input: str | None = None  # None: an empty directory
     args: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
-    interactive: bool = False  # pass a terminal's stdin through (never for cached runs)
+    interactive: bool = False  # pass a terminal's stdin through (such a run is never cached)
     # A script written into the input tree at SCRIPT_PATH and run as
     # `/sbin/init INTERPRETER /input/SCRIPT_PATH ARGS...` (the notebook cell body).
     script: str | None = None
@@ -34,6 +44,22 @@ class RunRequest:
         if self.script is not None:
             return ("/sbin/init", *self.interpreter.split(), f"/input/{SCRIPT_PATH}", *self.args)
         return ("/sbin/init", *self.args)
+
+
+def cache_key(*, rootfs: str, input: str, argv: tuple[str, ...], env: Mapping[str, str],
+              sandbox: Mapping[str, Any]) -> str:
+    """A hash over everything that determines a run's output, and nothing else.
+
+    Not in it: timeouts and resource limits (a run that succeeded within them gives the same
+    output under others), host paths, times. In it: the content (rootfs and input CIDs, the
+    input including the script), the exact argv, the environment and the sandbox profile the
+    payload sees (hostname, ids, umask, mount layout, /tmp size).
+    """
+    material = {"format": CACHE_KEY_FORMAT, "rootfs": rootfs, "input": input,
+                "argv": list(argv), "env": dict(sorted(env.items())),
+                "sandbox": dict(sorted(sandbox.items()))}
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -54,11 +80,25 @@ class RunRecord:
     staged_from_cache: dict[str, bool]
     given_input: str | None = None  # the input before the script was added
     script: str | None = None  # CID of the script file
+    rootfs_path: str | None = None  # the rootfs as given, resolved to /ipfs/ROOT[/sub] (lineage)
+    input_path: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    sandbox: dict[str, Any] = field(default_factory=dict)  # the profile the payload saw
+    determinism: dict[str, str] = field(default_factory=dict)  # sources fixed, and how
+    key: str | None = None  # result-cache key
+    stdout: str | None = None  # CID of what the payload printed (its last MiB)
+    stderr: str | None = None
+    output_truncated: bool = False  # stdout/stderr longer than what was kept
+    pure: bool = True  # False when the payload could see the outside (an interactive stdin)
     format: str = RECORD_FORMAT
 
     @property
     def succeeded(self) -> bool:
         return self.exit_status == 0 and not self.timed_out
+
+    @property
+    def cacheable(self) -> bool:
+        return self.succeeded and self.pure and self.output is not None and self.key is not None
 
     def to_json(self, indent: int | None = 2) -> str:
         data = asdict(self)
@@ -66,7 +106,16 @@ class RunRecord:
         return json.dumps(data, indent=indent, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> RunRecord:
+    def from_json(cls, text: str | bytes) -> RunRecord:
         data = json.loads(text)
-        data["args"] = tuple(data["args"])
-        return cls(**data)
+        if not isinstance(data, dict) or not str(data.get("format", "")).startswith(
+                "ipfs-execute/run-record/"):
+            raise ValueError("not an ipfs-execute run record")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["args"] = tuple(values.get("args", ()))
+        return cls(**values)
+
+    def recomputed_key(self) -> str:
+        return cache_key(rootfs=self.rootfs, input=self.input, argv=("/sbin/init", *self.args),
+                         env=self.env, sandbox=self.sandbox)

@@ -73,6 +73,9 @@ class RunResult:
     stdout: bytes = b""
     stderr: bytes = b""
     store: Store | None = field(default=None, repr=False, compare=False)
+    record_cid: str | None = None  # the run record in IPFS (`ipfs cat` it)
+    cache_hit: bool = False  # True: nothing ran, this is the recorded result of an earlier run
+    disagreement: str | None = None  # a forced re-run gave another output than the cache had
     _listing: list[FileEntry] | None = field(default=None, repr=False, compare=False)
 
     # -- the CIDs --------------------------------------------------------------------------

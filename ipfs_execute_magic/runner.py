@@ -1,39 +1,65 @@
-"""run(request) -> record: resolve, stage, run in the sandbox, add /output, record.
+"""run(request) -> outcome: resolve, look up the cache, stage, run, add /output, record.
 
 The one function every front end calls: the CLI, the Python API and the notebook magic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import hashlib
 import platform
 import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from . import __version__, sandbox
+from . import __version__, sandbox, staging
 from .cache import ContentCache, remove_tree
 from .errors import IpfsError, OutputNotSavedError, UsageError
-from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest
-from .result import RunResult, StreamTail
+from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest, cache_key
+from .result import TAIL_BYTES, RunResult, StreamTail
+from .result_cache import ResultCache
 from .settings import Settings
 from .staging import EMPTY_DIRECTORY_CID, ProgressCallback, Stager
 from .store import IpfsPath, Store
 
 OutputCallback = Callable[[bytes], None]
 
+# Bumped when what the payload sees of the sandbox changes (mounts, ids, ...).
+SANDBOX_LAYOUT = "rootfs:ro input:ro output:rw tmp:tmpfs proc dev/1"
+
+
+def sandbox_profile(request: RunRequest) -> dict[str, Any]:
+    """What the payload sees of the sandbox, beyond its files: part of the cache key."""
+    return {"layout": SANDBOX_LAYOUT, "hostname": sandbox.HOSTNAME, "uid": 0, "gid": 0,
+            "umask": f"{sandbox.SANDBOX_UMASK:03o}", "cwd": "/",
+            "tmp_bytes": request.limits.tmp_bytes}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    record: RunRecord
+    record_cid: str | None  # None only when the record could not be stored
+    cache_hit: bool = False
+    # Set when a forced run (use_cache=False) gave another output than the cached one.
+    disagreement: str | None = None
+
 
 class Runner:
-    """Holds what is worth keeping between runs: the store connection and the cache."""
+    """Holds what is worth keeping between runs: the store connection and the caches."""
 
     def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._store = store
         self.cache = ContentCache(self.settings.cache_dir)
+        self._results: ResultCache | None = None
         self._sandbox_checked = False
+        # (input, script hash) -> input with the script: composing costs several RPCs.
+        self._scripted_inputs: dict[tuple[str, str], tuple[str, str]] = {}
 
     @property
     def store(self) -> Store:
@@ -41,27 +67,31 @@ class Runner:
             self._store = Store.connect(self.settings)
         return self._store
 
+    @property
+    def results(self) -> ResultCache:
+        if self._results is None:
+            self._results = ResultCache(self.store)
+        return self._results
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
+            self._results = None
 
-    def resolve_input(self, text: str | None) -> str:
-        if text is None or text == "":
-            return EMPTY_DIRECTORY_CID
-        return self.store.resolve(IpfsPath.parse(text))
+    # -- the run ---------------------------------------------------------------------------
 
     def run(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
             on_stderr: OutputCallback | None = None,
-            on_progress: ProgressCallback | None = None) -> RunRecord:
-        started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+            on_progress: ProgressCallback | None = None,
+            use_cache: bool = True, shuffle_directories: bool = False) -> RunOutcome:
+        """Run a request, or return the recorded result of an identical earlier run.
+
+        `use_cache=False` runs anyway (and reports a disagreement with the cache);
+        `shuffle_directories` shows the payload its rootfs and input through a view that
+        lists directories in random order (the verifier uses it to expose order dependence).
+        """
         t0 = time.monotonic()
-        durations: dict[str, float] = {}
-
-        if not self._sandbox_checked:
-            sandbox.check_available()
-            self._sandbox_checked = True
-
         rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
         input_path = IpfsPath.parse(request.input) if request.input else None
         rootfs_cid = self.store.resolve(rootfs_path)
@@ -69,7 +99,44 @@ class Runner:
         input_cid, script_cid = given_input, None
         if request.script is not None:
             input_cid, script_cid = self.add_script(given_input, request.script)
-        durations["resolve"] = time.monotonic() - t0
+        argv = request.argv()
+        key = cache_key(rootfs=rootfs_cid, input=input_cid, argv=argv, env=sandbox.DEFAULT_ENV,
+                        sandbox=sandbox_profile(request))
+        resolve_s = time.monotonic() - t0
+
+        cached = self.results.lookup(key) if not request.interactive else None
+        if cached is not None and use_cache:
+            return RunOutcome(cached.record, cached.cid, cache_hit=True)
+
+        record = self._execute(
+            request, argv=argv, key=key, rootfs_cid=rootfs_cid, input_cid=input_cid,
+            given_input=given_input if script_cid else None, script_cid=script_cid,
+            rootfs_path=_lineage_path(rootfs_path, rootfs_cid),
+            input_path=_lineage_path(input_path, given_input) if input_path else None,
+            t0=t0, resolve_s=resolve_s, on_stdout=on_stdout, on_stderr=on_stderr,
+            on_progress=on_progress, shuffle_directories=shuffle_directories)
+        record_cid = self.results.save(record) if record.output else None
+        disagreement = None
+        if cached is not None and record.succeeded and cached.record.output != record.output:
+            disagreement = (f"this run's output {record.output} differs from the cached output "
+                            f"{cached.record.output} of the same computation (record "
+                            f"{cached.cid}, run {cached.record.started_at}): it is not "
+                            f"deterministic; `ipfs-execute verify {record_cid}` shows the "
+                            "differing files")
+        return RunOutcome(record, record_cid, cache_hit=False, disagreement=disagreement)
+
+    def _execute(self, request: RunRequest, *, argv: tuple[str, ...], key: str,
+                 rootfs_cid: str, input_cid: str, given_input: str | None,
+                 script_cid: str | None, rootfs_path: str, input_path: str | None, t0: float,
+                 resolve_s: float, on_stdout: OutputCallback | None,
+                 on_stderr: OutputCallback | None,
+                 on_progress: ProgressCallback | None,
+                 shuffle_directories: bool = False) -> RunRecord:
+        started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+        durations: dict[str, float] = {"resolve": resolve_s}
+        if not self._sandbox_checked:
+            sandbox.check_available()
+            self._sandbox_checked = True
 
         stager = Stager(self.store, self.cache, on_progress=on_progress)
         rootfs = stager.stage_rootfs(rootfs_cid)
@@ -77,23 +144,32 @@ class Runner:
         staged_input = stager.stage_input(input_cid)
         durations["stage_input"] = staged_input.seconds
 
+        stdout, stderr = _Capture(on_stdout), _Capture(on_stderr)
         run_dir = self._new_run_dir()
         output_dir = run_dir / "output"
         output_dir.mkdir(mode=0o755)
         keep_output = False
         try:
-            spec = sandbox.SandboxSpec(rootfs=rootfs.path, input_dir=staged_input.path,
-                                       output_dir=output_dir, argv=request.argv(),
-                                       limits=request.limits, interactive=request.interactive)
-            t_run = time.monotonic()
-            result = sandbox.run_sandbox(spec, on_stdout=on_stdout, on_stderr=on_stderr)
-            durations["sandbox"] = time.monotonic() - t_run
+            with contextlib.ExitStack() as views:
+                rootfs_dir, input_dir = rootfs.path, staged_input.path
+                if shuffle_directories:
+                    rootfs_dir = views.enter_context(staging.shuffled_view(rootfs_dir))
+                    input_dir = views.enter_context(staging.shuffled_view(input_dir))
+                spec = sandbox.SandboxSpec(rootfs=rootfs_dir, input_dir=input_dir,
+                                           output_dir=output_dir, argv=argv,
+                                           limits=request.limits,
+                                           interactive=request.interactive)
+                t_run = time.monotonic()
+                result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
+                durations["sandbox"] = time.monotonic() - t_run
 
             # From here on the output exists: it is kept on disk until it is safely in IPFS.
             keep_output = True
             t_add = time.monotonic()
             try:
                 output_cid = self.store.add_path(output_dir, pin=True)
+                stdout_cid = self.store.add_bytes(stdout.value(), name="stdout")
+                stderr_cid = self.store.add_bytes(stderr.value(), name="stderr")
             except IpfsError as error:
                 kept = self._keep(output_dir)
                 raise OutputNotSavedError(f"the run finished (exit status {result.exit_status}) "
@@ -107,30 +183,55 @@ class Runner:
         durations["total"] = time.monotonic() - t0
 
         return RunRecord(
-            rootfs=rootfs_cid, input=input_cid, output=output_cid, args=request.argv()[1:],
+            rootfs=rootfs_cid, input=input_cid, output=output_cid, args=argv[1:],
             exit_status=result.exit_status, timed_out=result.timed_out, started_at=started_at,
             durations={k: round(v, 6) for k, v in durations.items()},
             limits=asdict(request.limits), limits_enforced=dict(result.limits_enforced),
             versions=self.versions(),
             staged_from_cache={"rootfs": rootfs.was_cached, "input": staged_input.was_cached},
-            given_input=given_input if script_cid else None, script=script_cid,
+            given_input=given_input, script=script_cid, rootfs_path=rootfs_path,
+            input_path=input_path, env=dict(spec.env), sandbox=sandbox_profile(request),
+            determinism=dict(getattr(result, "determinism", {}) or {}), key=key,
+            stdout=stdout_cid, stderr=stderr_cid,
+            output_truncated=stdout.truncated or stderr.truncated,
+            pure=not request.interactive,
         )
+
+    def execute(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
+                on_stderr: OutputCallback | None = None,
+                on_progress: ProgressCallback | None = None,
+                use_cache: bool = True) -> RunResult:
+        """`run`, keeping what the payload printed, as a RunResult (the API's and magic's)."""
+        stdout, stderr = StreamTail(on_stdout), StreamTail(on_stderr)
+        outcome = self.run(request, on_stdout=stdout, on_stderr=stderr, on_progress=on_progress,
+                           use_cache=use_cache)
+        if outcome.cache_hit:
+            printed_out, printed_err = self._recorded_output(outcome.record)
+        else:
+            printed_out, printed_err = stdout.value(), stderr.value()
+        return RunResult(outcome.record, printed_out, printed_err, store=self.store,
+                         record_cid=outcome.record_cid, cache_hit=outcome.cache_hit,
+                         disagreement=outcome.disagreement)
+
+    def _recorded_output(self, record: RunRecord) -> tuple[bytes, bytes]:
+        out = self.store.cat(record.stdout) if record.stdout else b""
+        err = self.store.cat(record.stderr) if record.stderr else b""
+        return out, err
+
+    # -- helpers ---------------------------------------------------------------------------
 
     def add_script(self, input_cid: str, script: str) -> tuple[str, str]:
         """A new input: `input_cid` plus the script at SCRIPT_PATH. Returns (input, script) CIDs."""
+        memo_key = (input_cid, hashlib.sha256(script.encode()).hexdigest())
+        if memo_key in self._scripted_inputs:
+            return self._scripted_inputs[memo_key]
         if any(entry.name == SCRIPT_DIR for entry in self.store.ls(input_cid)):
             raise UsageError(f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
                              "reserved for the cell's script: rename it in your input")
         script_cid = self.store.add_bytes(script.encode(), name="script")
-        return self.store.compose({SCRIPT_PATH: script_cid}, base=input_cid), script_cid
-
-    def execute(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
-                on_stderr: OutputCallback | None = None,
-                on_progress: ProgressCallback | None = None) -> RunResult:
-        """`run`, keeping the tail of what the payload printed, as a RunResult."""
-        stdout, stderr = StreamTail(on_stdout), StreamTail(on_stderr)
-        record = self.run(request, on_stdout=stdout, on_stderr=stderr, on_progress=on_progress)
-        return RunResult(record, stdout.value(), stderr.value(), store=self.store)
+        composed = self.store.compose({SCRIPT_PATH: script_cid}, base=input_cid), script_cid
+        self._scripted_inputs[memo_key] = composed
+        return composed
 
     def versions(self) -> dict[str, str]:
         return {"ipfs-execute": __version__, "kubo": self.store.version(),
@@ -153,11 +254,37 @@ class Runner:
         return kept
 
 
-def run(request: RunRequest, settings: Settings | None = None, **callbacks: object) -> RunRecord:
+class _Capture(StreamTail):
+    """Forwards a stream and keeps its tail for the record; knows whether it cut anything."""
+
+    def __init__(self, forward: OutputCallback | None) -> None:
+        super().__init__(forward)
+        self.total = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        super().__call__(chunk)
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > TAIL_BYTES
+
+
+def _lineage_path(path: IpfsPath, resolved: str) -> str:
+    """An /ipfs/ path whose root is the CID the content came from (IPNS resolved)."""
+    if path.namespace == "ipfs":
+        return str(path)
+    return f"/ipfs/{resolved}"
+
+
+def run(request: RunRequest, settings: Settings | None = None,
+        **callbacks: Any) -> RunOutcome:
     """One run with a fresh Runner (the Python API keeps one Runner for speed instead)."""
     runner = Runner(settings)
     try:
-        return runner.run(request, **callbacks)  # type: ignore[arg-type]
+        return runner.run(request, **callbacks)
     finally:
         runner.close()
 
+
+__all__ = ["RunOutcome", "Runner", "run", "sandbox_profile"]

@@ -7,6 +7,7 @@
 | IPFS_EXECUTE_KUBO         | path of the `ipfs` binary for the embedded node           |
 | IPFS_EXECUTE_TIMEOUT      | default wall-clock timeout of a run, seconds              |
 | IPFS_EXECUTE_FETCH_TIMEOUT| how long to wait for a CID to be retrievable, seconds     |
+| IPFS_EXECUTE_ONLINE       | 1: the embedded node joins the network (sharing results)  |
 """
 
 from __future__ import annotations
@@ -114,5 +115,7 @@ class Settings:
         timeout = _env_float("IPFS_EXECUTE_TIMEOUT", None)
         if timeout is not None:
             values["limits"] = Limits(timeout=timeout)
+        if env.get("IPFS_EXECUTE_ONLINE", "").lower() in ("1", "true", "yes"):
+            values["online"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -296,7 +296,7 @@ class Store:
         return cid
 
     def stat(self, cid: str) -> Stat:
-        answer = self._call("/files/stat", f"/ipfs/{cid}", timeout=self.fetch_timeout, what=cid)
+        answer = self._call("/files/stat", _as_path(cid), timeout=self.fetch_timeout, what=cid)
         kind = str(answer.get("Type", "file"))
         size = int(answer.get("Size") or 0) if kind == "file" else int(
             answer.get("CumulativeSize") or 0)
@@ -304,7 +304,7 @@ class Store:
 
     def cat_stream(self, cid: str) -> BinaryIO:
         """A file's bytes, streamed (never held in memory whole)."""
-        chunks = self._call("/cat", f"/ipfs/{cid}", decoder="none", stream=True,
+        chunks = self._call("/cat", _as_path(cid), decoder="none", stream=True,
                             timeout=self.fetch_timeout, what=cid)
         return io.BufferedReader(_IteratorReader(chunks, close=chunks.close),  # type: ignore[arg-type]
                                  buffer_size=1024 * 1024)
@@ -315,13 +315,13 @@ class Store:
 
     def tar_stream(self, cid: str) -> BinaryIO:
         """The raw tar stream of `get` (top member named after the CID), for safe extraction."""
-        chunks = self._call("/get", f"/ipfs/{cid}", decoder="none", stream=True,
+        chunks = self._call("/get", _as_path(cid), decoder="none", stream=True,
                             timeout=self.fetch_timeout, what=cid)
         return io.BufferedReader(_IteratorReader(chunks, close=chunks.close),  # type: ignore[arg-type]
                                  buffer_size=1024 * 1024)
 
     def ls(self, cid: str) -> list[Entry]:
-        answer = self._call("/ls", f"/ipfs/{cid}", opts={"resolve-type": "true", "size": "true"},
+        answer = self._call("/ls", _as_path(cid), opts={"resolve-type": "true", "size": "true"},
                             timeout=self.fetch_timeout, what=cid)
         objects = answer.get("Objects") or [{}]
         kinds = {0: "file", 1: "directory", 2: "file", 4: "symlink", 5: "symlink"}
@@ -410,6 +410,59 @@ class Store:
                            what="compose clean-up")
             except IpfsError:
                 pass
+
+
+    # -- MFS: the node's own mutable file system, where the result cache's index lives --------
+
+    def mfs_read(self, path: str) -> bytes | None:
+        """A small file from MFS, or None when there is nothing at `path`."""
+        try:
+            return self._call("/files/read", path, decoder="none", what=path)
+        except NotRetrievableError:
+            return None
+        except IpfsError as error:
+            if "does not exist" in str(error) or "not exist" in str(error):
+                return None
+            raise
+
+    def mfs_link(self, path: str, cid: str) -> None:
+        """Make MFS `path` point at `cid` (parents created, an old entry replaced)."""
+        self._call("/files/cp", f"/ipfs/{cid}", path, opts={"parents": "true", "force": "true"},
+                   timeout=self.fetch_timeout, what=f"link {path} to {cid}")
+
+    def mfs_hash(self, path: str) -> str | None:
+        try:
+            return str(self._call("/files/stat", path, opts={"hash": "true"}, what=path)["Hash"])
+        except IpfsError as error:
+            if "does not exist" in str(error) or "not exist" in str(error) or isinstance(
+                    error, NotRetrievableError):
+                return None
+            raise
+
+    def mfs_ls(self, path: str) -> list[str]:
+        try:
+            answer = self._call("/files/ls", path, what=path)
+        except IpfsError as error:
+            if "does not exist" in str(error) or isinstance(error, NotRetrievableError):
+                return []
+            raise
+        return [str(entry["Name"]) for entry in answer.get("Entries") or []]
+
+    # -- peers -----------------------------------------------------------------------------
+
+    def peer_addresses(self) -> list[str]:
+        """This node's swarm addresses with its peer ID, for another node to connect to."""
+        answer = self._call("/id", what="node identity")
+        peer = str(answer["ID"])
+        return [a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in answer.get("Addresses") or []]
+
+    def swarm_connect(self, address: str) -> None:
+        self._call("/swarm/connect", address, timeout=self.fetch_timeout, what=f"connect {address}")
+
+
+def _as_path(text: str) -> str:
+    """`CID`, `CID/sub` or `/ipfs/CID/sub` as an /ipfs/ path for the RPC API."""
+    return str(IpfsPath.parse(text))
 
 
 # -- multipart body for /add -----------------------------------------------------------------

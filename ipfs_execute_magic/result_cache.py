@@ -1,0 +1,143 @@
+"""The result cache: run records and their index, kept in the IPFS node itself.
+
+Layout in the node's MFS (it survives daemon restarts, and `ipfs files ls /ipfs-execute` shows
+it with the Kubo CLI):
+
+    /ipfs-execute/cache/KEY        -> the record of a successful, pure run with that cache key
+    /ipfs-execute/outputs/CID      -> the record of the run that produced output CID (lineage)
+
+Records are small JSON files (UnixFS), so `ipfs cat RECORD` prints one. Sharing a cache is
+sharing the CID of `/ipfs-execute/cache`: `export()` gives it, `import_()` merges someone
+else's, checking that every entry's key really is the hash of its record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InvalidPathError, IpfsError, UsageError
+from .record import RunRecord
+from .store import Store, is_cid
+
+INDEX_ROOT = "/ipfs-execute"
+CACHE_DIR = f"{INDEX_ROOT}/cache"
+OUTPUTS_DIR = f"{INDEX_ROOT}/outputs"
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    record: RunRecord
+    cid: str
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    added: int
+    already_present: int
+    rejected: tuple[str, ...]  # entry names that were not valid records for their key
+
+
+class ResultCache:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # Records are immutable: a key seen once in this process needs no second RPC.
+        self._memo: dict[str, StoredRecord] = {}
+
+    # -- records ---------------------------------------------------------------------------
+
+    def save(self, record: RunRecord) -> str:
+        """Store a record; index it by output (always) and by key (when cacheable)."""
+        cid = self.store.add_bytes(record.to_json().encode(), name="record.json", pin=True)
+        if record.output:
+            self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", cid)
+        if record.cacheable and record.key:
+            self.store.mfs_link(f"{CACHE_DIR}/{record.key}", cid)
+            self._memo[record.key] = StoredRecord(record, cid)
+        return cid
+
+    def load(self, record_cid: str) -> RunRecord:
+        try:
+            return RunRecord.from_json(self.store.cat(record_cid))
+        except (ValueError, TypeError, UnicodeDecodeError):
+            raise UsageError(f"{record_cid} is not an ipfs-execute run record") from None
+
+    def lookup(self, key: str) -> StoredRecord | None:
+        """The record cached under `key`, or None."""
+        memo = self._memo.get(key)
+        if memo is not None:
+            return memo
+        data = self.store.mfs_read(f"{CACHE_DIR}/{key}")
+        if data is None:
+            return None
+        record = RunRecord.from_json(data)
+        cid = self.store.mfs_hash(f"{CACHE_DIR}/{key}") or ""
+        stored = StoredRecord(record, cid)
+        self._memo[key] = stored
+        return stored
+
+    def record_for_output(self, output_cid: str) -> StoredRecord | None:
+        data = self.store.mfs_read(f"{OUTPUTS_DIR}/{output_cid}")
+        if data is None:
+            return None
+        cid = self.store.mfs_hash(f"{OUTPUTS_DIR}/{output_cid}") or ""
+        return StoredRecord(RunRecord.from_json(data), cid)
+
+    def find(self, cid_or_path: str) -> StoredRecord:
+        """A record given its own CID, or the CID of the output it produced."""
+        if not is_cid(cid_or_path.removeprefix("/ipfs/").split("/")[0]):
+            raise InvalidPathError(f"{cid_or_path!r} is not a CID")
+        cid = self.store.resolve(cid_or_path)
+        by_output = self.record_for_output(cid)
+        if by_output is not None:
+            return by_output
+        try:
+            return StoredRecord(RunRecord.from_json(self.store.cat(cid)), cid)
+        except (ValueError, TypeError, UnicodeDecodeError, IpfsError):
+            raise UsageError(f"{cid} is neither a run record nor the output of a run recorded "
+                             "on this node (import the cache it came from, or give the record "
+                             "CID)") from None
+
+    def forget(self, key: str) -> None:
+        self._memo.pop(key, None)
+
+    # -- sharing ---------------------------------------------------------------------------
+
+    def entries(self) -> list[str]:
+        return [name for name in self.store.mfs_ls(CACHE_DIR) if _KEY.match(name)]
+
+    def export(self) -> str:
+        """The CID of the whole cache index (pinned), to give to someone else."""
+        cid = self.store.mfs_hash(CACHE_DIR)
+        if cid is None:
+            cid = self.store.empty_directory()
+        self.store.pin(cid)
+        return cid
+
+    def import_(self, exported: str) -> ImportReport:
+        """Merge an exported cache. Each record is checked against its key before use."""
+        root = self.store.resolve(exported)
+        present = set(self.entries())
+        added = already = 0
+        rejected: list[str] = []
+        for entry in self.store.ls(root):
+            if not _KEY.match(entry.name) or entry.kind != "file":
+                rejected.append(entry.name)
+                continue
+            if entry.name in present:
+                already += 1
+                continue
+            try:
+                record = RunRecord.from_json(self.store.cat(entry.cid))
+            except (ValueError, TypeError, UnicodeDecodeError):
+                rejected.append(entry.name)
+                continue
+            if record.recomputed_key() != entry.name or not record.cacheable:
+                rejected.append(entry.name)
+                continue
+            self.store.mfs_link(f"{CACHE_DIR}/{entry.name}", entry.cid)
+            if record.output:
+                self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", entry.cid)
+            added += 1
+        return ImportReport(added, already, tuple(rejected))
