@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,7 +165,19 @@ def _fail(error: IpfsExecuteError) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except IpfsExecuteError as error:
+        return _fail(error)
+    except Exception as error:  # a bug: one line; the traceback only when asked for
+        if os.environ.get("IPFS_EXECUTE_DEBUG"):
+            raise
+        print(f"ipfs-execute: internal error: {type(error).__name__}: {error} "
+              "(IPFS_EXECUTE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_TOOL_FAILURE
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     option_words, rest = split_leading_options(argv)
     if "-h" in option_words or "--help" in option_words or (not rest and not option_words):
@@ -199,7 +212,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # Replay what the original run printed, then say nothing ran.
                 for cid in (record.stdout, record.stderr):
                     if cid:
-                        _write_through(runner.store.cat(cid))
+                        try:
+                            _write_through(runner.store.cat(cid))
+                        except IpfsExecuteError as error:
+                            print(f"ipfs-execute: could not replay the recorded output: {error}",
+                                  file=sys.stderr)
                 print(f"ipfs-execute: cache hit: the recorded result of an identical run on "
                       f"{record.started_at} (record {outcome.record_cid}); nothing was run "
                       "(--no-cache runs it again)", file=sys.stderr)

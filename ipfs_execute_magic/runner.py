@@ -214,9 +214,14 @@ class Runner:
                          disagreement=outcome.disagreement)
 
     def _recorded_output(self, record: RunRecord) -> tuple[bytes, bytes]:
-        out = self.store.cat(record.stdout) if record.stdout else b""
-        err = self.store.cat(record.stderr) if record.stderr else b""
-        return out, err
+        """What the recorded run printed; empty when it cannot be fetched (a hit stays a hit)."""
+        printed = []
+        for cid in (record.stdout, record.stderr):
+            try:
+                printed.append(self.store.cat(cid) if cid else b"")
+            except IpfsError:
+                printed.append(b"")
+        return printed[0], printed[1]
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ IMPORT_OPTIONS: Mapping[str, str] = {
     "preserve-mtime": "false",
 }
 UPLOAD_CHUNK = 256 * 1024
+EMPTY_FILE_CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"  # raw, 0 bytes
 
 _BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _CIDV0 = re.compile(rf"^Qm[{_BASE58}]{{44}}$")
@@ -310,6 +311,9 @@ class Store:
                                  buffer_size=1024 * 1024)
 
     def cat(self, cid_or_path: str) -> bytes:
+        if cid_or_path.removeprefix("/ipfs/") == EMPTY_FILE_CID:
+            # Nothing to fetch; and peers do not reliably serve the empty block over bitswap.
+            return b""
         with self.cat_stream(cid_or_path) as stream:
             return stream.read()
 

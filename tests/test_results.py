@@ -1,0 +1,250 @@
+"""Run records, the result cache, sharing it between nodes, verification and lineage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import BIN, cli_env, ipfs_execute, world_traversable_tmpdir
+
+from ipfs_execute_magic.record import RunRecord, RunRequest, cache_key
+from ipfs_execute_magic.runner import Runner
+from ipfs_execute_magic.settings import Limits, Settings
+
+
+@pytest.fixture(scope="module")
+def runner(settings) -> Runner:
+    active = Runner(settings)
+    yield active
+    active.close()
+
+
+def unique(text: str) -> str:
+    """A payload that no other test runs, so the cache starts cold for it."""
+    return f"{text} # {time.monotonic_ns()}"
+
+
+def test_record_is_readable_json_in_ipfs(runner: Runner, busybox_cid: str, store) -> None:
+    script = unique("echo hello; echo oops >&2; echo data > /output/f")
+    result = runner.execute(RunRequest(rootfs=busybox_cid, args=("sh", "-c", script)))
+    assert result.record_cid and not result.cache_hit
+    document = json.loads(store.cat(result.record_cid))
+    assert document["output"] == str(result) and document["rootfs"] == busybox_cid
+    assert document["args"] == ["sh", "-c", script]
+    assert document["exit_status"] == 0
+    assert store.cat(document["stdout"]) == b"hello\n"
+    assert store.cat(document["stderr"]) == b"oops\n"
+    assert document["env"]["PATH"].startswith("/usr/local/sbin")
+    assert set(document["versions"]) >= {"ipfs-execute", "bwrap", "kubo", "kernel", "machine"}
+    assert "timeout" in document["limits_enforced"]
+    assert document["key"] == RunRecord.from_json(store.cat(result.record_cid)).recomputed_key()
+
+
+def test_identical_run_is_a_hit_through_the_api(runner: Runner, busybox_cid: str) -> None:
+    request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique("echo once > /output/x; echo said")))
+    first = runner.execute(request)
+    again = runner.execute(request)
+    assert again.cache_hit and not first.cache_hit
+    assert str(again) == str(first) and again.record_cid == first.record_cid
+    assert again.stdout == b"said\n"  # replayed from the record
+    assert again.record.started_at == first.record.started_at
+
+
+def test_cli_hit_does_not_run_the_payload(home: Path, busybox_cid: str, empty_cid: str) -> None:
+    script = unique("sleep 3; echo slow > /output/s")
+    started = time.monotonic()
+    first = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", script)
+    first_s = time.monotonic() - started
+    started = time.monotonic()
+    second = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", script)
+    second_s = time.monotonic() - started
+    assert first.returncode == second.returncode == 0, second.stderr
+    assert first.stdout == second.stdout
+    assert first_s >= 3 and second_s < 2.5
+    assert "cache hit" in second.stderr and "cache hit" not in first.stderr
+    forced = ipfs_execute(home, "--no-cache", busybox_cid, empty_cid, "sh", "-c", script)
+    assert forced.returncode == 0 and "cache hit" not in forced.stderr
+    assert forced.stdout == first.stdout and "differs" not in forced.stderr
+
+
+def test_forced_run_that_disagrees_is_reported(home: Path, busybox_cid: str,
+                                               empty_cid: str) -> None:
+    script = unique("date +%s%N > /output/now")
+    first = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", script)
+    forced = ipfs_execute(home, "--no-cache", busybox_cid, empty_cid, "sh", "-c", script)
+    assert first.returncode == forced.returncode == 0
+    assert first.stdout != forced.stdout
+    assert "differs from the cached output" in forced.stderr
+    assert first.stdout.strip() in forced.stderr
+
+
+@pytest.mark.parametrize("payload, limits", [
+    ("exit 3", Limits()),
+    ("sleep 30", Limits(timeout=1)),
+])
+def test_failed_and_timed_out_runs_are_never_cached(runner: Runner, busybox_cid: str,
+                                                    payload: str, limits: Limits) -> None:
+    request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique(payload)), limits=limits)
+    first = runner.execute(request)
+    assert not first.ok
+    again = runner.execute(request)
+    assert not again.cache_hit
+
+
+def test_interactive_runs_are_impure_and_never_cached(runner: Runner, busybox_cid: str) -> None:
+    request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique("true")), interactive=True)
+    first = runner.execute(request)
+    assert first.ok and first.record.pure is False
+    assert not runner.execute(request).cache_hit
+
+
+def test_the_cache_survives_a_daemon_restart(busybox_tarball: Path) -> None:
+    home = world_traversable_tmpdir("iex-restart-")
+    settings = Settings(home=home)
+    first_runner = Runner(settings)
+    rootfs = first_runner.store.add_path(busybox_tarball)
+    request = RunRequest(rootfs=rootfs, args=("sh", "-c", "echo kept > /output/k"))
+    first = first_runner.execute(request)
+    first_runner.close()
+    from ipfs_execute_magic.node import EmbeddedNode
+
+    assert EmbeddedNode(settings).stop()
+    second_runner = Runner(settings)  # starts the node again
+    try:
+        again = second_runner.execute(request)
+        assert again.cache_hit and str(again) == str(first)
+    finally:
+        second_runner.close()
+        EmbeddedNode(settings).stop()
+
+
+def test_cache_key_covers_what_matters_and_nothing_else() -> None:
+    base = dict(rootfs="bafyroot", input="bafyinput", argv=("/sbin/init", "true"),
+                env={"PATH": "/bin"}, sandbox={"hostname": "sandbox"})
+    key = cache_key(**base)
+    assert cache_key(**base) == key
+    for change in ({"rootfs": "bafyother"}, {"input": "bafyother"},
+                   {"argv": ("/sbin/init", "false")}, {"env": {"PATH": "/usr/bin"}},
+                   {"sandbox": {"hostname": "other"}}):
+        assert cache_key(**{**base, **change}) != key
+    request = RunRequest(rootfs="x", limits=Limits(timeout=5))
+    longer = RunRequest(rootfs="x", limits=Limits(timeout=500))
+    from ipfs_execute_magic.runner import sandbox_profile
+
+    assert sandbox_profile(request) == sandbox_profile(longer)  # timeouts are not in the key
+
+
+def test_verify_reproducible_and_not(home: Path, busybox_cid: str, empty_cid: str,
+                                     store) -> None:
+    stable = ipfs_execute(home, "--json", busybox_cid, empty_cid, "sh", "-c",
+                          unique("mkdir /output/d; echo same > /output/d/f"))
+    record = json.loads(stable.stdout)["record_cid"]
+    verified = subprocess.run([str(BIN / "ipfs-execute"), "verify", record, "--runs", "3"],
+                              env=cli_env(home), capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "verdict: reproducible" in verified.stdout
+    assert "another staging location" in verified.stdout
+
+    noisy = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
+                         unique("echo fixed > /output/same; head -c 16 /dev/urandom > /output/rand;"
+                                " date +%s%N > /output/extra-$(date +%N)"))
+    output = noisy.stdout.strip()
+    checked = subprocess.run([str(BIN / "ipfs-execute"), "verify", output],  # by output CID
+                             env=cli_env(home), capture_output=True, text=True)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "NOT reproducible" in checked.stdout
+    assert "~ rand (16 -> 16 bytes)" in checked.stdout
+    assert "+ extra-" in checked.stdout and "- extra-" in checked.stdout
+    assert "same" not in checked.stdout.split("verdict")[0].split("re-run")[1]
+
+
+def test_verify_an_executed_notebook(home: Path, busybox_cid: str, empty_cid: str) -> None:
+    runs = [json.loads(ipfs_execute(home, "--json", busybox_cid, empty_cid, "sh", "-c",
+                                    unique(f"echo {n} > /output/n")).stdout)["record_cid"]
+            for n in range(2)]
+    notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
+        {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
+         "outputs": [{"output_type": "display_data", "data": {"text/plain": "result"},
+                      "metadata": {"ipfs_execute": {"record": runs[0]}}}]},
+        {"cell_type": "markdown", "source": "text", "metadata": {}},
+        {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 2,
+         "outputs": [{"output_type": "execute_result", "execution_count": 2, "metadata": {},
+                      "data": {"text/plain": f"exit 0, record: {runs[1]}"}}]},
+    ]}
+    path = world_traversable_tmpdir("iex-nb-") / "done.ipynb"
+    path.write_text(json.dumps(notebook))
+    checked = subprocess.run([str(BIN / "ipfs-execute"), "verify", str(path)],
+                             env=cli_env(home), capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"cell 0: record {runs[0]}" in checked.stdout
+    assert f"cell 2: record {runs[1]}" in checked.stdout
+    assert checked.stdout.count("verdict: reproducible") == 2
+
+
+def test_lineage_walks_back_to_the_data(home: Path, busybox_cid: str, busybox_tarball: Path,
+                                        store) -> None:
+    data = world_traversable_tmpdir("iex-lineage-")
+    (data / "words.txt").write_text(unique("b\na\nb") + "\n")
+    data_cid = store.add_path(data)
+    counted = ipfs_execute(home, busybox_cid, data_cid, "sh", "-c",
+                           "sort /input/words.txt | uniq -c > /output/counts.txt").stdout.strip()
+    top = ipfs_execute(home, busybox_cid, f"{counted}", "sh", "-c",
+                       "head -n 1 /input/counts.txt > /output/top.txt").stdout.strip()
+    shown = subprocess.run([str(BIN / "ipfs-execute"), "lineage", top], env=cli_env(home),
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith(f"/ipfs/{top}  <- run")
+    assert any(line.strip().startswith(f"input: /ipfs/{counted}  <- run") for line in lines)
+    assert any(line.strip().startswith(f"input: /ipfs/{data_cid}  (data") for line in lines)
+    assert any(f"rootfs: /ipfs/{busybox_cid}  (data" in line for line in lines)
+
+
+@pytest.mark.timeout(240)
+def test_a_second_node_gets_a_hit_from_an_imported_cache(busybox_tarball: Path) -> None:
+    """Two embedded nodes on loopback: B imports A's cache export and reuses A's result,
+    fetching the output from A, without running the payload."""
+    from ipfs_execute_magic.node import EmbeddedNode
+    from ipfs_execute_magic.store import Store
+
+    homes = [world_traversable_tmpdir(f"iex-node{name}-") for name in "AB"]
+    nodes = [EmbeddedNode(Settings(home=h, online=True)) for h in homes]
+    try:
+        for node in nodes:
+            node.ensure_running()
+        env_a, env_b = (cli_env(h, IPFS_EXECUTE_ONLINE="1") for h in homes)
+        add = subprocess.run([str(BIN / "ipfs-execute"), "add", str(busybox_tarball)],
+                             env=env_a, capture_output=True, text=True, check=True)
+        busybox = add.stdout.strip()
+        run_a = subprocess.run([str(BIN / "ipfs-execute"), busybox,
+                                "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
+                                "sh", "-c", "echo computed on A > /output/result"],
+                               env=env_a, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert run_a.returncode == 0, run_a.stderr
+        output = run_a.stdout.strip()
+        export = subprocess.run([str(BIN / "ipfs-execute"), "cache", "export"], env=env_a,
+                                capture_output=True, text=True, check=True).stdout.strip()
+
+        with Store.connect(Settings(home=homes[0])) as store_a, \
+                Store.connect(Settings(home=homes[1])) as store_b:
+            store_b.swarm_connect(store_a.peer_addresses()[0])
+        imported = subprocess.run([str(BIN / "ipfs-execute"), "cache", "import", export],
+                                  env=env_b, capture_output=True, text=True)
+        assert imported.returncode == 0, imported.stderr
+        assert "imported 1 cached runs" in imported.stdout
+
+        run_b = subprocess.run([str(BIN / "ipfs-execute"), busybox,
+                                "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
+                                "sh", "-c", "echo computed on A > /output/result"],
+                               env=env_b, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert run_b.returncode == 0, run_b.stderr
+        assert run_b.stdout.strip() == output and "cache hit" in run_b.stderr
+        assert not (homes[1] / "cache" / "rootfs").exists()  # B never staged, so never ran
+        with Store.connect(Settings(home=homes[1])) as store_b:
+            assert store_b.cat(f"{output}/result") == b"computed on A\n"  # fetched from A
+    finally:
+        for node in nodes:
+            node.stop()
