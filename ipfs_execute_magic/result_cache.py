@@ -14,6 +14,8 @@ else's, checking that every entry's key really is the hash of its record.
 from __future__ import annotations
 
 import re
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .errors import InvalidPathError, IpfsError, UsageError
@@ -44,17 +46,39 @@ class ResultCache:
         self.store = store
         # Records are immutable: a key seen once in this process needs no second RPC.
         self._memo: dict[str, StoredRecord] = {}
+        # Index entries are written in the background (two MFS round trips a run that the
+        # caller need not wait for); every read of the index, and close, waits for them.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
+        self._pending: list[Future[None]] = []
+        self._lock = threading.Lock()
+
+    def flush(self) -> None:
+        """Wait until every index entry written so far is in the node; raise its error."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _link_later(self, links: list[tuple[str, str]]) -> None:
+        def write() -> None:
+            for path, cid in links:
+                self.store.mfs_link(path, cid)
+
+        with self._lock:
+            self._pending.append(self._writer.submit(write))
 
     # -- records ---------------------------------------------------------------------------
 
     def save(self, record: RunRecord) -> str:
         """Store a record; index it by output (always) and by key (when cacheable)."""
         cid = self.store.add_bytes(record.to_json().encode(), name="record.json", pin=True)
+        links = []
         if record.output:
-            self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", cid)
+            links.append((f"{OUTPUTS_DIR}/{record.output}", cid))
         if record.cacheable and record.key:
-            self.store.mfs_link(f"{CACHE_DIR}/{record.key}", cid)
+            links.append((f"{CACHE_DIR}/{record.key}", cid))
             self._memo[record.key] = StoredRecord(record, cid)
+        self._link_later(links)
         return cid
 
     def load(self, record_cid: str) -> RunRecord:
@@ -68,6 +92,7 @@ class ResultCache:
         memo = self._memo.get(key)
         if memo is not None:
             return memo
+        self.flush()
         data = self.store.mfs_read(f"{CACHE_DIR}/{key}")
         if data is None:
             return None
@@ -78,6 +103,7 @@ class ResultCache:
         return stored
 
     def record_for_output(self, output_cid: str) -> StoredRecord | None:
+        self.flush()
         data = self.store.mfs_read(f"{OUTPUTS_DIR}/{output_cid}")
         if data is None:
             return None
@@ -105,6 +131,7 @@ class ResultCache:
     # -- sharing ---------------------------------------------------------------------------
 
     def entries(self) -> list[str]:
+        self.flush()
         return [name for name in self.store.mfs_ls(CACHE_DIR) if _KEY.match(name)]
 
     def export(self) -> str:

@@ -25,7 +25,7 @@ from .result import TAIL_BYTES, RunResult, StreamTail
 from .result_cache import ResultCache
 from .settings import Settings
 from .staging import EMPTY_DIRECTORY_CID, ProgressCallback, Stager
-from .store import IpfsPath, Store
+from .store import EMPTY_FILE_CID, IpfsPath, Store
 
 OutputCallback = Callable[[bytes], None]
 
@@ -74,6 +74,8 @@ class Runner:
         return self._results
 
     def close(self) -> None:
+        if self._results is not None:
+            self._results.flush()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -168,8 +170,8 @@ class Runner:
             t_add = time.monotonic()
             try:
                 output_cid = self.store.add_path(output_dir, pin=True)
-                stdout_cid = self.store.add_bytes(stdout.value(), name="stdout")
-                stderr_cid = self.store.add_bytes(stderr.value(), name="stderr")
+                stdout_cid = self._add_printed(stdout.value(), "stdout")
+                stderr_cid = self._add_printed(stderr.value(), "stderr")
             except IpfsError as error:
                 kept = self._keep(output_dir)
                 raise OutputNotSavedError(f"the run finished (exit status {result.exit_status}) "
@@ -212,6 +214,10 @@ class Runner:
         return RunResult(outcome.record, printed_out, printed_err, store=self.store,
                          record_cid=outcome.record_cid, cache_hit=outcome.cache_hit,
                          disagreement=outcome.disagreement)
+
+    def _add_printed(self, data: bytes, name: str) -> str:
+        # Most payloads print nothing on one of the streams: no round trip for that.
+        return EMPTY_FILE_CID if not data else self.store.add_bytes(data, name=name)
 
     def _recorded_output(self, record: RunRecord) -> tuple[bytes, bytes]:
         """What the recorded run printed; empty when it cannot be fetched (a hit stays a hit)."""

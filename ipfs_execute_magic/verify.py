@@ -148,7 +148,7 @@ def _rerun(runner: Runner, request: RunRequest, condition: str) -> RunRecord:
     return runner.run(request, use_cache=False).record
 
 
-_RECORD_IN_TEXT = re.compile(r"record[:= ]+\s*(b[a-z2-7]{50,})")
+_RECORD_IN_TEXT = re.compile(r"record[:= ]+\s*(?:ipfs://)?(b[a-z2-7]{50,})")
 
 
 def records_in_notebook(path: Path) -> list[tuple[int, str]]:

@@ -54,7 +54,8 @@ def kernel(home: Path, store, busybox_cid: str) -> Iterator[Kernel]:
 def execute(client: BlockingKernelClient, code: str, timeout: float = 60,
             on_iopub: Any = None) -> dict[str, Any]:
     """Run code; pass every iopub message of it to `on_iopub`; return the execute_reply."""
-    return client.execute_interactive(code, timeout=timeout, output_hook=on_iopub or (lambda m: None))
+    return client.execute_interactive(code, timeout=timeout,
+                                      output_hook=on_iopub or (lambda _message: None))
 
 
 def sent_at(message: dict[str, Any]) -> dt.datetime:

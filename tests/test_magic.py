@@ -21,14 +21,13 @@ from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
 from IPython.utils.capture import capture_output
 
 import ipfs_execute_magic as ie
-from ipfs_execute_magic.jupyter import magics
-from ipfs_execute_magic.jupyter.display import (OutputBrowser, ResultView, StagingProgress,
-                                                human_size, preview_html, HTML_PREVIEWS)
-from ipfs_execute_magic.jupyter.magics import (INTERRUPTED_LINE, IpfsExecuteMagics,
-                                               PayloadFailedError, split_payload_args,
-                                               unbuffered)
 from ipfs_execute_magic.errors import IpfsExecuteError
 from ipfs_execute_magic.errors import UsageError as CoreUsageError
+from ipfs_execute_magic.jupyter import magics
+from ipfs_execute_magic.jupyter.display import (HTML_PREVIEWS, OutputBrowser, ResultView,
+                                                StagingProgress, human_size, preview_html)
+from ipfs_execute_magic.jupyter.magics import (INTERRUPTED_LINE, IpfsExecuteMagics,
+                                               PayloadFailedError, split_payload_args)
 from ipfs_execute_magic.record import SCRIPT_DIR, RunRequest
 from ipfs_execute_magic.result import IpfsRef, RunResult
 
@@ -43,6 +42,7 @@ def ip(home: Path, store, busybox_cid: str, empty_cid: str) -> Iterator[Interact
     shell.user_ns.update(busybox=busybox_cid, empty=empty_cid)
     yield shell
     ie.default_runner().close()
+    ie._runner = None  # later modules build their own from their settings
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +94,18 @@ def test_split_payload_args_keeps_options_after_double_dash() -> None:
         split_payload_args("A 'unclosed")
 
 
-def test_python_interpreters_run_unbuffered() -> None:
-    assert unbuffered("python3") == "python3 -u"
-    assert unbuffered("/usr/bin/python3.11 -X utf8") == "/usr/bin/python3.11 -u -X utf8"
-    assert unbuffered("python3 -u") == "python3 -u"
-    assert unbuffered("sh") == "sh"
-    assert unbuffered("bash -e") == "bash -e"
-    request = RunRequest(rootfs="x", script="print(1)", interpreter=unbuffered("python3"))
-    assert request.argv() == ("/sbin/init", "python3", "-u", "/input/.ipfs-execute/script")
+def test_interpreter_and_script_make_the_command_line() -> None:
+    request = RunRequest(rootfs="x", script="print(1)", interpreter="python3 -X utf8",
+                         args=("a",))
+    assert request.argv() == ("/sbin/init", "python3", "-X", "utf8",
+                              "/input/.ipfs-execute/script", "a")
 
 
 def test_help_documents_every_option(ip: InteractiveShell) -> None:
     doc = IpfsExecuteMagics.ipfs_execute.__doc__
     for option in ("ROOTFS", "INPUT", "--out", "--interpreter", "--timeout", "--memory",
-                   "--pids", "--tmp-size", "--no-raise-error", "--quiet", "-- ARG",
+                   "--pids", "--tmp-size", "--no-cache", "--no-raise-error", "--quiet",
+                   "-- ARG",
                    ".ipfs-execute/script", "%config IpfsExecuteMagics"):
         assert option in doc, option
     assert ip.find_cell_magic("ipfs_execute") is not None
@@ -207,6 +205,27 @@ def test_reserved_script_name_in_input_is_refused(ip: InteractiveShell, busybox_
     assert type(error) is UsageError and SCRIPT_DIR in str(error)
     # The line form has no script: the same input is fine there.
     ok(ip, "%ipfs_execute $busybox $clashing -- true")
+
+
+def test_identical_run_comes_from_the_record_and_replays_its_output(
+        ip: InteractiveShell, capsys) -> None:
+    token = secrets.token_hex(4)
+    body = f"echo printed-{token}; echo warned-{token} >&2; echo x > /output/x"
+    first = ok(ip, f"%%ipfs_execute $busybox -o first\n{body}")
+    assert not first.cache_hit and first.record_cid
+    capsys.readouterr()
+    second = ok(ip, f"%%ipfs_execute $busybox -o second\n{body}")
+    captured = capsys.readouterr()
+    assert second.cache_hit and second.output == first.output
+    # (the displayed result follows on stdout)
+    assert captured.out.startswith(f"printed-{token}\n") and captured.err == f"warned-{token}\n"
+    bundle, _ = ip.display_formatter.format(second)
+    for mime in ("text/plain", "text/html"):
+        assert "cached: nothing ran" in bundle[mime]
+        assert f"ipfs://{second.record_cid}" in bundle[mime]
+    third = ok(ip, f"%%ipfs_execute $busybox --no-cache -o third\n{body}")
+    assert not third.cache_hit and third.output == first.output
+    assert "cached" not in ip.display_formatter.format(third)[0]["text/plain"]
 
 
 # -- failures ------------------------------------------------------------------------------
@@ -318,7 +337,9 @@ def test_mimebundle_has_widget_html_and_text(ip: InteractiveShell, counts: RunRe
 
 
 def test_widget_tree_and_previews(ip: InteractiveShell, counts: RunResult) -> None:
-    browser = OutputBrowser(ResultView(counts, "http://gw.example"))
+    view = ResultView(counts, "http://gw.example")
+    assert WIDGET_MIME in view._repr_mimebundle_()
+    browser = OutputBrowser(view)
     assert set(browser.buttons) == {entry.path for entry in counts.files()}
     assert "counts.csv" in browser.preview.value  # the first file is shown right away
     browser.buttons["deep/er/note.txt"].click()
@@ -435,7 +456,9 @@ def test_config_changes_gateway_limits_and_rebuilds_the_runner(ip: InteractiveSh
         assert runner is not before and runner.settings.home == home
         limits = runner.settings.limits
         assert (limits.timeout, limits.memory_bytes, limits.pids) == (42, 512 * 1024**2, 64)
-        result = ok(ip, "%%ipfs_execute $busybox --pids 32\ntrue")
+        # A script never run before: an identical run would come from the result cache.
+        result = ok(ip, f"%%ipfs_execute $busybox --pids 32\ntrue {secrets.token_hex(4)}")
+        assert not result.cache_hit
         assert result.record.limits["timeout"] == 42 and result.record.limits["pids"] == 32
 
         run(ip, "%config IpfsExecuteMagics.memory = 'lots'")  # refused, value kept
@@ -443,6 +466,20 @@ def test_config_changes_gateway_limits_and_rebuilds_the_runner(ip: InteractiveSh
     finally:
         for line in ("gateway = ''", "timeout = None", "memory = None", "pids = None"):
             ok(ip, f"%config IpfsExecuteMagics.{line}")
+    assert ie.default_runner().settings.limits.timeout == 600
+
+
+def test_config_given_at_load_applies(ip: InteractiveShell, home: Path) -> None:
+    from traitlets.config import Config
+
+    config = Config()
+    config.IpfsExecuteMagics.home = str(home)
+    config.IpfsExecuteMagics.timeout = 30.0
+    try:
+        IpfsExecuteMagics(config=config)  # as from ipython_config.py, before %load_ext
+        assert ie.default_runner().settings.limits.timeout == 30
+    finally:
+        ip.magics_manager.registry["IpfsExecuteMagics"].apply_settings()
     assert ie.default_runner().settings.limits.timeout == 600
 
 

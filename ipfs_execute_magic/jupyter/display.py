@@ -172,7 +172,7 @@ class ResultView:
             try:
                 with self.result.store.cat_stream(entry.cid) as stream:
                     self._heads[key] = stream.read(limit)
-            except IpfsExecuteError:
+            except (IpfsExecuteError, OSError):  # requests' errors are OSErrors
                 return None
         return self._heads[key]
 
@@ -195,7 +195,19 @@ class ResultView:
 
     def cids(self) -> list[tuple[str, str | None]]:
         record = self.result.record
-        return [("output", record.output), ("input", record.input), ("rootfs", record.rootfs)]
+        cids = [("output", record.output), ("input", record.input), ("rootfs", record.rootfs)]
+        if self.result.record_cid:
+            cids.append(("record", self.result.record_cid))  # `ipfs cat` it: how it was made
+        return cids
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.result.cache_hit:
+            notes.append(f"cached: nothing ran, this is the recorded result of an identical run "
+                         f"({self.result.record.started_at}); --no-cache runs it again")
+        if self.result.disagreement:
+            notes.append(f"warning: {self.result.disagreement}")
+        return notes
 
     def header_html(self) -> str:
         colour = "#1a7f37" if self.result.ok else "#cf222e"
@@ -204,8 +216,9 @@ class ResultView:
             shown = _link(gateway_href(self.gateway, cid), f"ipfs://{cid}") if cid else "—"
             rows.append(f'<tr><td style="padding:0 0.8em 0 0;text-align:left">{label}</td>'
                         f'<td style="text-align:left"><code>{shown}</code></td></tr>')
+        notes = "".join(f"<div><i>{_e(note)}</i></div>" for note in self.notes())
         return (f'<div><b style="color:{colour}">{_e(self.status_text())}</b> in '
-                f'{self.result.duration:.2f} s</div>'
+                f'{self.result.duration:.2f} s</div>{notes}'
                 f'<table style="border-collapse:collapse">{"".join(rows)}</table>')
 
     def _directory_sizes(self) -> dict[str, int]:
@@ -297,6 +310,7 @@ class ResultView:
 
     def to_plain(self) -> str:
         lines = [f"RunResult {self.summary_text()}"]
+        lines += self.notes()
         lines += [f"{label:<7} ipfs://{cid}" for label, cid in self.cids() if cid]
         if self.listing_error:
             lines.append(self.listing_error)
@@ -322,6 +336,10 @@ class ResultView:
         bundle["text/html"] = self.to_html()
         bundle["text/plain"] = self.to_plain()
         return bundle
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        # `display(ResultView(result, gateway))` works without the registered formatter.
+        return self.mimebundle()
 
 
 # -- the widget --------------------------------------------------------------------------------

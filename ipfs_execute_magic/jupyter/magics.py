@@ -9,16 +9,16 @@ traceback, an interrupt into one line and a re-raised KeyboardInterrupt (so Run 
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import keyword
-import re
 import shlex
 import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
@@ -33,9 +33,10 @@ from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
 from ..record import SCRIPT_PATH, RunRequest
 from ..result import IpfsRef, RunResult
-from ..settings import Settings
+from ..settings import Limits, Settings
 from ..store import IpfsPath, Store
-from .display import PUBLIC_GATEWAY, StagingProgress, ref_mimebundle, result_mimebundle
+from .display import (PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle,
+                      result_mimebundle)
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 INTERRUPTED_LINE = "interrupted: the sandbox was stopped"
 PROGRESS_DELAY = 0.5  # seconds of staging before a progress line appears
 STDERR_TAIL_LINES = 12  # of a failing payload's stderr, in its error
-_PYTHON = re.compile(r"python[0-9.]*")
+_CORE_LIMITS = Limits()  # the defaults the traits fall back to, for their help
 
 
 class PayloadFailedError(Exception):
@@ -95,21 +96,17 @@ def core_errors() -> Iterator[None]:
         raise _short(error, f"{type(error).__name__}: {error}")
 
 
-def unbuffered(interpreter: str) -> str:
-    """`python3` -> `python3 -u`: Python payloads must print as they go, not at exit."""
-    # The sandbox's fixed environment has no PYTHONUNBUFFERED, so this is done with the flag.
-    words = interpreter.split()
-    if words and _PYTHON.fullmatch(PurePosixPath(words[0]).name) and "-u" not in words[1:]:
-        return " ".join([words[0], "-u", *words[1:]])
-    return interpreter
+def shell_words(line: str) -> list[str]:
+    """A magic line split as a shell would (quotes removed), unlike IPython's own splitting."""
+    try:
+        return shlex.split(line)
+    except ValueError as error:
+        raise UsageError(f"cannot split the line into words: {error}") from None
 
 
 def split_payload_args(line: str) -> tuple[list[str], list[str]]:
     """Shell-like words of a magic line: (before `--`, after `--`)."""
-    try:
-        words = shlex.split(line)
-    except ValueError as error:
-        raise UsageError(f"cannot split the line into words: {error}") from None
+    words = shell_words(line)
     if "--" in words:
         cut = words.index("--")
         return words[:cut], words[cut + 1:]
@@ -156,8 +153,6 @@ def _positive_int(text: str) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
 
@@ -228,12 +223,13 @@ class IpfsExecuteMagics(Magics):
     home = Unicode("", help="data directory: embedded node, staging cache "
                    "(empty: $IPFS_EXECUTE_HOME, else the default)").tag(config=True)
     timeout = Float(None, allow_none=True,
-                    help="default wall-clock limit of a run, seconds").tag(config=True)
+                    help="default wall-clock limit of a run, seconds (None: "
+                    f"$IPFS_EXECUTE_TIMEOUT, else {_CORE_LIMITS.timeout:g})").tag(config=True)
     memory = Union([Int(), Unicode()], default_value=None, allow_none=True,
-                   help="default memory limit of a run: bytes or a size like '512M'"
-                   ).tag(config=True)
-    pids = Int(None, allow_none=True,
-               help="default limit on processes and threads of a run").tag(config=True)
+                   help="default memory limit of a run: bytes or a size like '512M' (None: "
+                   f"{human_size(_CORE_LIMITS.memory_bytes or 0)})").tag(config=True)
+    pids = Int(None, allow_none=True, help="default limit on processes and threads of a run "
+               f"(None: {_CORE_LIMITS.pids})").tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         # Before super().__init__: configured values notify the observers during it.
@@ -248,7 +244,7 @@ class IpfsExecuteMagics(Magics):
         if isinstance(value, str):
             try:
                 value = _size(value)
-            except Exception as error:  # argparse.ArgumentTypeError
+            except argparse.ArgumentTypeError as error:
                 raise TraitError(f"memory: {error}") from None
         if value is not None and value <= 0:
             raise TraitError("memory must be positive")
@@ -314,8 +310,8 @@ class IpfsExecuteMagics(Magics):
     @argument("-o", "--out", metavar="NAME",
               help="bind the result to this variable (also when the payload fails)")
     @argument("--interpreter", metavar="COMMAND", default=None,
-              help="what runs the cell: /sbin/init COMMAND /input/SCRIPT (default: sh). "
-                   "Python interpreters get -u (unbuffered)")
+              help="what runs the cell: /sbin/init COMMAND /input/SCRIPT (default: sh); "
+                   "Python runs unbuffered (the sandbox sets PYTHONUNBUFFERED=1)")
     @argument("--timeout", metavar="SECONDS", type=_seconds, default=None,
               help="wall-clock limit; the whole sandbox is killed after it")
     @argument("--memory", metavar="SIZE", type=_size, default=None,
@@ -324,6 +320,9 @@ class IpfsExecuteMagics(Magics):
               help="limit on processes and threads")
     @argument("--tmp-size", metavar="SIZE", type=_size, default=None,
               help="size of the /tmp tmpfs, e.g. 64M")
+    @argument("--no-cache", action="store_true",
+              help="run even if an identical run is recorded (by default its result is "
+                   "returned and its output shown again, without running)")
     @argument("--no-raise-error", action="store_true",
               help="a failing payload returns its result instead of raising")
     @argument("-q", "--quiet", action="store_true",
@@ -366,33 +365,39 @@ class IpfsExecuteMagics(Magics):
             request = RunRequest(rootfs=options.rootfs, input=options.input,
                                  args=tuple(payload_args),
                                  limits=replace(runner.settings.limits, **changes),
-                                 script=script, interpreter=unbuffered(interpreter))
+                                 script=script, interpreter=interpreter)
         return self._run(runner, request, name=name, quiet=options.quiet,
-                         raise_error=not options.no_raise_error)
+                         raise_error=not options.no_raise_error, use_cache=not options.no_cache)
 
     def _run(self, runner: Runner, request: RunRequest, *, name: str | None, quiet: bool,
-             raise_error: bool) -> RunResult | None:
+             raise_error: bool, use_cache: bool) -> RunResult | None:
         stdout = None if quiet else _StreamForwarder("stdout")
         stderr = None if quiet else _StreamForwarder("stderr")
         progress = None if quiet else StagingProgress(PROGRESS_DELAY)
+
+        def flush_output() -> None:
+            for forwarder in (stdout, stderr):
+                if forwarder is not None:
+                    forwarder.flush()
+
         outcome = "failed"
         try:
             with core_errors():
                 result: RunResult = runner.execute(request, on_stdout=stdout, on_stderr=stderr,
-                                                   on_progress=progress)
+                                                   on_progress=progress, use_cache=use_cache)
             outcome = ""
+            if result.cache_hit and stdout is not None and stderr is not None:
+                # Nothing ran: show what the recorded run printed, so the cell reads the same.
+                stdout(result.stdout)
+                stderr(result.stderr)
         except KeyboardInterrupt as interrupt:
             # The core has killed the sandbox already; say so once and stop Run All.
             outcome = "interrupted"
-            for forwarder in (stdout, stderr):
-                if forwarder is not None:
-                    forwarder.flush()
+            flush_output()  # the payload's last words before the line saying it was stopped
             print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
             raise _short(interrupt, "KeyboardInterrupt")
         finally:
-            for forwarder in (stdout, stderr):
-                if forwarder is not None:
-                    forwarder.flush()
+            flush_output()
             if progress is not None:
                 progress.finish(outcome)
 
@@ -415,8 +420,7 @@ class IpfsExecuteMagics(Magics):
         Dot-files are included and symlinks kept as symlinks; the CID is the one
         `ipfs add -r --hidden` gives with the unixfs-v1-2025 profile.
         """
-        words, _ = split_payload_args(line)
-        options = self.ipfs_add.parser.parse_args(words)
+        options = self.ipfs_add.parser.parse_args(shell_words(line))
         name = check_name(options.out)
         with core_errors():
             ref = ie.add(Path(options.path).expanduser())
@@ -435,8 +439,7 @@ class IpfsExecuteMagics(Magics):
 
         Example: %ipfs_mkdir words.txt=$words code={repo}/src -o data
         """
-        words, _ = split_payload_args(line)
-        options = self.ipfs_mkdir.parser.parse_args(words)
+        options = self.ipfs_mkdir.parser.parse_args(shell_words(line))
         name = check_name(options.out)
         entries: dict[str, str] = {}
         for word in options.entries:
