@@ -59,9 +59,10 @@ def default_runner() -> Runner:
 
 def run(rootfs: str, input: str | None = None, *args: str, script: str | None = None,
         interpreter: str = "sh", timeout: float | None = None,
-        memory: int | None = None, pids: int | None = None, use_cache: bool = True,
-        on_stdout: Callable[[bytes], None] | None = None,
-        on_stderr: Callable[[bytes], None] | None = None) -> RunResult:
+        memory: int | None = None, pids: int | None = None, tmp_bytes: int | None = None,
+        use_cache: bool = True, on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        on_progress: Callable[[str, int, int | None], None] | None = None) -> RunResult:
     """Run `/sbin/init ARGS...` of ROOTFS on INPUT (a CID, IPFS path, or a previous result).
 
     With `script`, the text is written into the input tree and run as
@@ -75,15 +76,15 @@ def run(rootfs: str, input: str | None = None, *args: str, script: str | None = 
 
     runner = default_runner()
     limits = runner.settings.limits
-    changes = {k: v for k, v in (("timeout", timeout), ("memory_bytes", memory), ("pids", pids))
-               if v is not None}
+    changes = {k: v for k, v in (("timeout", timeout), ("memory_bytes", memory), ("pids", pids),
+                                 ("tmp_bytes", tmp_bytes)) if v is not None}
     if changes:
         limits = replace(limits, **changes)
     request = RunRequest(rootfs=str(rootfs), input=str(input) if input is not None else None,
                          args=tuple(str(a) for a in args), limits=limits, script=script,
                          interpreter=interpreter)
     return runner.execute(request, on_stdout=on_stdout, on_stderr=on_stderr,
-                          use_cache=use_cache)
+                          on_progress=on_progress, use_cache=use_cache)
 
 
 def verify(target: object, runs: int = 1) -> Verdict:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE, IpfsExecuteError, UsageError
-from .settings import Limits, Settings
+from .settings import Limits, Settings, parse_seconds, parse_size
 
 DESCRIPTION = """\
 Run /sbin/init ARG... of the root filesystem ROOTFS in a bubblewrap sandbox, with the directory
@@ -63,24 +63,17 @@ _SUBCOMMANDS = {"add", "node", "verify", "cache", "lineage"}
 
 
 def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 2G)") from None
+        return parse_size(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text.removesuffix("s"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
+        return parse_seconds(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

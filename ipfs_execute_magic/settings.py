@@ -47,6 +47,33 @@ def _env_float(name: str, default: float | None) -> float | None:
         raise UsageError(f"{name}={raw!r} is not a number of seconds") from None
 
 
+def parse_size(text: str) -> int:
+    """`512M`, `2G`, `1.5GiB`, `1048576` -> bytes."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    cleaned = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if cleaned and cleaned[-1] in units:
+            value = int(float(cleaned[:-1]) * units[cleaned[-1]])
+        else:
+            value = int(cleaned)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a size (e.g. 512M, 2G)") from None
+    if value <= 0:
+        raise UsageError(f"{text!r}: a size must be positive")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """`30`, `30s`, `1.5` -> seconds."""
+    try:
+        value = float(str(text).strip().removesuffix("s"))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise UsageError(f"{text!r}: a duration must be positive")
+    return value
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one run. None means "no limit of this kind"."""

@@ -181,6 +181,7 @@ class Store:
         self._client = ipfshttpclient.Client(addr=api, session=True, timeout=None)
         self._http = self._client._client  # the client's transport, for the calls it gets wrong
         self._version: str | None = None
+        self.repo: Path | None = None  # set for the embedded node: Kubo writes facts there
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -190,6 +191,7 @@ class Store:
         else:
             api = EmbeddedNode(settings).ensure_running()
             store = cls(api, fetch_timeout=settings.fetch_timeout)
+            store.repo = settings.repo_dir
         store.check_version()
         return store
 
@@ -268,6 +270,14 @@ class Store:
 
     def gateway_url(self) -> str | None:
         """The daemon's HTTP gateway as a base URL, when it has one on an IP address."""
+        if self.repo is not None:
+            # The embedded node's config says port 0 (random); Kubo writes the bound address here.
+            try:
+                url = (self.repo / "gateway").read_text().strip()
+                if url.startswith(("http://", "https://")):
+                    return url
+            except OSError:
+                pass
         try:
             value = self._call("/config", "Addresses.Gateway", what="gateway address")["Value"]
         except IpfsError:
@@ -275,7 +285,8 @@ class Store:
         addresses = value if isinstance(value, list) else [value]
         for address in addresses:
             parts = str(address).split("/")
-            if len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            if (len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp"
+                    and parts[4] != "0"):
                 host = "127.0.0.1" if parts[2] == "0.0.0.0" else parts[2]
                 host = f"[{host}]" if ":" in host else host
                 return f"http://{host}:{parts[4]}"
