@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .errors import InvalidPathError, IpfsError, UsageError
 from .record import RunRecord
-from .store import Store, is_cid
+from .store import Store, is_cid, raw_leaf_cid
 
 INDEX_ROOT = "/ipfs-execute"
 CACHE_DIR = f"{INDEX_ROOT}/cache"
@@ -61,8 +61,8 @@ class ResultCache:
 
     def _link_later(self, links: list[tuple[str, str]]) -> None:
         def write() -> None:
-            for path, cid in links:
-                self.store.mfs_link(path, cid)
+            for path, target in links:
+                self.store.mfs_link(path, target)
 
         with self._lock:
             self._pending.append(self._writer.submit(write))
@@ -70,8 +70,14 @@ class ResultCache:
     # -- records ---------------------------------------------------------------------------
 
     def save(self, record: RunRecord) -> str:
-        """Store a record; index it by output (always) and by key (when cacheable)."""
-        cid = self.store.add_bytes(record.to_json().encode(), name="record.json", pin=True)
+        """Store a record; index it by output (always) and by key (when cacheable).
+
+        The record is in the node when this returns (its CID may be handed to anyone at once);
+        the index entries are written in the background and every read of the index waits
+        for them.
+        """
+        data = record.to_json().encode()
+        cid = self.store.add_bytes(data, name="record.json", pin=True)
         links = []
         if record.output:
             links.append((f"{OUTPUTS_DIR}/{record.output}", cid))
@@ -82,6 +88,7 @@ class ResultCache:
         return cid
 
     def load(self, record_cid: str) -> RunRecord:
+        self.flush()
         try:
             return RunRecord.from_json(self.store.cat(record_cid))
         except (ValueError, TypeError, UnicodeDecodeError):
@@ -97,8 +104,7 @@ class ResultCache:
         if data is None:
             return None
         record = RunRecord.from_json(data)
-        cid = self.store.mfs_hash(f"{CACHE_DIR}/{key}") or ""
-        stored = StoredRecord(record, cid)
+        stored = StoredRecord(record, raw_leaf_cid(data))  # records are one small raw block
         self._memo[key] = stored
         return stored
 
@@ -107,11 +113,11 @@ class ResultCache:
         data = self.store.mfs_read(f"{OUTPUTS_DIR}/{output_cid}")
         if data is None:
             return None
-        cid = self.store.mfs_hash(f"{OUTPUTS_DIR}/{output_cid}") or ""
-        return StoredRecord(RunRecord.from_json(data), cid)
+        return StoredRecord(RunRecord.from_json(data), raw_leaf_cid(data))
 
     def find(self, cid_or_path: str) -> StoredRecord:
         """A record given its own CID, or the CID of the output it produced."""
+        self.flush()
         if not is_cid(cid_or_path.removeprefix("/ipfs/").split("/")[0]):
             raise InvalidPathError(f"{cid_or_path!r} is not a CID")
         cid = self.store.resolve(cid_or_path)

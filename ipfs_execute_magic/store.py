@@ -13,6 +13,7 @@ This is the only module that imports ipfshttpclient, and where its gaps are cove
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import re
@@ -63,6 +64,19 @@ _CIDV0 = re.compile(rf"^Qm[{_BASE58}]{{44}}$")
 _CIDV1_BASE32 = re.compile(r"^b[a-z2-7]{20,}$")
 _CIDV1_OTHER = re.compile(rf"^(z[{_BASE58}]{{20,}}|k[0-9a-z]{{20,}}|f[0-9a-f]{{20,}})$")
 _IPNS_NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
+
+
+def raw_leaf_cid(data: bytes) -> str:
+    """The CID `add` gives `data` when it fits in one chunk: a raw block, no round trip needed.
+
+    With the import settings above (CIDv1, raw leaves, 1 MiB chunks, sha2-256) a file of one
+    chunk is a single raw block whose CID is its multihash in base32.
+    """
+    if len(data) > 1024 * 1024:
+        raise ValueError("only a single-chunk file has a raw-leaf CID")
+    digest = hashlib.sha256(data).digest()
+    binary = bytes([0x01, 0x55, 0x12, 0x20]) + digest  # CIDv1, raw codec, sha2-256, 32 bytes
+    return "b" + base64.b32encode(binary).decode().lower().rstrip("=")
 
 
 def is_cid(text: str) -> bool:

@@ -157,3 +157,11 @@ def test_cid_syntax() -> None:
     assert not is_cid("QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3N0")  # 0 is not base58
     assert _parse_version("0.43.1") == (0, 43, 1)
     assert _parse_version("0.44.0-rc1") == (0, 44, 0)
+
+
+def test_raw_leaf_cid_matches_the_daemon(store: Store) -> None:
+    from ipfs_execute_magic.store import EMPTY_FILE_CID, raw_leaf_cid
+
+    for data in (b"", b"x", b'{"record": 1}\n' * 1000, os.urandom(1024 * 1024)):
+        assert raw_leaf_cid(data) == store.add_bytes(data, pin=False)
+    assert raw_leaf_cid(b"") == EMPTY_FILE_CID
