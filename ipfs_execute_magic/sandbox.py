@@ -5,6 +5,12 @@ no network, no capabilities, a fixed environment and hostname. Limits come from
 `settings.Limits`; each run reports which of them were really enforced and how, because that
 depends on the machine (cgroup v1 or v2, root or not).
 
+Determinism: beyond the environment and hostname, every run fixes its umask, ids, cwd, every
+rlimit, ASLR (off), the CPU count (one) and, where the caller may create a time namespace,
+the monotonic and boot clocks. Each run reports which sources it fixed and which it could not
+(`SandboxResult.determinism`, `.determinism_not_fixed`); `UNFIXABLE_SOURCES` lists what no run
+can fix.
+
 This module knows nothing of IPFS or notebooks: it takes staged directories and an argv.
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import json
 import os
 import resource
@@ -30,15 +37,20 @@ from typing import Literal, Protocol
 from .errors import SandboxError, SandboxUnavailableError
 from .settings import SANDBOX_GID, SANDBOX_UID, Limits
 
+# 1980-01-01, the earliest date zip can store: tools that honour it build reproducibly. Staged
+# trees carry it as every mtime (staging.py), and the synthetic /proc/stat as boot time.
+SOURCE_DATE_EPOCH = 315532800
+
 DEFAULT_ENV: Mapping[str, str] = MappingProxyType({
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/tmp",
     "LANG": "C.UTF-8",
     "TZ": "UTC",
-    # 1980-01-01, the earliest date zip can store: tools that honour it build reproducibly.
-    "SOURCE_DATE_EPOCH": "315532800",
+    "SOURCE_DATE_EPOCH": str(SOURCE_DATE_EPOCH),
     # Python payloads print as they go, so output streams into a notebook cell live.
     "PYTHONUNBUFFERED": "1",
+    # No per-process hash seed: set and dict-of-str orders are the same in every run.
+    "PYTHONHASHSEED": "0",
 })
 
 HOSTNAME = "sandbox"
@@ -47,7 +59,92 @@ SANDBOX_UMASK = 0o022
 # directories, otherwise bwrap 0.8 would create them, following symlinks onto the host.
 MOUNT_POINTS = ("input", "output", "tmp", "proc", "dev")
 
+# The payload's CLOCK_MONOTONIC and CLOCK_BOOTTIME (and /proc/uptime) start here, as on a
+# freshly booted machine, when a time namespace can be made (the caller needs CAP_SYS_ADMIN).
+CLOCK_START_S = 1.0
+# The payload runs on exactly this many CPUs (sched_setaffinity): the count is what programs
+# size their thread pools by, so it must not depend on the host.
+SANDBOX_CPUS = 1
+
+# Fixed soft and hard values of the rlimits that Limits does not set (those it leaves at None
+# are unlimited), so that `ulimit -a` is the same on every host: several kernel defaults scale
+# with the host's RAM. Values a non-root caller cannot reach are reported, never faked.
+_INF = resource.RLIM_INFINITY
+FIXED_RLIMITS: Mapping[str, tuple[int, int]] = MappingProxyType({
+    "RLIMIT_STACK": (8 * 1024**2, _INF),
+    "RLIMIT_DATA": (_INF, _INF),
+    "RLIMIT_RSS": (_INF, _INF),
+    "RLIMIT_MEMLOCK": (8 * 1024**2, 8 * 1024**2),  # the kernel's default since 5.16
+    "RLIMIT_MSGQUEUE": (819200, 819200),  # the kernel's default (MQ_BYTES_MAX)
+    # The default is the host's RAM / 256 KiB: 1024 is below it on any host with 256 MiB or
+    # more, and lowering is always allowed.
+    "RLIMIT_SIGPENDING": (1024, 1024),
+    "RLIMIT_NICE": (0, 0),
+    "RLIMIT_RTPRIO": (0, 0),
+    "RLIMIT_RTTIME": (_INF, _INF),
+    "RLIMIT_LOCKS": (_INF, _INF),
+})
+# Linux numbers of the rlimits Python's resource module does not name.
+_UNNAMED_RLIMITS = {"RLIMIT_LOCKS": 10}
+
+# Bound over /proc/stat: glibc counts its cpuN lines for sysconf(_SC_NPROCESSORS_ONLN/CONF)
+# (Python's os.cpu_count) when /sys is absent, as it is here. Its real content (counters since
+# boot, boot time) differs on every read anyway; /proc/cpuinfo, which describes the hardware
+# and which software reads to choose code paths, stays real.
+PROC_STAT = (
+    "cpu  0 0 0 0 0 0 0 0 0 0\n"
+    "cpu0 0 0 0 0 0 0 0 0 0 0\n"
+    "intr 0\n"
+    "ctxt 0\n"
+    f"btime {SOURCE_DATE_EPOCH}\n"
+    "processes 0\n"
+    "procs_running 1\n"
+    "procs_blocked 0\n"
+    "softirq 0 0 0 0 0 0 0 0 0 0 0\n"
+).encode()
+
+# What every run fixes, and how: a constant, so it can go into a result-cache key as is.
+DETERMINISM_PROFILE: Mapping[str, str] = MappingProxyType({
+    "cpus": str(SANDBOX_CPUS),
+    "clock_start_s": f"{CLOCK_START_S:g}",
+    "proc_stat": "synthetic/1",
+    "rlimits": "fixed/1",
+    "aslr": "off",
+    "staged_mtimes": str(SOURCE_DATE_EPOCH),
+})
+
+# Sources of nondeterminism that no run fixes (for the README and for run records).
+UNFIXABLE_SOURCES: Mapping[str, str] = MappingProxyType({
+    "wall_clock": "CLOCK_REALTIME (date, times of files the payload creates, mtimes of /tmp, "
+                  "/dev, /proc and /output): namespaces cannot offset it",
+    "randomness": "getrandom(), /dev/urandom, AT_RANDOM, /proc/sys/kernel/random/uuid",
+    "timing": "how far the clocks advance, thread and process scheduling order, races; "
+              "/proc/self/timens_offsets shows the host's uptime",
+    "cpu_model": "/proc/cpuinfo and CPUID (model, flags, MHz): code may pick other paths (e.g. "
+                 "SIMD, hence other floating-point results) on another host",
+    "cpu_number": "which CPU the run is pinned to (Cpus_allowed in /proc/self/status, getcpu)",
+    "host_counters": "/proc/meminfo, /proc/loadavg, /proc/uptime's idle field, /proc/vmstat, "
+                     "sysinfo(), getrusage(): host memory and load",
+    "kernel": "uname -r/-v, /proc/version, /proc/sys/*, boot_id, /proc/self/cgroup (the "
+              "host's cgroup version and controllers)",
+    "mountinfo": "/proc/self/mountinfo names the host paths of the staged trees and the "
+                 "per-run output directory (a bind mount shows its path within the source "
+                 "file system, whatever path it is bound from), host-wide mount ids and device "
+                 "numbers, and the host file system's options; df shows its free space",
+    "file_identity": "inode and device numbers, st_blocks, directory sizes and link counts: "
+                     "they depend on the host file system and on staging",
+    "namespace_ids": "inode numbers of /proc/self/ns/*",
+    "readdir_order": "the order of directory entries (ext4 hash order, tmpfs reverse creation "
+                     "order); staging.shuffled_view exposes code that depends on it",
+    "file_owner": "staged files show as owned by nobody (65534) when the tool runs as root, "
+                  "by root (0) otherwise",
+    "scheduling": "nice value, scheduling policy and I/O priority come from the caller (so "
+                  "that `nice ipfs-execute ...` works)",
+})
+
 _ADDR_NO_RANDOMIZE = 0x0040000
+_PERSONALITY_QUERY = 0xFFFFFFFF
+_CLONE_NEWTIME = 0x80
 _READ_CHUNK = 65536
 _STDERR_TAIL_BYTES = 8192
 _KILL_GRACE_S = 2.0  # how long teardown waits for killed processes to vanish
@@ -154,6 +251,18 @@ class Dev:
 
 
 @dataclass(frozen=True)
+class RoBindData:
+    """A read-only file with the content of `fd`, bound over `dest` (e.g. a /proc entry)."""
+
+    fd: int
+    dest: str
+    perms: int = 0o444
+
+    def args(self) -> tuple[str, ...]:
+        return ("--perms", f"{self.perms:o}", "--ro-bind-data", str(self.fd), self.dest)
+
+
+@dataclass(frozen=True)
 class RemountRo:
     dest: str
 
@@ -205,10 +314,14 @@ class SandboxSpec:
     limits: Limits = field(default_factory=Limits)
     interactive: bool = False  # True: stdin is the caller's; else /dev/null
     env: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ENV)
+    # Where the payload's monotonic and boot clocks start (a verifier may vary it).
+    clock_start_s: float = CLOCK_START_S
 
     def __post_init__(self) -> None:
         if not self.argv:
             raise SandboxError("nothing to run: the sandbox argv is empty")
+        if not 0 <= self.clock_start_s < 2**31:
+            raise SandboxError(f"clock start {self.clock_start_s} s is out of range")
         if any("\0" in arg for arg in self.argv):
             raise SandboxError("sandbox argv contains a NUL byte")
         for name, value in self.env.items():
@@ -224,12 +337,20 @@ class SandboxResult:
     limits_enforced: Mapping[str, str]  # only what was really enforced, and how
     # asked for but impossible here, with the reason
     limits_not_enforced: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Sources of nondeterminism this run fixed, and how; and those it could not fix here, and
+    # why (UNFIXABLE_SOURCES lists the ones no run fixes).
+    determinism: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    determinism_not_fixed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 # --- argv -----------------------------------------------------------------------------------
 
-def sandbox_options(spec: SandboxSpec, *, json_status_fd: int | None = None) -> list[BwrapOption]:
-    """The bwrap options of one run, in mount order."""
+def sandbox_options(spec: SandboxSpec, *, json_status_fd: int | None = None,
+                    proc_stat_fd: int | None = None) -> list[BwrapOption]:
+    """The bwrap options of one run, in mount order.
+
+    `proc_stat_fd` holds PROC_STAT, bound over /proc/stat (run_sandbox always passes one).
+    """
     tmp_bytes = spec.limits.tmp_bytes
     options: list[BwrapOption] = [
         UNSHARE_ALL,
@@ -248,6 +369,7 @@ def sandbox_options(spec: SandboxSpec, *, json_status_fd: int | None = None) -> 
         Bind(spec.output_dir, "/output"),
         Tmpfs("/tmp", tmp_bytes),
         Proc("/proc"),
+        *([RoBindData(proc_stat_fd, "/proc/stat")] if proc_stat_fd is not None else []),
         Dev("/dev"),
         # --dev leaves /dev a writable, unsized tmpfs: size /dev/shm and freeze the rest.
         Tmpfs("/dev/shm", tmp_bytes),
@@ -259,29 +381,29 @@ def sandbox_options(spec: SandboxSpec, *, json_status_fd: int | None = None) -> 
     return options
 
 
-def _option_args(spec: SandboxSpec, json_status_fd: int | None) -> list[str]:
-    return [arg for option in sandbox_options(spec, json_status_fd=json_status_fd)
+def _option_args(spec: SandboxSpec, json_status_fd: int | None,
+                 proc_stat_fd: int | None) -> list[str]:
+    return [arg for option in sandbox_options(spec, json_status_fd=json_status_fd,
+                                              proc_stat_fd=proc_stat_fd)
             for arg in option.args()]
 
 
 def bwrap_argv(spec: SandboxSpec, *, json_status_fd: int | None = None,
-               bwrap: str = "bwrap") -> list[str]:
+               proc_stat_fd: int | None = None, bwrap: str = "bwrap") -> list[str]:
     """Pure: the full command line that runs `spec` (no file system access).
 
     run_sandbox passes the options through `--args FD` instead, so that the sandbox's
     /proc/1/cmdline does not show host paths.
     """
     # "--": an argv[0] starting with "--" is still the payload.
-    return [bwrap, *_option_args(spec, json_status_fd), "--", *spec.argv]
+    return [bwrap, *_option_args(spec, json_status_fd, proc_stat_fd), "--", *spec.argv]
 
 
-def _options_fd(spec: SandboxSpec, json_status_fd: int) -> int:
-    """A memfd holding the NUL-separated options, for `bwrap --args FD`."""
-    fd = os.memfd_create("bwrap-args", os.MFD_CLOEXEC)
+def _memfd(name: str, data: bytes) -> int:
+    """A memfd holding `data`, positioned at its start (close-on-exec: pass it explicitly)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
-        payload = b"".join(os.fsencode(arg) + b"\0"
-                           for arg in _option_args(spec, json_status_fd))
-        view = memoryview(payload)
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.lseek(fd, 0, os.SEEK_SET)
@@ -289,6 +411,12 @@ def _options_fd(spec: SandboxSpec, json_status_fd: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _options_fd(spec: SandboxSpec, json_status_fd: int, proc_stat_fd: int) -> int:
+    """A memfd holding the NUL-separated options, for `bwrap --args FD`."""
+    return _memfd("bwrap-args", b"".join(os.fsencode(arg) + b"\0" for arg in
+                                         _option_args(spec, json_status_fd, proc_stat_fd)))
 
 
 # --- availability ---------------------------------------------------------------------------
@@ -675,15 +803,93 @@ def remove_run_cgroups(cgroups: Iterable[RunCgroup], *, deadline_s: float = _KIL
 
 # --- the child process ----------------------------------------------------------------------
 
-@functools.cache
-def _libc_personality() -> Callable[[int], int] | None:
+def _libc_function(name: str, argtypes: list[type]) -> Callable[..., int] | None:
     try:
-        function = ctypes.CDLL(None, use_errno=True).personality
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_ulong]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
-    return function
+    return function  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _libc_personality() -> Callable[[int], int] | None:
+    return _libc_function("personality", [ctypes.c_ulong])
+
+
+@functools.cache
+def _libc_unshare() -> Callable[[int], int] | None:
+    return _libc_function("unshare", [ctypes.c_int])
+
+
+@functools.cache
+def aslr_problem() -> str | None:
+    """Why ASLR cannot be turned off for the payload here, or None.
+
+    Docker's default seccomp profile, for one, allows personality() only with a few values.
+    """
+    personality = _libc_personality()
+    if personality is None:
+        return "personality() is not available"
+    current = personality(_PERSONALITY_QUERY)
+    if current == -1 or personality(current | _ADDR_NO_RANDOMIZE) == -1:
+        return f"personality(ADDR_NO_RANDOMIZE) failed: {os.strerror(ctypes.get_errno())}"
+    personality(current)  # only tried: the caller keeps its own
+    return None
+
+
+def _enter_time_namespace(unshare: Callable[[int], int], start_ns: int) -> None:
+    """Give this process's future children (the sandbox) their own monotonic and boot clocks,
+    both reading `start_ns` now. The caller itself stays in its time namespace.
+
+    For forked children only: offsets can be written only before the namespace has members.
+    """
+    if unshare(_CLONE_NEWTIME) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"unshare(CLONE_NEWTIME): {os.strerror(errno)}")
+    offsets = b""
+    for name, clock in ((b"monotonic", time.CLOCK_MONOTONIC), (b"boottime", time.CLOCK_BOOTTIME)):
+        # The kernel wants nanoseconds in [0, 1e9): divmod floors, as it should.
+        seconds, nanoseconds = divmod(start_ns - time.clock_gettime_ns(clock), 1_000_000_000)
+        offsets += b"%s %d %d\n" % (name, seconds, nanoseconds)
+    fd = os.open("/proc/self/timens_offsets", os.O_WRONLY)
+    try:
+        os.write(fd, offsets)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def time_namespace_problem() -> str | None:
+    """Why the payload cannot get its own monotonic clock here, or None. Probed once, by
+    starting `bwrap --version` the way a run starts bwrap."""
+    if not os.path.exists("/proc/self/ns/time"):
+        return "this kernel has no time namespaces (Linux 5.6+ with CONFIG_TIME_NS)"
+    unshare = _libc_unshare()
+    if unshare is None:
+        return "unshare() is not available"
+    if os.geteuid() != 0:
+        # A time namespace needs CAP_SYS_ADMIN, and bwrap 0.8 has no option for one.
+        return ("a time namespace needs root (CAP_SYS_ADMIN) and bwrap 0.8 cannot make one: "
+                "the monotonic and boot clocks are the host's")
+    try:
+        subprocess.run([_find_bwrap(), "--version"], capture_output=True, check=True,
+                       timeout=10, env={},
+                       preexec_fn=lambda: _enter_time_namespace(unshare, 1_000_000_000))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot create a time namespace here ({exc})"
+    return None
+
+
+_cpu_turn = itertools.count()
+
+
+def _pick_cpus() -> tuple[int, ...]:
+    """The allowed CPUs, rotated so that concurrent runs start on different ones."""
+    allowed = sorted(os.sched_getaffinity(0))
+    start = (os.getpid() + next(_cpu_turn)) % len(allowed)
+    return tuple(allowed[start:] + allowed[:start])
 
 
 @dataclass(frozen=True)
@@ -696,6 +902,10 @@ class ChildSetup:
     drop_to: tuple[int, int] | None  # (uid, gid) when started as root
     personality: Callable[[int], int] | None  # resolved before fork: dlopen is unsafe after
     signals_to_default: tuple[signal.Signals, ...] = ()
+    # Candidate CPUs, best first: the sandbox is pinned to the first SANDBOX_CPUS that work.
+    cpus: tuple[int, ...] = ()
+    unshare: Callable[[int], int] | None = None  # with clock_start_ns: own time namespace
+    clock_start_ns: int | None = None
 
     def __call__(self) -> None:
         # Runs in the forked child: no imports, no locks, no logging.
@@ -716,11 +926,26 @@ class ChildSetup:
         os.umask(SANDBOX_UMASK)
         if self.personality is not None:
             self.personality(_ADDR_NO_RANDOMIZE)  # inherited through exec: no ASLR inside
+        if self.cpus:
+            self._pin_cpus()
+        if self.unshare is not None and self.clock_start_ns is not None:
+            # Needs the privileges dropped just below; bwrap and the sandbox are its children.
+            _enter_time_namespace(self.unshare, self.clock_start_ns)
         if self.drop_to is not None:
             uid, gid = self.drop_to
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
+
+    def _pin_cpus(self) -> None:
+        # Usually the first choice works; a CPU may have gone offline since the parent looked.
+        for start in range(len(self.cpus) - SANDBOX_CPUS + 1):
+            try:
+                os.sched_setaffinity(0, self.cpus[start:start + SANDBOX_CPUS])
+                return
+            except OSError:
+                continue
+        raise OSError("cannot pin the sandbox to a CPU")
 
 
 def _ignored_signals() -> tuple[signal.Signals, ...]:
@@ -736,12 +961,39 @@ def _ignored_signals() -> tuple[signal.Signals, ...]:
     return tuple(ignored)
 
 
-def _capped(which: int, wanted: int) -> tuple[int, int]:
-    """(soft, hard) for `wanted`, never above the hard limit we were given (raising it fails)."""
-    _, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
-        wanted = min(wanted, hard)
-    return wanted, wanted
+def _at_most(value: int, ceiling: int) -> int:
+    if ceiling == _INF:
+        return value
+    return ceiling if value == _INF else min(value, ceiling)
+
+
+def _capped(which: int, soft: int, hard: int, *, can_raise: bool) -> tuple[int, int]:
+    """(soft, hard) as wanted, except that without privileges the hard limit we were given
+    cannot be raised."""
+    if can_raise:
+        return soft, hard
+    _, given_hard = resource.getrlimit(which)
+    hard = _at_most(hard, given_hard)
+    return _at_most(soft, hard), hard
+
+
+_CAP_SYS_RESOURCE = 24
+
+
+@functools.cache
+def _can_raise_hard_limits() -> bool:
+    """Whether we hold CAP_SYS_RESOURCE (root in a container often does not)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> _CAP_SYS_RESOURCE & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _rlimit_text(value: int) -> str:
+    return "unlimited" if value == _INF else str(value)
 
 
 def _count_tasks_of_uid(uid: int) -> int:
@@ -757,38 +1009,63 @@ def _count_tasks_of_uid(uid: int) -> int:
     return count
 
 
+@dataclass(frozen=True)
+class RlimitPlan:
+    """Every rlimit the child sets, how the limits among them are described to the user, and
+    which values differ from the fixed ones (a non-root caller cannot raise a hard limit)."""
+
+    rlimits: tuple[tuple[int, int, int], ...]  # (resource, soft, hard)
+    enforced: Mapping[str, str]
+    not_fixed: Mapping[str, str]
+
+
 def plan_rlimits(limits: Limits, *, have_memory_cgroup: bool, have_pids_cgroup: bool,
-                 running_as_root: bool) -> tuple[list[tuple[int, int, int]], dict[str, str]]:
-    """The rlimits set in the child and how each one is described to the user."""
+                 running_as_root: bool) -> RlimitPlan:
+    """The rlimits set in the child: every one of them, so that none is the host's."""
     plan: list[tuple[int, int, int]] = []
     described: dict[str, str] = {}
+    not_fixed: dict[str, str] = {}
 
-    def add(which: int, wanted: int) -> int:
-        soft, hard = _capped(which, wanted)
-        plan.append((which, soft, hard))
-        return soft
+    def add(name: str, soft: int, hard: int | None = None) -> int:
+        which = getattr(resource, name) if hasattr(resource, name) else _UNNAMED_RLIMITS[name]
+        wanted = (soft, soft if hard is None else hard)
+        got = _capped(which, *wanted, can_raise=_can_raise_hard_limits())
+        plan.append((which, *got))
+        if got != wanted:
+            not_fixed[name] = (f"soft {_rlimit_text(got[0])}, hard {_rlimit_text(got[1])} "
+                               f"instead of {_rlimit_text(wanted[0])}, "
+                               f"{_rlimit_text(wanted[1])}: the caller's hard limit is lower")
+        return got[0]
 
-    add(resource.RLIMIT_CORE, 0)
+    add("RLIMIT_CORE", 0)
     described["core_dumps"] = "none (RLIMIT_CORE 0)"
+    size = add("RLIMIT_FSIZE", _INF if limits.file_bytes is None else limits.file_bytes)
     if limits.file_bytes is not None:
-        size = add(resource.RLIMIT_FSIZE, limits.file_bytes)
         described["file_size"] = f"{size} bytes per file (RLIMIT_FSIZE)"
+    seconds = add("RLIMIT_CPU", _INF if limits.cpu_seconds is None else limits.cpu_seconds)
     if limits.cpu_seconds is not None:
-        seconds = add(resource.RLIMIT_CPU, limits.cpu_seconds)
         described["cpu_time"] = f"{seconds} s per process (RLIMIT_CPU)"
-    open_files = add(resource.RLIMIT_NOFILE, limits.open_files)
+    open_files = add("RLIMIT_NOFILE", limits.open_files)
     described["open_files"] = f"{open_files} per process (RLIMIT_NOFILE)"
     if limits.memory_bytes is not None and not have_memory_cgroup:
-        size = add(resource.RLIMIT_AS, limits.memory_bytes)
+        size = add("RLIMIT_AS", limits.memory_bytes)
         described["memory"] = (f"{size} bytes of address space per process (RLIMIT_AS; "
                                "no memory cgroup, so not a whole-sandbox limit)")
+    else:
+        add("RLIMIT_AS", _INF)
     if limits.pids is not None and not have_pids_cgroup and not running_as_root:
         # RLIMIT_NPROC counts every task of our uid on the host, so allow for those first.
         uid = os.getuid()
-        nproc = add(resource.RLIMIT_NPROC, limits.pids + _count_tasks_of_uid(uid))
+        nproc = add("RLIMIT_NPROC", limits.pids + _count_tasks_of_uid(uid))
         described["pids"] = (f"{limits.pids} processes/threads (RLIMIT_NPROC {nproc}, "
                              f"counted over all processes of uid {uid})")
-    return plan, described
+        not_fixed["RLIMIT_NPROC"] = (f"{nproc}: the pids limit plus the caller's other "
+                                     "processes (no pids cgroup here)")
+    else:
+        add("RLIMIT_NPROC", _INF)  # a pids cgroup limits processes, or nothing does
+    for name, (soft, hard) in FIXED_RLIMITS.items():
+        add(name, soft, hard)
+    return RlimitPlan(tuple(plan), MappingProxyType(described), MappingProxyType(not_fixed))
 
 
 # --- running --------------------------------------------------------------------------------
@@ -807,6 +1084,53 @@ def _check_rootfs(spec: SandboxSpec) -> None:
         if not is_real_dir:
             raise SandboxError(f"rootfs {spec.rootfs} has no real directory /{name} "
                                "(a symlink or missing mount point is refused)")
+
+
+def plan_determinism(spec: SandboxSpec, rlimit_plan: RlimitPlan, *,
+                     running_as_root: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """(fixed, not fixed): the sources of nondeterminism this run fixes, and how; those it
+    cannot fix on this machine, and why. Probes what the machine allows (cached)."""
+    fixed = {
+        "hostname": f"{HOSTNAME} (own UTS namespace)",
+        "environment": f"only {', '.join(sorted(spec.env))} and PWD (--clearenv)",
+        "umask": f"{SANDBOX_UMASK:04o}",
+        "ids": "uid 0, gid 0 (own user namespace)",
+        "cwd": "/",
+        "signals": "default dispositions, none blocked",
+        "cpu_count": (f"{SANDBOX_CPUS} (sched_setaffinity to one of the allowed CPUs; a "
+                      "synthetic /proc/stat lists one CPU for glibc's sysconf, e.g. Python's "
+                      "os.cpu_count)"),
+        "proc_stat": f"synthetic: one CPU, zero counters, btime {SOURCE_DATE_EPOCH}",
+        "output_dir": f"/output starts empty, mode 0755, mtime {SOURCE_DATE_EPOCH}",
+        "stdin": "/dev/null",
+    }
+    not_fixed: dict[str, str] = {}
+    personality_problem = aslr_problem()
+    if personality_problem is None:
+        fixed["aslr"] = "off (personality ADDR_NO_RANDOMIZE): the same memory map in every run"
+    else:
+        not_fixed["aslr"] = f"on: {personality_problem}"
+    clock_problem = time_namespace_problem()
+    if clock_problem is None:
+        fixed["clocks"] = (f"CLOCK_MONOTONIC and CLOCK_BOOTTIME (/proc/uptime) start at "
+                           f"{spec.clock_start_s:g} s (own time namespace)")
+    else:
+        not_fixed["clocks"] = clock_problem
+    if rlimit_plan.not_fixed:
+        not_fixed["rlimits"] = "; ".join(f"{name} {why}"
+                                         for name, why in sorted(rlimit_plan.not_fixed.items()))
+    else:
+        fixed["rlimits"] = "every one at a fixed value (FIXED_RLIMITS and the run's Limits)"
+    if running_as_root:
+        fixed["ids"] += ", no supplementary groups"
+    elif extra := set(os.getgroups()) - {os.getgid()}:
+        # bwrap cannot drop them: an unprivileged user namespace denies setgroups().
+        not_fixed["groups"] = (f"the caller's {len(extra)} supplementary group(s) show as "
+                               f"{SANDBOX_GID} (nogroup) inside")
+    if spec.interactive:
+        del fixed["stdin"]
+        not_fixed["stdin"] = "the caller's (interactive run)"
+    return fixed, not_fixed
 
 
 def _exit_status_of_returncode(returncode: int) -> int:
@@ -952,13 +1276,17 @@ def run_sandbox(spec: SandboxSpec, *, on_stdout: Callable[[bytes], None] | None 
     _check_rootfs(spec)
     limits = spec.limits
     running_as_root = os.geteuid() == 0
-    if running_as_root:
-        # The payload is host uid SANDBOX_UID: its /output must be writable by it.
-        try:
+    try:
+        if running_as_root:
+            # The payload is host uid SANDBOX_UID: its /output must be writable by it.
             os.chown(spec.output_dir, SANDBOX_UID, SANDBOX_GID)
-        except OSError as exc:
-            raise SandboxError(f"cannot give the output directory {spec.output_dir} to the "
-                               f"sandbox uid {SANDBOX_UID}: {exc.strerror}") from None
+        # What `ls -ld /output` shows must not depend on the caller's umask or the time.
+        os.chmod(spec.output_dir, 0o755)
+        os.utime(spec.output_dir, (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH))
+    except OSError as exc:
+        raise SandboxError(f"cannot prepare the output directory {spec.output_dir} for the "
+                           f"sandbox uid {SANDBOX_UID if running_as_root else os.getuid()}: "
+                           f"{exc.strerror}") from None
 
     enforced: dict[str, str] = {}
     if limits.timeout is not None:
@@ -969,28 +1297,33 @@ def run_sandbox(spec: SandboxSpec, *, on_stdout: Callable[[bytes], None] | None 
 
     cgroups, cgroup_enforced = create_run_cgroups(limits)
     process: subprocess.Popen[bytes] | None = None
-    status_read = status_write = options_fd = pid_read = pid_write = -1
+    status_read = status_write = options_fd = proc_stat_fd = pid_read = pid_write = -1
     selector = selectors.DefaultSelector()
     try:
         enforced.update(cgroup_enforced)
-        rlimits, rlimit_enforced = plan_rlimits(
+        rlimit_plan = plan_rlimits(
             limits, have_memory_cgroup="memory" in cgroup_enforced,
             have_pids_cgroup="pids" in cgroup_enforced, running_as_root=running_as_root)
-        enforced.update(rlimit_enforced)
+        enforced.update(rlimit_plan.enforced)
         not_enforced = {
             name: "no writable cgroup with this controller and no fallback"
             for name, wanted in (("memory", limits.memory_bytes), ("pids", limits.pids))
             if wanted is not None and name not in enforced}
+        fixed, not_fixed = plan_determinism(spec, rlimit_plan, running_as_root=running_as_root)
 
         pid_read, pid_write = os.pipe()
         child_setup = ChildSetup(
             pid_report_fd=pid_write,
             cgroup_procs_files=tuple(str(c.procs_file) for c in cgroups),
-            rlimits=tuple(rlimits),
+            rlimits=rlimit_plan.rlimits,
             drop_to=(SANDBOX_UID, SANDBOX_GID) if running_as_root else None,
-            personality=_libc_personality(), signals_to_default=_ignored_signals())
+            personality=None if "aslr" in not_fixed else _libc_personality(),
+            signals_to_default=_ignored_signals(), cpus=_pick_cpus(),
+            unshare=None if "clocks" in not_fixed else _libc_unshare(),
+            clock_start_ns=round(spec.clock_start_s * 1e9))
         status_read, status_write = os.pipe()
-        options_fd = _options_fd(spec, json_status_fd=status_write)
+        proc_stat_fd = _memfd("proc-stat", PROC_STAT)
+        options_fd = _options_fd(spec, json_status_fd=status_write, proc_stat_fd=proc_stat_fd)
         started = time.monotonic()
         deadline = None if limits.timeout is None else started + limits.timeout
         try:
@@ -998,20 +1331,21 @@ def run_sandbox(spec: SandboxSpec, *, on_stdout: Callable[[bytes], None] | None 
                 [bwrap, "--args", str(options_fd), "--", *spec.argv],
                 stdin=None if spec.interactive else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={},
-                pass_fds=(status_write, options_fd), start_new_session=True, preexec_fn=child_setup)
+                pass_fds=(status_write, options_fd, proc_stat_fd), start_new_session=True,
+                preexec_fn=child_setup)
         except (OSError, subprocess.SubprocessError) as exc:
             # Popen has reaped the child already.
             raise SandboxError(f"sandbox set-up failed: could not start bwrap ({exc}; "
-                               "joining cgroups, setting rlimits or dropping privileges)"
-                               ) from None
+                               "joining cgroups, setting rlimits, pinning a CPU, making a "
+                               "time namespace or dropping privileges)") from None
         except BaseException:
             os.close(pid_write)
             pid_write = -1
             _kill_half_spawned(pid_read)
             raise
-        for fd in (status_write, options_fd, pid_write, pid_read):
+        for fd in (status_write, options_fd, proc_stat_fd, pid_write, pid_read):
             os.close(fd)
-        status_write = options_fd = pid_write = pid_read = -1
+        status_write = options_fd = proc_stat_fd = pid_write = pid_read = -1
 
         streams = _Streams(on_stdout, on_stderr)
         assert process.stdout is not None and process.stderr is not None
@@ -1033,7 +1367,7 @@ def run_sandbox(spec: SandboxSpec, *, on_stdout: Callable[[bytes], None] | None 
         raise
     finally:
         selector.close()
-        for fd in (status_read, status_write, options_fd, pid_read, pid_write):
+        for fd in (status_read, status_write, options_fd, proc_stat_fd, pid_read, pid_write):
             if fd >= 0:
                 os.close(fd)
         if process is not None:
@@ -1041,20 +1375,25 @@ def run_sandbox(spec: SandboxSpec, *, on_stdout: Callable[[bytes], None] | None 
                 if pipe is not None:
                     pipe.close()
 
-    limits_enforced = MappingProxyType(dict(sorted(enforced.items())))
-    limits_not_enforced = MappingProxyType(dict(sorted(not_enforced.items())))
+    def result(exit_status: int | None) -> SandboxResult:
+        return SandboxResult(
+            exit_status, timed_out, duration,
+            limits_enforced=MappingProxyType(dict(sorted(enforced.items()))),
+            limits_not_enforced=MappingProxyType(dict(sorted(not_enforced.items()))),
+            determinism=MappingProxyType(dict(sorted(fixed.items()))),
+            determinism_not_fixed=MappingProxyType(dict(sorted(not_fixed.items()))))
+
     if timed_out:
-        return SandboxResult(None, True, duration, limits_enforced, limits_not_enforced)
+        return result(None)
     exit_code = status.get("exit-code")
     if isinstance(exit_code, int):
-        return SandboxResult(exit_code, False, duration, limits_enforced, limits_not_enforced)
+        return result(exit_code)
     message = _bwrap_message(streams.stderr_tail.decode("utf-8", "replace"))
     assert process.returncode is not None
     if message is None and "child-pid" in status:
         # The sandbox started but bwrap lost its payload's status (e.g. the OOM killer chose
         # bwrap's own pid 1): report what bwrap itself died of.
-        return SandboxResult(_exit_status_of_returncode(process.returncode), False, duration,
-                             limits_enforced, limits_not_enforced)
+        return result(_exit_status_of_returncode(process.returncode))
     raise _setup_error(message or f"bwrap exited with status {process.returncode} "
                        "before starting the payload", running_as_root=running_as_root)
 

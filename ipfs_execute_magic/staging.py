@@ -3,14 +3,25 @@
 A rootfs is a `.tar.gz`, `.tar.zst` or `.tar` file CID, or a directory CID used as the root
 itself. An input is a directory CID. Both are fetched once, extracted safely (never following a
 symlink on the host) and reused read-only by every later run.
+
+Staged trees look the same wherever and whenever they were staged: modes are normalised by
+archive.py and every mtime is SOURCE_DATE_EPOCH. What differs by file system (readdir order)
+can be shuffled on purpose with `shuffled_view`, to expose payloads that depend on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import os
+import shutil
+import signal
 import stat as stat_module
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -18,6 +29,7 @@ from typing import BinaryIO
 from . import archive
 from .cache import ContentCache
 from .errors import BadRootfsError, StagingError, UsageError
+from .sandbox import SOURCE_DATE_EPOCH
 from .store import Store
 
 # Where the sandbox mounts things: these must be real directories in the staged root, because
@@ -85,6 +97,7 @@ class Stager:
         started = time.monotonic()
         ready = self.cache.get("rootfs", cid)
         if ready is not None:
+            _settle_old_entry(ready)
             return StagedTree(cid, ready, True, time.monotonic() - started)
         path = self.cache.fill("rootfs", cid, lambda tmp: self._fill_rootfs(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
@@ -93,9 +106,10 @@ class Stager:
         started = time.monotonic()
         ready = self.cache.get("input", cid)
         if ready is not None:
+            _settle_old_entry(ready)
             return StagedTree(cid, ready, True, time.monotonic() - started)
         if cid == EMPTY_DIRECTORY_CID:
-            path = self.cache.fill("input", cid, lambda tmp: None)
+            path = self.cache.fill("input", cid, set_tree_mtimes)
         else:
             path = self.cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
@@ -118,7 +132,10 @@ class Stager:
         else:
             raise BadRootfsError(f"rootfs {cid} is a {kind.kind}; give a .tar.gz/.tar.zst/.tar "
                                  "file CID or a directory CID")
-        check_rootfs(dest, cid)
+        check_rootfs(dest, cid)  # may create mount points: times are set after it
+        # Tarballs too: archive.extract does not apply members' mtimes, so the files would
+        # carry the time of extraction.
+        set_tree_mtimes(dest)
 
     def _fill_input(self, cid: str, dest: Path) -> None:
         kind = self.store.stat(cid)
@@ -126,6 +143,7 @@ class Stager:
             raise UsageError(f"input {cid} is a {kind.kind}, not a directory: put it in one, "
                              f"e.g. `ipfs-mkdir data.bin {cid}`")
         self._extract_directory(cid, dest, what=f"input {cid}")
+        set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
 
     def _extract_directory(self, cid: str, dest: Path, *, what: str) -> None:
         total = None
@@ -149,6 +167,28 @@ def _hoist_single_top(dest: Path, top_name: str) -> None:
         os.rename(parked / child, dest / child)
     os.rmdir(parked)
     os.chmod(dest, 0o755)
+
+
+def set_tree_mtimes(root: Path, mtime: int = SOURCE_DATE_EPOCH) -> None:
+    """Set the atime and mtime of everything under `root`, and of `root`, to `mtime`.
+
+    Symlinks get their own times (never their targets'); directories are done after their
+    content, `root` last, so that a root with the fixed time marks a finished tree.
+    """
+    times = (mtime, mtime)
+    for _folder, dirs, files, folder_fd in os.fwalk(root, topdown=False, follow_symlinks=False):
+        for name in (*files, *dirs):
+            os.utime(name, times, dir_fd=folder_fd, follow_symlinks=False)
+    os.utime(root, times, follow_symlinks=False)
+
+
+def _settle_old_entry(path: Path) -> None:
+    """Fix the times of a tree staged before staging fixed them (one stat when done)."""
+    try:
+        if os.stat(path).st_mtime != SOURCE_DATE_EPOCH:
+            set_tree_mtimes(path)
+    except OSError:
+        pass  # removed meanwhile, say: only `ls -l` inside would show it
 
 
 def _make_files_executable(root: Path) -> None:
@@ -185,3 +225,115 @@ def check_rootfs(root: Path, cid: str) -> None:
         raise BadRootfsError(f"rootfs {cid}: /{ENTRY_POINT} is not executable")
     if stat_module.S_ISDIR(st.st_mode):
         raise BadRootfsError(f"rootfs {cid}: /{ENTRY_POINT} is a directory")
+
+
+# --- a shuffled view, for verification ---------------------------------------------------------
+
+_VIEW_READY_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def shuffled_view_problem() -> str | None:
+    """Why `shuffled_view` cannot work here, or None."""
+    if shutil.which("disorderfs") is None:
+        return "disorderfs is not installed (Debian package disorderfs)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is missing or not accessible (FUSE is not available)"
+    if not _unmount_commands(Path("/")):
+        return "fusermount is not installed (Debian package fuse3)"
+    return None
+
+
+@contextlib.contextmanager
+def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
+    """A read-only view of the staged tree `path` whose directories list their entries in a
+    new random order at every listing (disorderfs --shuffle-dirents).
+
+    Bind it into a sandbox in place of `path` to expose payloads whose output depends on
+    readdir order. The view is mounted on a new directory under `parent` (default: the
+    system's temporary directory) and unmounted on exit. As root the view serves every uid
+    (--multi-user: the sandbox's uid reads it with its own permissions); otherwise only the
+    caller's uid, which is the sandbox's then, so `user_allow_other` is never needed.
+    """
+    problem = shuffled_view_problem()
+    if problem is not None:
+        raise StagingError(f"cannot shuffle the directory order of {path}: {problem}")
+    mount_point = Path(tempfile.mkdtemp(prefix="ipfs-execute-shuffled-", dir=parent))
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        os.chmod(mount_point, 0o755)  # the sandbox uid must traverse it
+        argv = [str(shutil.which("disorderfs")), "-f", "--quiet", "--shuffle-dirents=yes",
+                # Only the order changes: no reversal, and st_blocks as in the tree.
+                "--reverse-dirents=no", "--pad-blocks=0",
+                *(["--multi-user=yes"] if os.geteuid() == 0 else []),
+                "-o", "ro", str(path), str(mount_point)]
+        with tempfile.TemporaryFile() as errors:
+            # Foreground: the daemon is our child, so nothing outlives the view; it gets
+            # SIGTERM (and unmounts) if this thread dies first.
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=errors,
+                                       start_new_session=True,
+                                       preexec_fn=_die_with_parent(_libc_prctl()))
+            _wait_mounted(mount_point, process, errors, path)
+        yield mount_point
+    finally:
+        if process is not None:
+            _stop_view(mount_point, process)
+        with contextlib.suppress(OSError):
+            mount_point.rmdir()
+
+
+def _wait_mounted(mount_point: Path, process: subprocess.Popen[bytes], errors: BinaryIO,
+                  path: Path) -> None:
+    deadline = time.monotonic() + _VIEW_READY_TIMEOUT_S
+    while not os.path.ismount(mount_point):
+        if process.poll() is not None or time.monotonic() > deadline:
+            errors.seek(0)
+            message = errors.read().decode("utf-8", "replace").strip()
+            raise StagingError(f"disorderfs could not mount a shuffled view of {path}: "
+                               f"{message or 'it did not mount in time'}")
+        time.sleep(0.005)
+
+
+def _unmount_commands(mount_point: Path) -> list[list[str]]:
+    """Normal, then lazy (a process may still be inside), unmount commands available here."""
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount is not None:
+        return [[fusermount, "-u", "-q", str(mount_point)],
+                [fusermount, "-u", "-z", "-q", str(mount_point)]]
+    if os.geteuid() == 0 and (umount := shutil.which("umount")):
+        return [[umount, str(mount_point)], [umount, "-l", str(mount_point)]]
+    return []
+
+
+def _stop_view(mount_point: Path, process: subprocess.Popen[bytes]) -> None:
+    """Unmount (which ends the daemon), wait for the daemon; best effort, never raises."""
+    for command in _unmount_commands(mount_point):
+        if not os.path.ismount(mount_point):
+            break
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=10, check=False)
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@functools.cache
+def _libc_prctl() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+def _die_with_parent(prctl: Callable[..., int] | None) -> Callable[[], None]:
+    def child() -> None:  # runs between fork and exec: resolved beforehand
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), ctypes.c_ulong(0),
+                  ctypes.c_ulong(0), ctypes.c_ulong(0))
+    return child

@@ -7,6 +7,7 @@ as root (the tool then drops to SANDBOX_UID before starting bwrap).
 from __future__ import annotations
 
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -22,11 +23,16 @@ from pathlib import Path
 
 import pytest
 
+from ipfs_execute_magic import sandbox
 from ipfs_execute_magic.errors import SandboxError
 from ipfs_execute_magic.sandbox import (
     DEFAULT_ENV,
+    FIXED_RLIMITS,
+    PROC_STAT,
+    SOURCE_DATE_EPOCH,
     Bind,
     RoBind,
+    RoBindData,
     SandboxResult,
     SandboxSpec,
     Tmpfs,
@@ -34,14 +40,16 @@ from ipfs_execute_magic.sandbox import (
     bwrap_version,
     cgroup_mounts,
     check_available,
+    plan_rlimits,
     run_sandbox,
+    time_namespace_problem,
 )
 from ipfs_execute_magic.settings import SANDBOX_UID, Limits
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "echo", "ls", "sleep", "id", "mkdir", "wget", "nc", "env", "hostname",
            "head", "tail", "tr", "wc", "seq", "grep", "setsid", "touch", "stat", "ifconfig", "true",
-           "kill", "pwd", "unshare")
+           "kill", "pwd", "unshare", "nproc", "cut")
 # Marks every payload process of this session, so the host can be searched for leftovers.
 MARKER = f"sbxmark{secrets.token_hex(6)}"
 
@@ -172,6 +180,66 @@ def test_bwrap_argv_isolates_everything() -> None:
         assert f"--setenv {name} {value}" in options
 
 
+def test_bwrap_argv_binds_the_synthetic_proc_stat_over_the_fresh_proc() -> None:
+    assert RoBindData(9, "/proc/stat").args() == ("--perms", "444", "--ro-bind-data", "9",
+                                                  "/proc/stat")
+    argv = bwrap_argv(_spec(), proc_stat_fd=9)
+    options = " ".join(argv)
+    assert "--proc /proc --perms 444 --ro-bind-data 9 /proc/stat" in options
+    assert "--ro-bind-data" not in bwrap_argv(_spec())
+    # Exactly one CPU line, which is what glibc counts without /sys.
+    cpu_lines = [line for line in PROC_STAT.decode().splitlines() if line.startswith("cpu")]
+    assert [line.split()[0] for line in cpu_lines] == ["cpu", "cpu0"]
+
+
+def test_spec_rejects_an_impossible_clock_start() -> None:
+    with pytest.raises(SandboxError):
+        _spec(clock_start_s=-1.0)
+
+
+def _rlimit_table(plan) -> dict[str, tuple[int, int]]:
+    names = {getattr(resource, name): name for name in dir(resource)
+             if name.startswith("RLIMIT_") and name != "RLIMIT_OFILE"}  # OFILE: NOFILE's alias
+    names[10] = "RLIMIT_LOCKS"  # not in Python's resource module
+    return {names[which]: (soft, hard) for which, soft, hard in plan.rlimits}
+
+
+def test_plan_rlimits_sets_every_rlimit(monkeypatch) -> None:
+    monkeypatch.setattr(sandbox, "_can_raise_hard_limits", lambda: True)
+    plan = plan_rlimits(Limits(file_bytes=None, cpu_seconds=7, open_files=512),
+                        have_memory_cgroup=True, have_pids_cgroup=True, running_as_root=True)
+    table = _rlimit_table(plan)
+    # Linux has 16 rlimits (RLIM_NLIMITS): none is left at the host's value.
+    assert sorted(which for which, _soft, _hard in plan.rlimits) == list(range(16))
+    inf = resource.RLIM_INFINITY
+    assert table["RLIMIT_FSIZE"] == (inf, inf)  # None: unlimited, not inherited
+    assert table["RLIMIT_CPU"] == (7, 7)
+    assert table["RLIMIT_NOFILE"] == (512, 512)
+    assert table["RLIMIT_NPROC"] == (inf, inf)  # the pids cgroup limits processes
+    for name, wanted in FIXED_RLIMITS.items():
+        assert table[name] == wanted
+    assert plan.not_fixed == {}
+
+
+def test_plan_rlimits_reports_what_an_unprivileged_caller_cannot_reach(monkeypatch) -> None:
+    monkeypatch.setattr(sandbox, "_can_raise_hard_limits", lambda: False)
+    real_getrlimit = resource.getrlimit
+    low_memlock = 64 * 1024  # the kernel's default before 5.16
+
+    def fake_getrlimit(which: int) -> tuple[int, int]:
+        if which == resource.RLIMIT_MEMLOCK:
+            return low_memlock, low_memlock
+        return real_getrlimit(which)
+
+    monkeypatch.setattr(sandbox.resource, "getrlimit", fake_getrlimit)
+    plan = plan_rlimits(Limits(), have_memory_cgroup=True, have_pids_cgroup=True,
+                        running_as_root=False)
+    assert _rlimit_table(plan)["RLIMIT_MEMLOCK"] == (low_memlock, low_memlock)
+    assert "caller's hard limit is lower" in plan.not_fixed["RLIMIT_MEMLOCK"]
+    # Lowering is always allowed: the fixed pending-signals value is always reached.
+    assert "RLIMIT_SIGPENDING" not in plan.not_fixed
+
+
 def test_bwrap_argv_keeps_payload_dashes_as_payload() -> None:
     argv = bwrap_argv(_spec(argv=("--version",)))
     assert argv[-2:] == ["--", "--version"]
@@ -268,6 +336,43 @@ def test_identity_capabilities_and_determinism_knobs(run) -> None:
     assert lines[:3] == ["CapPrm:\t0000000000000000", "CapEff:\t0000000000000000",
                          "CapBnd:\t0000000000000000"]
     assert lines[3:9] == ["0", "0", "sandbox", "0022", "00040000", "/"]
+
+
+def test_cpu_count_clocks_and_rlimits_are_fixed_inside(run) -> None:
+    done = run("nproc; grep -c '^cpu[0-9]' /proc/stat; cut -d' ' -f1 /proc/uptime; "
+               "ulimit -i; ulimit -l; ulimit -s; stat -c '%a %Y' /output; "
+               "grep Cpus_allowed_list /proc/self/status")
+    nproc, stat_cpus, uptime, sigpending, memlock, stack, output_dir, allowed = (
+        done.stdout.decode().splitlines())
+    assert (nproc, stat_cpus) == ("1", "1")
+    assert len(allowed.split()[1].split(",")) == 1 and "-" not in allowed.split()[1]
+    assert sigpending == "1024"
+    assert (memlock, stack) == ("8192", "8192")
+    assert output_dir == f"755 {SOURCE_DATE_EPOCH}"
+    determinism = done.result.determinism
+    for source in ("hostname", "environment", "umask", "ids", "cwd", "cpu_count", "proc_stat"):
+        assert source in determinism
+    not_fixed = done.result.determinism_not_fixed
+    assert set(determinism).isdisjoint(not_fixed)
+    if time_namespace_problem() is None:
+        assert 1.0 <= float(uptime) < 3.0  # starts at CLOCK_START_S, as on a fresh boot
+        assert "clocks" in determinism
+    else:
+        assert not_fixed["clocks"] == time_namespace_problem()
+    # The time namespace was the sandbox's: this process and its later children keep ours.
+    assert os.readlink("/proc/self/ns/time") == os.readlink("/proc/self/ns/time_for_children")
+
+
+def test_aslr_is_off_so_memory_maps_repeat(run) -> None:
+    maps = [run("cat /proc/self/maps").stdout for _ in range(2)]
+    assert maps[0] == maps[1]
+    assert "aslr" in run("true").result.determinism
+
+
+def test_consecutive_runs_are_spread_over_the_cpus(run) -> None:
+    cpus = {run("grep Cpus_allowed_list /proc/self/status").stdout for _ in range(2)}
+    # One CPU each, but not the same one (where there are two to choose from).
+    assert len(cpus) == min(2, len(os.sched_getaffinity(0)))
 
 
 def test_no_host_paths_in_cmdline_no_stray_fds_no_nested_user_namespaces(run, base_dir) -> None:
@@ -470,18 +575,22 @@ def test_unprivileged_caller_falls_back_to_rlimits(rootfs, input_dir, base_dir) 
                            Limits(timeout=20, memory_bytes=256 * 1024**2, pids=32))
         result = run_sandbox(spec, on_stdout=sys.stdout.buffer.write)
         print(result.exit_status, result.limits_enforced["memory"],
-              result.limits_enforced["pids"], sep="\\n")
+              result.limits_enforced["pids"], " ".join(sorted(result.determinism_not_fixed)),
+              sep="\\n")
         """)
     completed = subprocess.run(
         ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", python, "-c",
          script], capture_output=True, text=True, timeout=60, check=False)
     assert completed.returncode == 0, completed.stderr
-    address_space_kb, max_processes, status, memory, pids = completed.stdout.splitlines()
+    address_space_kb, max_processes, status, memory, pids, not_fixed = (
+        completed.stdout.splitlines())
     assert address_space_kb == str(256 * 1024)
     assert int(max_processes) >= 32
     assert status == "0"
     assert memory.startswith(f"{256 * 1024**2} bytes of address space per process (RLIMIT_AS")
     assert pids.startswith("32 processes/threads (RLIMIT_NPROC")
+    # No time namespace without privileges; the NPROC fallback counts the caller's processes.
+    assert set(not_fixed.split()) >= {"clocks", "rlimits"}
     assert (output_dir / "x").stat().st_uid == user
 
 
