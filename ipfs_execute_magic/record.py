@@ -85,6 +85,7 @@ class RunRecord:
     env: dict[str, str] = field(default_factory=dict)
     sandbox: dict[str, Any] = field(default_factory=dict)  # the profile the payload saw
     determinism: dict[str, str] = field(default_factory=dict)  # sources fixed, and how
+    determinism_not_fixed: dict[str, str] = field(default_factory=dict)  # could not, and why
     key: str | None = None  # result-cache key
     stdout: str | None = None  # CID of what the payload printed (its last MiB)
     stderr: str | None = None

@@ -69,15 +69,18 @@ class ResultCache:
 
     # -- records ---------------------------------------------------------------------------
 
-    def save(self, record: RunRecord) -> str:
+    def save(self, record: RunRecord, *, index: bool = True) -> str:
         """Store a record; index it by output (always) and by key (when cacheable).
 
         The record is in the node when this returns (its CID may be handed to anyone at once);
         the index entries are written in the background and every read of the index waits
-        for them.
+        for them. `index=False` only stores it (a verifier's re-run: the index keeps naming
+        the run being checked, whatever the re-run gave).
         """
         data = record.to_json().encode()
         cid = self.store.add_bytes(data, name="record.json", pin=True)
+        if not index:
+            return cid
         links = []
         if record.output:
             links.append((f"{OUTPUTS_DIR}/{record.output}", cid))

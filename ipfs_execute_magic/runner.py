@@ -37,7 +37,8 @@ def sandbox_profile(request: RunRequest) -> dict[str, Any]:
     """What the payload sees of the sandbox, beyond its files: part of the cache key."""
     return {"layout": SANDBOX_LAYOUT, "hostname": sandbox.HOSTNAME, "uid": 0, "gid": 0,
             "umask": f"{sandbox.SANDBOX_UMASK:03o}", "cwd": "/",
-            "tmp_bytes": request.limits.tmp_bytes}
+            "tmp_bytes": request.limits.tmp_bytes,
+            "determinism": dict(sandbox.DETERMINISM_PROFILE)}
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,16 @@ class Runner:
     def run(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
             on_stderr: OutputCallback | None = None,
             on_progress: ProgressCallback | None = None,
-            use_cache: bool = True, shuffle_directories: bool = False) -> RunOutcome:
+            use_cache: bool = True, shuffle_directories: bool = False,
+            index: bool = True, clock_start_s: float | None = None) -> RunOutcome:
         """Run a request, or return the recorded result of an identical earlier run.
 
         `use_cache=False` runs anyway (and reports a disagreement with the cache);
         `shuffle_directories` shows the payload its rootfs and input through a view that
-        lists directories in random order (the verifier uses it to expose order dependence).
+        lists directories in random order (the verifier uses it to expose order dependence);
+        `index=False` stores the record without indexing it by output and key (the verifier's
+        re-runs: lineage and the cache keep naming the original run); `clock_start_s` starts
+        the payload's monotonic clock elsewhere (the verifier's "another start time").
         """
         t0 = time.monotonic()
         rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
@@ -116,8 +121,9 @@ class Runner:
             rootfs_path=_lineage_path(rootfs_path, rootfs_cid),
             input_path=_lineage_path(input_path, given_input) if input_path else None,
             t0=t0, resolve_s=resolve_s, on_stdout=on_stdout, on_stderr=on_stderr,
-            on_progress=on_progress, shuffle_directories=shuffle_directories)
-        record_cid = self.results.save(record) if record.output else None
+            on_progress=on_progress, shuffle_directories=shuffle_directories,
+            clock_start_s=clock_start_s)
+        record_cid = self.results.save(record, index=index) if record.output else None
         disagreement = None
         if cached is not None and record.succeeded and cached.record.output != record.output:
             disagreement = (f"this run's output {record.output} differs from the cached output "
@@ -133,7 +139,8 @@ class Runner:
                  resolve_s: float, on_stdout: OutputCallback | None,
                  on_stderr: OutputCallback | None,
                  on_progress: ProgressCallback | None,
-                 shuffle_directories: bool = False) -> RunRecord:
+                 shuffle_directories: bool = False,
+                 clock_start_s: float | None = None) -> RunRecord:
         started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
         durations: dict[str, float] = {"resolve": resolve_s}
         if not self._sandbox_checked:
@@ -157,10 +164,11 @@ class Runner:
                 if shuffle_directories:
                     rootfs_dir = views.enter_context(staging.shuffled_view(rootfs_dir))
                     input_dir = views.enter_context(staging.shuffled_view(input_dir))
-                spec = sandbox.SandboxSpec(rootfs=rootfs_dir, input_dir=input_dir,
-                                           output_dir=output_dir, argv=argv,
-                                           limits=request.limits,
-                                           interactive=request.interactive)
+                spec = sandbox.SandboxSpec(
+                    rootfs=rootfs_dir, input_dir=input_dir, output_dir=output_dir, argv=argv,
+                    limits=request.limits, interactive=request.interactive,
+                    clock_start_s=(sandbox.CLOCK_START_S if clock_start_s is None
+                                   else clock_start_s))
                 t_run = time.monotonic()
                 result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
                 durations["sandbox"] = time.monotonic() - t_run
@@ -193,7 +201,8 @@ class Runner:
             staged_from_cache={"rootfs": rootfs.was_cached, "input": staged_input.was_cached},
             given_input=given_input, script=script_cid, rootfs_path=rootfs_path,
             input_path=input_path, env=dict(spec.env), sandbox=sandbox_profile(request),
-            determinism=dict(getattr(result, "determinism", {}) or {}), key=key,
+            determinism=dict(result.determinism),
+            determinism_not_fixed=dict(result.determinism_not_fixed), key=key,
             stdout=stdout_cid, stderr=stderr_cid,
             output_truncated=stdout.truncated or stderr.truncated,
             pure=not request.interactive,

@@ -138,14 +138,17 @@ def verify(runner: Runner, stored: StoredRecord, *, runs: int = 1,
 
 
 def _rerun(runner: Runner, request: RunRequest, condition: str) -> RunRecord:
+    # index=False: a check must not change what the cache returns or what lineage shows (a
+    # re-run's record has no script and names the input with the script in it).
     if condition == "another staging location":
         with _another_staging(runner) as other:
-            return other.run(request, use_cache=False).record
+            return other.run(request, use_cache=False, index=False).record
     if condition == "shuffled directory order":
-        return runner.run(request, use_cache=False, shuffle_directories=True).record
+        return runner.run(request, use_cache=False, shuffle_directories=True,
+                          index=False).record
     if condition == "another start time":
         time.sleep(1.1)  # the wall clock, and anything derived from it, moves on
-    return runner.run(request, use_cache=False).record
+    return runner.run(request, use_cache=False, index=False).record
 
 
 _RECORD_IN_TEXT = re.compile(r"record[:= ]+\s*(?:ipfs://)?(b[a-z2-7]{50,})")
@@ -161,11 +164,15 @@ def records_in_notebook(path: Path) -> list[tuple[int, str]]:
     for index, cell in enumerate(notebook.get("cells", [])):
         seen: set[str] = set()
         for output in cell.get("outputs", []):
-            meta = (output.get("metadata") or {}).get("ipfs_execute") or {}
-            candidates = [meta.get("record")] if meta.get("record") else []
-            text = (output.get("data") or {}).get("text/plain", "")
-            text = "".join(text) if isinstance(text, list) else str(text)
-            candidates += _RECORD_IN_TEXT.findall(text)
+            meta = (output.get("metadata") or {}).get("ipfs_execute")
+            if isinstance(meta, dict):
+                # Our displays say what they show: a run (its record), or a view such as a
+                # verdict or a lineage that only mentions records of runs made elsewhere.
+                candidates = [str(meta["record"])] if meta.get("record") else []
+            else:
+                text = (output.get("data") or {}).get("text/plain", "")
+                text = "".join(text) if isinstance(text, list) else str(text)
+                candidates = _RECORD_IN_TEXT.findall(text)
             for cid in candidates:
                 if cid and is_cid(cid) and cid not in seen:
                     seen.add(cid)
