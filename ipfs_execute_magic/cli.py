@@ -402,7 +402,17 @@ pinned. Use it to compose the INPUT of a run from several CIDs:
 
 
 def mkdir_main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _mkdir_main(list(sys.argv[1:] if argv is None else argv))
+    except Exception as error:  # a bug: one line; the traceback only when asked for
+        if os.environ.get("IPFS_EXECUTE_DEBUG"):
+            raise
+        print(f"ipfs-mkdir: internal error: {type(error).__name__}: {error} "
+              "(IPFS_EXECUTE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_TOOL_FAILURE
+
+
+def _mkdir_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ipfs-mkdir", description=MKDIR_DESCRIPTION,
                                      usage="ipfs-mkdir [--api MULTIADDR] NAME PATH [NAME PATH...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,3 +22,10 @@ def test_readme_has_the_current_help(tool: str) -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "./run test" in README and "run\" test" in ci
+
+
+def test_readme_lists_every_unfixable_source() -> None:
+    from ipfs_execute_magic import sandbox
+
+    for name in sandbox.UNFIXABLE_SOURCES:
+        assert f"- `{name}`:" in README, f"README does not list the unfixable source {name}"
