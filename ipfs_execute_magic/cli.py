@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE, IpfsExecuteError, UsageError
@@ -157,17 +157,23 @@ def _fail(error: IpfsExecuteError) -> int:
     return error.exit_status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
+    """Run a command; any error becomes one line on stderr and an exit status."""
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        return body(list(sys.argv[1:] if argv is None else argv))
     except IpfsExecuteError as error:
-        return _fail(error)
+        print(f"{prog}: {error}", file=sys.stderr)
+        return error.exit_status
     except Exception as error:  # a bug: one line; the traceback only when asked for
         if os.environ.get("IPFS_EXECUTE_DEBUG"):
             raise
-        print(f"ipfs-execute: internal error: {type(error).__name__}: {error} "
+        print(f"{prog}: internal error: {type(error).__name__}: {error} "
               "(IPFS_EXECUTE_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_TOOL_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _guarded("ipfs-execute", _main, argv)
 
 
 def _main(argv: list[str]) -> int:
@@ -402,14 +408,7 @@ pinned. Use it to compose the INPUT of a run from several CIDs:
 
 
 def mkdir_main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _mkdir_main(list(sys.argv[1:] if argv is None else argv))
-    except Exception as error:  # a bug: one line; the traceback only when asked for
-        if os.environ.get("IPFS_EXECUTE_DEBUG"):
-            raise
-        print(f"ipfs-mkdir: internal error: {type(error).__name__}: {error} "
-              "(IPFS_EXECUTE_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return EXIT_TOOL_FAILURE
+    return _guarded("ipfs-mkdir", _mkdir_main, argv)
 
 
 def _mkdir_main(argv: list[str]) -> int:
