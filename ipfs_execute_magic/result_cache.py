@@ -69,13 +69,14 @@ class ResultCache:
 
     # -- records ---------------------------------------------------------------------------
 
-    def save(self, record: RunRecord, *, index: bool = True) -> str:
+    def save(self, record: RunRecord, *, index: bool = True, cache: bool = True) -> str:
         """Store a record; index it by output (always) and by key (when cacheable).
 
         The record is in the node when this returns (its CID may be handed to anyone at once);
         the index entries are written in the background and every read of the index waits
         for them. `index=False` only stores it (a verifier's re-run: the index keeps naming
-        the run being checked, whatever the re-run gave).
+        the run being checked, whatever the re-run gave); `cache=False` indexes it by output
+        but leaves the cache entry of its key alone.
         """
         data = record.to_json().encode()
         cid = self.store.add_bytes(data, name="record.json", pin=True)
@@ -84,7 +85,7 @@ class ResultCache:
         links = []
         if record.output:
             links.append((f"{OUTPUTS_DIR}/{record.output}", cid))
-        if record.cacheable and record.key:
+        if cache and record.cacheable and record.key:
             links.append((f"{CACHE_DIR}/{record.key}", cid))
             self._memo[record.key] = StoredRecord(record, cid)
         self._link_later(links)

@@ -123,9 +123,14 @@ class Runner:
             t0=t0, resolve_s=resolve_s, on_stdout=on_stdout, on_stderr=on_stderr,
             on_progress=on_progress, shuffle_directories=shuffle_directories,
             clock_start_s=clock_start_s)
-        record_cid = self.results.save(record, index=index) if record.output else None
+        disagrees = (cached is not None and record.succeeded
+                     and cached.record.output != record.output)
+        # A disagreeing forced run does not replace the cached result: the first one recorded
+        # stays the answer, and the disagreement is reported instead of hidden.
+        record_cid = (self.results.save(record, index=index, cache=not disagrees)
+                      if record.output else None)
         disagreement = None
-        if cached is not None and record.succeeded and cached.record.output != record.output:
+        if disagrees and cached is not None:
             disagreement = (f"this run's output {record.output} differs from the cached output "
                             f"{cached.record.output} of the same computation (record "
                             f"{cached.cid}, run {cached.record.started_at}): it is not "

@@ -98,3 +98,23 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped in CI, which must run everything: {reason}"
+
+
+@pytest.fixture(scope="module")
+def ip(home: Path, store, busybox_cid: str, empty_cid: str):
+    """An in-process IPython shell with the extension loaded, on the session's node."""
+    import ipfs_execute_magic as ie
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ipfs_execute_magic")
+    shell.run_line_magic("config", f"IpfsExecuteMagics.home = {str(home)!r}")
+    magics = shell.magics_manager.registry["IpfsExecuteMagics"]
+    # An earlier module may have set the same home already: then %config changes nothing and
+    # rebuilds nothing, and a Runner it dropped would come back from the environment.
+    magics.apply_settings()
+    assert ie.default_runner().settings.home == home
+    shell.user_ns.update(busybox=busybox_cid, empty=empty_cid)
+    yield shell
+    ie.default_runner().close()
+    magics.apply_settings()  # a fresh Runner (it connects on first use) on the session's node

@@ -35,17 +35,6 @@ WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
 @pytest.fixture(scope="module")
-def ip(home: Path, store, busybox_cid: str, empty_cid: str) -> Iterator[InteractiveShell]:
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "ipfs_execute_magic")
-    shell.run_line_magic("config", f"IpfsExecuteMagics.home = {str(home)!r}")
-    shell.user_ns.update(busybox=busybox_cid, empty=empty_cid)
-    yield shell
-    ie.default_runner().close()
-    ie._runner = None  # later modules build their own from their settings
-
-
-@pytest.fixture(scope="module")
 def data_dir() -> Path:
     path = world_traversable_tmpdir("iex-magic-data-")
     (path / "words.txt").write_text("pear\napple\npear\nfig\npear\n")

@@ -79,6 +79,8 @@ def test_forced_run_that_disagrees_is_reported(home: Path, busybox_cid: str,
     assert first.stdout != forced.stdout
     assert "differs from the cached output" in forced.stderr
     assert first.stdout.strip() in forced.stderr
+    again = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", script)
+    assert again.stdout == first.stdout and "cache hit" in again.stderr  # the first one stays
 
 
 @pytest.mark.parametrize("payload, limits", [

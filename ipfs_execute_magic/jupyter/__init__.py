@@ -1,4 +1,4 @@
-"""The Jupyter layer: the `%%ipfs_execute` magics and the result view.
+"""The Jupyter layer: the `%%ipfs_execute` magics, the result view, verdicts and lineage.
 
 Only this package imports IPython, ipywidgets and traitlets; the core stays usable without them.
 `%load_ext ipfs_execute_magic` registers the magics (see `magics.load_ipython_extension`).
@@ -7,5 +7,7 @@ Only this package imports IPython, ipywidgets and traitlets; the core stays usab
 from __future__ import annotations
 
 from .magics import IpfsExecuteMagics, PayloadFailedError, load_ipython_extension
+from .provenance import NotebookVerdict
 
-__all__ = ["IpfsExecuteMagics", "PayloadFailedError", "load_ipython_extension"]
+__all__ = ["IpfsExecuteMagics", "NotebookVerdict", "PayloadFailedError",
+           "load_ipython_extension"]

@@ -27,6 +27,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..errors import IpfsExecuteError
+from ..record import RunRecord
 from ..result import FileEntry, IpfsRef, RunResult
 
 PUBLIC_GATEWAY = "https://ipfs.io"
@@ -55,6 +56,15 @@ WIDGET_PREVIEW = PreviewLimits(text_bytes=64 * 1024, text_lines=2000, table_rows
                                image_bytes=4 * 1024**2, total_bytes=4 * 1024**2, files=1)
 LISTING_ROWS = 500  # rows of the static listing
 WIDGET_ROWS = 300  # rows of the widget tree (each row is two widgets)
+
+
+def record_status(record: RunRecord) -> str:
+    if record.timed_out:
+        limit = record.limits.get("timeout")
+        return f"✗ timed out after {limit:g} s" if limit else "✗ timed out"
+    if record.exit_status == 0:
+        return "✓ exit 0"
+    return f"✗ exit {record.exit_status}"
 
 
 def human_size(size: int) -> str:
@@ -179,13 +189,7 @@ class ResultView:
     # -- pieces shared by the widget and the HTML ------------------------------------------
 
     def status_text(self) -> str:
-        record = self.result.record
-        if record.timed_out:
-            limit = record.limits.get("timeout")
-            return f"✗ timed out after {limit:g} s" if limit else "✗ timed out"
-        if record.exit_status == 0:
-            return "✓ exit 0"
-        return f"✗ exit {record.exit_status}"
+        return record_status(self.result.record)
 
     def summary_text(self) -> str:
         files = [e for e in self.entries if e.kind != "directory"]
@@ -337,6 +341,9 @@ class ResultView:
         bundle["text/plain"] = self.to_plain()
         return bundle
 
+    def metadata(self) -> dict[str, Any]:
+        return result_metadata(self.result)
+
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         # `display(ResultView(result, gateway))` works without the registered formatter.
         return self.mimebundle()
@@ -429,8 +436,20 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
 
 # -- IPython formatters ------------------------------------------------------------------------
 
-def result_mimebundle(result: RunResult, gateway: str) -> dict[str, Any]:
-    return ResultView(result, gateway).mimebundle()
+def result_metadata(result: RunResult) -> dict[str, Any]:
+    """Output metadata naming the run: saved with the cell, so `ipfs-execute verify
+    NOTEBOOK.ipynb` finds every run of an executed notebook without reading its text."""
+    record = result.record
+    named = {"record": result.record_cid, "output": record.output, "rootfs": record.rootfs,
+             "input": record.input}
+    return {"ipfs_execute": {key: cid for key, cid in named.items() if cid}}
+
+
+def result_mimebundle(result: RunResult,
+                      gateway: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(data, metadata), as IPython's mimebundle formatters may return."""
+    view = ResultView(result, gateway)
+    return view.mimebundle(), view.metadata()
 
 
 def ref_mimebundle(ref: IpfsRef, gateway: str) -> dict[str, Any]:

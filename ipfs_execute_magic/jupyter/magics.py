@@ -1,4 +1,5 @@
-"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`: the notebook front end of the core.
+"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`, `%ipfs_verify`, `%ipfs_lineage`: the notebook
+front end of the core.
 
 A thin layer: arguments become a RunRequest for the same Runner the Python API uses
 (`ipfs_execute_magic.default_runner()`), the payload's output streams into the cell as it is
@@ -31,12 +32,16 @@ import ipfs_execute_magic as ie
 from ..cli import _seconds, _size
 from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
+from ..lineage import LineageNode, lineage
 from ..record import SCRIPT_PATH, RunRequest
 from ..result import IpfsRef, RunResult
 from ..settings import Limits, Settings
 from ..store import IpfsPath, Store
+from ..verify import RerunResult, Verdict, verify
 from .display import (PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle,
                       result_mimebundle)
+from .provenance import (LineageView, NotebookVerdict, NotebookVerdictView, VerdictView,
+                         VerifyProgress, verify_notebook)
 
 if TYPE_CHECKING:
     from ..runner import Runner
@@ -45,6 +50,11 @@ INTERRUPTED_LINE = "interrupted: the sandbox was stopped"
 PROGRESS_DELAY = 0.5  # seconds of staging before a progress line appears
 STDERR_TAIL_LINES = 12  # of a failing payload's stderr, in its error
 _CORE_LIMITS = Limits()  # the defaults the traits fall back to, for their help
+Bundle = tuple[dict[str, Any], dict[str, Any]]  # a mimebundle formatter: (data, metadata)
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
 
 
 class PayloadFailedError(Exception):
@@ -210,6 +220,40 @@ Examples:
   %ipfs_execute $busybox {{counts}} -o listing -- sh -c 'ls -l /input > /output/ls.txt'
 """
 
+# Usages for argparse (see EXECUTE_USAGE): IPython puts "%" before the first line only.
+VERIFY_USAGE = ("ipfs_verify [-o NAME] [--runs N] NAME_OR_RECORD\n"
+                "  %%ipfs_verify [-o NAME] [--runs N] --notebook PATH.ipynb")
+VERIFY_EPILOG = """\
+Every run is recorded (`ipfs cat RECORD`: rootfs, input, arguments, output, versions). A
+re-run repeats it exactly, without the result cache, and compares output CIDs. With
+--runs N the conditions vary on purpose (another staging location, a directory order
+shuffled by disorderfs, another start time) to expose what the output secretly depends on:
+the wall clock, random bytes, the order of directory listings.
+
+With --notebook, every run recorded in the saved outputs of an executed notebook is
+re-run (each run's display carries its record CID in the output metadata); the report
+lists each cell's verdict, and a run whose record cannot be found is reported, not fatal.
+The command-line equivalent: `ipfs-execute verify RECORD|NOTEBOOK.ipynb [--runs N]`.
+
+Examples:
+  %ipfs_verify counts
+  %ipfs_verify counts --runs 3 -o verdict
+  %ipfs_verify bafy...record-or-output-cid
+  %ipfs_verify --notebook analysis.ipynb
+"""
+LINEAGE_USAGE = "ipfs_lineage [-o NAME] NAME_OR_CID"
+LINEAGE_EPILOG = """\
+Runs are found through the node's index of outputs (/ipfs-execute/outputs in its MFS), so
+the lineage reaches as far back as the runs recorded on this node or imported with
+`ipfs-execute cache import`. A sub path ({counts}/sub/file) leads to the run whose output
+it is part of. Shared ancestors appear once under each run that used them.
+The command-line equivalent: `ipfs-execute lineage CID`.
+
+Examples:
+  %ipfs_lineage report
+  %ipfs_lineage {counts}/counts.csv -o graph
+"""
+
 
 @magics_class
 class IpfsExecuteMagics(Magics):
@@ -292,11 +336,24 @@ class IpfsExecuteMagics(Magics):
 
     # -- display (registered as IPython formatters by load_ipython_extension) ----------------
 
-    def result_bundle(self, result: RunResult) -> dict[str, Any]:
+    def result_bundle(self, result: RunResult) -> Bundle:
         return result_mimebundle(result, self.gateway_for(result.store))
 
     def ref_bundle(self, ref: IpfsRef) -> dict[str, Any]:
         return ref_mimebundle(ref, self.gateway_for(ref._store))
+
+    def _node_gateway(self) -> str:
+        # Verdicts and lineage hold no store: they were made with the process's Runner.
+        return self.gateway_for(ie.default_runner().store)
+
+    def verdict_bundle(self, verdict: Verdict) -> Bundle:
+        return VerdictView(verdict, self._node_gateway()).mimebundle()
+
+    def notebook_verdict_bundle(self, result: NotebookVerdict) -> Bundle:
+        return NotebookVerdictView(result, self._node_gateway()).mimebundle()
+
+    def lineage_bundle(self, node: LineageNode) -> Bundle:
+        return LineageView(node, self._node_gateway()).mimebundle()
 
     # -- magics ------------------------------------------------------------------------------
 
@@ -456,6 +513,140 @@ class IpfsExecuteMagics(Magics):
             self.shell.user_ns[name] = ref
         return ref
 
+    # -- verification and lineage ------------------------------------------------------------
+
+    def _target(self, word: str, option: str) -> Any:
+        """A bound name's value, else the word itself, which must be a CID or IPFS path."""
+        if word.isidentifier() and word in self.shell.user_ns:
+            return self.shell.user_ns[word]
+        try:
+            IpfsPath.parse(word)
+        except CoreUsageError as error:
+            if word.isidentifier():
+                raise UsageError(f"{option}: no variable {word!r} is defined, and it is not "
+                                 "a CID") from None
+            check_ipfs_path(option, word)  # its message, with the hint for `$name`
+            raise UsageError(f"{option}: {error}") from None
+        return word
+
+    @magic_arguments()
+    @kwds(usage=VERIFY_USAGE, epilog=VERIFY_EPILOG)
+    @argument("target", metavar="NAME_OR_RECORD", nargs="?", default=None,
+              help="a bound result (from %%%%ipfs_execute -o NAME or ie.run), or a run record "
+                   "CID, or the output CID of a recorded run ($name and {expr} work too)")
+    @argument("--notebook", metavar="PATH.ipynb", default=None,
+              help="verify every recorded run in this executed, saved notebook instead")
+    @argument("--runs", metavar="N", type=_positive_int, default=1,
+              help="re-runs per record, under varied conditions: the same staging, another "
+                   "staging location, a shuffled directory order, another start time "
+                   "(default 1)")
+    @argument("-o", "--out", metavar="NAME", help="bind the verdict to this variable")
+    @line_magic
+    def ipfs_verify(self, line: str) -> Verdict | NotebookVerdict:
+        """Re-run a recorded run without the cache and check that the output is the same.
+
+        Shows the verdict: each re-run's condition and whether its output matched the
+        recorded one; for a mismatch, the files that differ (added, removed, changed, with
+        their sizes), not just two CIDs. Returns the Verdict (.reproducible, .reruns); with
+        --notebook a NotebookVerdict (.cells, one per recorded run, and .reproducible).
+        """
+        options = self.ipfs_verify.parser.parse_args(shell_words(line))
+        name = check_name(options.out)
+        if (options.target is None) == (options.notebook is None):
+            raise UsageError("give either NAME_OR_RECORD or --notebook PATH.ipynb")
+        runner = ie.default_runner()
+        record_cid = None if options.target is None else self._record_cid_of(options.target)
+        progress = VerifyProgress()
+        summary = "stopped by an error"
+        try:
+            with core_errors():
+                if record_cid is None:
+                    result: Verdict | NotebookVerdict = self._verify_notebook(
+                        runner, Path(options.notebook).expanduser(), options.runs, progress)
+                    summary = f"verified {len(result.cells)} recorded runs"
+                else:
+                    result = self._verify_record(runner, record_cid, options.runs, progress)
+                    summary = f"re-ran {plural(options.runs, 'time')}"
+        except KeyboardInterrupt as interrupt:
+            # The core has killed the sandbox already; say so once and stop Run All.
+            summary = "interrupted"
+            print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+            raise _short(interrupt, "KeyboardInterrupt")
+        finally:
+            progress.finish(summary)
+        if name is not None:
+            self.shell.user_ns[name] = result
+        return result
+
+    @staticmethod
+    def _verify_record(runner: Runner, record_cid: str, runs: int,
+                       progress: VerifyProgress) -> Verdict:
+        stored = runner.results.find(record_cid)
+        done = 0
+
+        def report(rerun: RerunResult) -> None:
+            nonlocal done
+            done += 1
+            matched = "same output" if rerun.matches else "DIFFERENT output"
+            progress(f"re-run {done} of {runs} ({rerun.condition}): {matched}")
+
+        progress(f"re-running without the cache ({plural(runs, 'run')})")
+        return verify(runner, stored, runs=runs, on_rerun=report)
+
+    @staticmethod
+    def _verify_notebook(runner: Runner, path: Path, runs: int,
+                         progress: VerifyProgress) -> NotebookVerdict:
+        result = verify_notebook(runner, path, runs=runs, on_progress=progress)
+        if not result.cells:
+            raise CoreUsageError(f"{path}: no recorded runs in it (was it executed and "
+                                 "saved?)")
+        return result
+
+    def _record_cid_of(self, word: str) -> str:
+        value = self._target(word, "NAME_OR_RECORD")
+        if isinstance(value, RunResult):
+            if not value.record_cid:
+                raise UsageError(f"{word}: this run has no record (it could not be stored), "
+                                 "so there is nothing to verify it against")
+            return value.record_cid
+        text = str(value)
+        try:
+            IpfsPath.parse(text)
+        except CoreUsageError:
+            raise UsageError(f"NAME_OR_RECORD: {word} is {type(value).__name__} "
+                             f"{text[:40]!r}, not a run result, record CID or output "
+                             "CID") from None
+        return text
+
+    @magic_arguments()
+    @kwds(usage=LINEAGE_USAGE, epilog=LINEAGE_EPILOG)
+    @argument("target", metavar="NAME_OR_CID",
+              help="a bound result or CID (from %%%%ipfs_execute, %%ipfs_add, ...), a CID or "
+                   "an IPFS path ($name and {expr} work too)")
+    @argument("-o", "--out", metavar="NAME", help="bind the lineage to this variable")
+    @line_magic
+    def ipfs_lineage(self, line: str) -> LineageNode:
+        """Show how a result came to be: the recorded runs behind it, back to the data.
+
+        Walks run records back from the content: the run that produced it, the runs that
+        produced that run's input and rootfs, and so on, to content no recorded run made
+        (data added by hand, an image built elsewhere). Shown as a graph of runs (command,
+        start time, exit status, record CID) and data, edges labelled rootfs, input and
+        script. Returns the LineageNode (.record, .parents, .walk(), .to_text()).
+        """
+        options = self.ipfs_lineage.parser.parse_args(shell_words(line))
+        name = check_name(options.out)
+        value = self._target(options.target, "NAME_OR_CID")
+        if isinstance(value, RunResult) and value.record.output is None:
+            raise UsageError(f"{options.target}: this run has no output")
+        text = str(value)
+        check_ipfs_path("NAME_OR_CID", text)
+        with core_errors():
+            node = lineage(ie.default_runner().results, text)
+        if name is not None:
+            self.shell.user_ns[name] = node
+        return node
+
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register the magics, their config and the result formatters."""
@@ -467,3 +658,6 @@ def load_ipython_extension(ipython: Any) -> None:
     formatter = ipython.display_formatter.mimebundle_formatter
     formatter.for_type(RunResult, magics.result_bundle)
     formatter.for_type(IpfsRef, magics.ref_bundle)
+    formatter.for_type(Verdict, magics.verdict_bundle)
+    formatter.for_type(NotebookVerdict, magics.notebook_verdict_bundle)
+    formatter.for_type(LineageNode, magics.lineage_bundle)
