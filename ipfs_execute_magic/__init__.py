@@ -115,9 +115,9 @@ def mkdir(entries: Mapping[str, str]) -> IpfsRef:
     """CID of a new directory with each NAME set to a CID or IPFS path (NAME may be a/b)."""
     from .result import IpfsRef
 
-    store = default_runner().store
-    cid = store.compose({name: store.resolve(str(path)) for name, path in entries.items()})
-    return IpfsRef(cid, store)
+    runner = default_runner()
+    cid = runner.results.compose({name: str(path) for name, path in entries.items()})
+    return IpfsRef(cid, runner.store)
 
 
 def load_ipython_extension(ipython: Any) -> None:

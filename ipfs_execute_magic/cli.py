@@ -432,15 +432,18 @@ def _mkdir_main(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print("ipfs-mkdir: error: entries come in pairs NAME PATH", file=sys.stderr)
         return EXIT_USAGE
+    from .result_cache import ResultCache
     from .store import IpfsPath, Store
 
     try:
         settings = Settings.from_env(api=options.api, home=options.home)
         pairs = list(zip(words[0::2], words[1::2]))
-        parsed = [(name, IpfsPath.parse(path)) for name, path in pairs]
+        for _name, path in pairs:
+            IpfsPath.parse(path)  # a malformed path is a usage error before any daemon contact
         with Store.connect(settings) as store:
-            entries = {name: store.resolve(path) for name, path in parsed}
-            print(store.compose(entries))
+            results = ResultCache(store)
+            print(results.compose(dict(pairs)))
+            results.flush()
     except IpfsExecuteError as error:
         print(f"ipfs-mkdir: {error}", file=sys.stderr)
         return error.exit_status

@@ -69,8 +69,18 @@ def _node(results: ResultCache, path: IpfsPath, depth_left: int, seen: set[str])
         else path.root
     cid = store.resolve(path) if path.sub else root
     node = LineageNode(cid=cid, path=str(path))
+    if depth_left <= 0 or root in seen:
+        return node
     stored = results.record_for_output(root)
-    if stored is None or depth_left <= 0 or root in seen:
+    if stored is None:
+        composed = results.composition(root) if not path.sub else None
+        if composed:
+            # A directory made with ipfs-mkdir: its entries have lineages of their own.
+            node.note = "a directory composed with ipfs-mkdir"
+            for name, source in sorted(composed.items()):
+                role = name or "base"
+                node.parents.append((role, _node(results, IpfsPath.parse(source),
+                                                 depth_left - 1, seen | {root})))
         return node
     node.record, node.record_cid = stored.record, stored.cid
     record = stored.record

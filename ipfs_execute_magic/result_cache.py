@@ -13,18 +13,21 @@ else's, checking that every entry's key really is the hash of its record.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .errors import InvalidPathError, IpfsError, UsageError
 from .record import RunRecord
-from .store import Store, is_cid, raw_leaf_cid
+from .store import IpfsPath, Store, is_cid, raw_leaf_cid
 
 INDEX_ROOT = "/ipfs-execute"
 CACHE_DIR = f"{INDEX_ROOT}/cache"
 OUTPUTS_DIR = f"{INDEX_ROOT}/outputs"
+COMPOSED_DIR = f"{INDEX_ROOT}/composed"  # CID -> JSON {name: path} of an ipfs-mkdir directory
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -134,6 +137,33 @@ class ResultCache:
             raise UsageError(f"{cid} is neither a run record nor the output of a run recorded "
                              "on this node (import the cache it came from, or give the record "
                              "CID)") from None
+
+    # -- compositions (ipfs-mkdir), so lineage can see through them ------------------------
+
+    def compose(self, entries: Mapping[str, str], base: str | None = None) -> str:
+        """A new directory of the given entries (CIDs or IPFS paths); remembered for lineage."""
+        resolved = {name: self.store.resolve(str(path)) for name, path in entries.items()}
+        cid = self.store.compose(resolved, base=base)
+        sources = {name: str(IpfsPath.parse(str(path))) for name, path in entries.items()}
+        if base:
+            sources[""] = f"/ipfs/{base}"
+        note = json.dumps({"format": "ipfs-execute/composition/1", "entries": sources},
+                          sort_keys=True).encode()
+        self._link_later([(f"{COMPOSED_DIR}/{cid}",
+                           self.store.add_bytes(note, name="composition.json"))])
+        return cid
+
+    def composition(self, cid: str) -> dict[str, str] | None:
+        """{name: IPFS path} of a directory made by `compose`, or None."""
+        self.flush()
+        data = self.store.mfs_read(f"{COMPOSED_DIR}/{cid}")
+        if data is None:
+            return None
+        try:
+            entries = json.loads(data)["entries"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return {str(k): str(v) for k, v in entries.items()}
 
     def forget(self, key: str) -> None:
         self._memo.pop(key, None)

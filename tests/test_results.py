@@ -253,3 +253,27 @@ def test_a_second_node_gets_a_hit_from_an_imported_cache(busybox_tarball: Path) 
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_lineage_sees_through_compositions_and_output_sub_paths(
+        home: Path, busybox_cid: str, busybox_tarball: Path, store) -> None:
+    first = ipfs_execute(home, busybox_cid, store.empty_directory(), "sh", "-c",
+                         unique("echo one > /output/one.txt")).stdout.strip()
+    # An image built by a run, then used as a rootfs through a sub path of that run's output.
+    holder = world_traversable_tmpdir("iex-img-")
+    (holder / "rootfs.tar.gz").write_bytes(busybox_tarball.read_bytes())
+    image = ipfs_execute(home, busybox_cid, store.add_path(holder), "sh", "-c",
+                         unique("cp /input/rootfs.tar.gz /output/")).stdout.strip()
+    composed = subprocess.run([str(BIN / "ipfs-mkdir"), "a", first, "b/one.txt",
+                               f"{first}/one.txt"], env=cli_env(home), capture_output=True,
+                              text=True, check=True).stdout.strip()
+    last = ipfs_execute(home, f"{image}/rootfs.tar.gz", composed, "sh", "-c",
+                        "cat /input/a/one.txt /input/b/one.txt > /output/both.txt")
+    assert last.returncode == 0, last.stderr
+    shown = subprocess.run([str(BIN / "ipfs-execute"), "lineage", last.stdout.strip()],
+                           env=cli_env(home), capture_output=True, text=True, check=True).stdout
+    lines = [line.strip() for line in shown.splitlines()]
+    assert any(line.startswith(f"rootfs: /ipfs/{image}/rootfs.tar.gz  <- run") for line in lines)
+    assert any(line.startswith(f"input: /ipfs/{composed}  (a directory composed") for line in lines)
+    assert any(line.startswith(f"a: /ipfs/{first}  <- run") for line in lines)
+    assert any(line.startswith(f"b/one.txt: /ipfs/{first}/one.txt  <- run") for line in lines)

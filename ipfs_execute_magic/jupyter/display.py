@@ -115,7 +115,7 @@ def preview_html(path: str, data: bytes, size: int, limits: PreviewLimits) -> st
     more = truncated or len(lines) > limits.text_lines
     note = f'<div><i>… first {human_size(len(shown.encode()))} of {human_size(size)}</i></div>' \
         if more else ""
-    return f'<pre style="max-height:360px;overflow:auto;margin:0">{_e(shown)}</pre>{note}'
+    return f'<pre style="max-height:24em;overflow:auto;margin:0">{_e(shown)}</pre>{note}'
 
 
 def _decode_head(data: bytes) -> str | None:
