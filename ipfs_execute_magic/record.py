@@ -84,6 +84,7 @@ class RunRecord:
     input_path: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     sandbox: dict[str, Any] = field(default_factory=dict)  # the profile the payload saw
+    limits_not_enforced: dict[str, str] = field(default_factory=dict)  # asked for; why not
     determinism: dict[str, str] = field(default_factory=dict)  # sources fixed, and how
     determinism_not_fixed: dict[str, str] = field(default_factory=dict)  # could not, and why
     key: str | None = None  # result-cache key

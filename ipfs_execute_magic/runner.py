@@ -206,6 +206,7 @@ class Runner:
             staged_from_cache={"rootfs": rootfs.was_cached, "input": staged_input.was_cached},
             given_input=given_input, script=script_cid, rootfs_path=rootfs_path,
             input_path=input_path, env=dict(spec.env), sandbox=sandbox_profile(request),
+            limits_not_enforced=dict(result.limits_not_enforced),
             determinism=dict(result.determinism),
             determinism_not_fixed=dict(result.determinism_not_fixed), key=key,
             stdout=stdout_cid, stderr=stderr_cid,
