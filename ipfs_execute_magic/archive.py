@@ -55,6 +55,9 @@ MAX_CACHED_DIRS = 256
 # Deeper directories are walked with transient fds, so a path of thousands of components
 # (pax names have no length limit) cannot exhaust the fd table.
 MAX_CACHED_DEPTH = 64
+# No real root filesystem nests this deep; deeper trees would exhaust the recursion of every
+# tool that walks them later (Python's os.walk, rmtree), so they are refused outright.
+MAX_PATH_DEPTH = 256
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -798,6 +801,9 @@ def _split_path(raw: str, member: str, source: str, what: str = "path") -> tuple
         parts = [part for part in parts if part and part != "."]
     if ".." in parts:
         raise UnsafeArchiveError(member, f"has a '..' component in its {what}", source=source)
+    if len(parts) > MAX_PATH_DEPTH:
+        raise UnsafeArchiveError(member, f"is nested {len(parts)} directories deep (more than "
+                                 f"{MAX_PATH_DEPTH})", source=source)
     return tuple(parts)
 
 

@@ -128,13 +128,17 @@ class ContentCache:
             key = rest.partition(".")[0]
             if not (_KIND.fullmatch(kind) and _KEY.fullmatch(key)):
                 continue
-            if (kind, key) == held:
-                remove_tree(self._tmp / name)
-                continue
             # Never wait here: we hold a lock already, and a live filler may hold this one.
-            with self._locked(kind, key, blocking=False) as free:
-                if free:
+            try:
+                if (kind, key) == held:
                     remove_tree(self._tmp / name)
+                    continue
+                with self._locked(kind, key, blocking=False) as free:
+                    if free:
+                        remove_tree(self._tmp / name)
+            except (OSError, RecursionError):
+                # A leftover that cannot be removed must not stop every later fill.
+                continue
 
 
 def _check_name(kind: str, key: str) -> None:

@@ -1,8 +1,8 @@
 """The command-line tools `ipfs-execute` and `ipfs-mkdir`.
 
-Contract (kept from the original shell tool): options come before ROOTFS; everything after INPUT
-goes to /sbin/init verbatim, even when it looks like an option; only the output CID is printed
-on stdout; the payload's stdout and stderr go to stderr.
+Contract: options come before ROOTFS; everything after INPUT goes to /sbin/init verbatim, even
+when it looks like an option; only the output CID is printed on stdout; the payload's stdout
+and stderr go to stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE, IpfsExecuteError, UsageError
+from .errors import (EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE,
+                     IpfsExecuteError, UsageError)
 from .settings import Limits, Settings, parse_seconds, parse_size
 
 DESCRIPTION = """\
@@ -33,6 +34,7 @@ exit status:
   {EXIT_USAGE}         usage error (bad arguments, malformed CID or path)
   {EXIT_TIMEOUT}       the payload ran past --timeout and was killed (output still added)
   {EXIT_TOOL_FAILURE}       the tool itself failed: IPFS, staging or sandbox set-up
+  {EXIT_INTERRUPTED}       interrupted (Ctrl-C); the sandbox was stopped
 
 result cache:
   A successful run is recorded in IPFS; an identical run (same rootfs, input, arguments)
@@ -51,6 +53,9 @@ environment:
   IPFS_EXECUTE_HOME     data directory (embedded node repo, staging cache)
   IPFS_EXECUTE_TIMEOUT  default --timeout
   IPFS_EXECUTE_ONLINE   1: the embedded node joins the network (to share with other nodes)
+  IPFS_EXECUTE_FETCH_TIMEOUT  default --fetch-timeout
+  IPFS_EXECUTE_KUBO     the ipfs binary of the embedded node
+  IPFS_EXECUTE_DEBUG    1: show the traceback of an internal error
 
 example:
   ipfs-execute $BUSYBOX $EMPTY sh -c 'echo blabla > /output/test'
@@ -104,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true",
                         help="print the run's record (and its CID) as JSON instead of the "
                              "output CID")
+    parser.add_argument("--no-stdin", action="store_true",
+                        help="stdin is /dev/null even from a terminal: the run stays pure, so "
+                             "it is cached (a run with a terminal on stdin never is)")
     parser.add_argument("--no-cache", action="store_true",
                         help="run even when an identical run is recorded (a different output "
                              "is reported)")
@@ -164,6 +172,9 @@ def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | 
     except IpfsExecuteError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return error.exit_status
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; any sandbox was stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # a bug: one line; the traceback only when asked for
         if os.environ.get("IPFS_EXECUTE_DEBUG"):
             raise
@@ -182,6 +193,9 @@ def _main(argv: list[str]) -> int:
     if "-h" in option_words or "--help" in option_words or (not rest and not option_words):
         parser.print_help()
         return 0 if rest or option_words else EXIT_USAGE
+    if "--version" in option_words:
+        print(_version_text())
+        return 0
     if rest and rest[0] in _SUBCOMMANDS:
         return _subcommand(rest[0], option_words, rest[1:])
     if len(rest) < 2:
@@ -201,7 +215,7 @@ def _main(argv: list[str]) -> int:
         settings = _settings(options)
         request = RunRequest(rootfs=options.rootfs, input=options.input,
                              args=tuple(payload_args), limits=settings.limits,
-                             interactive=sys.stdin.isatty())
+                             interactive=sys.stdin.isatty() and not options.no_stdin)
         runner = Runner(settings)
         try:
             outcome = runner.run(request, on_stdout=_write_through, on_stderr=_write_through,
@@ -223,9 +237,6 @@ def _main(argv: list[str]) -> int:
             runner.close()
     except IpfsExecuteError as error:
         return _fail(error)
-    except KeyboardInterrupt:
-        print("ipfs-execute: interrupted; the sandbox was stopped", file=sys.stderr)
-        return 130
 
     if outcome.disagreement:
         print(f"ipfs-execute: warning: {outcome.disagreement}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 124  # as timeout(1): the payload ran past --timeout and was killed
 EXIT_TOOL_FAILURE = 125  # as `docker run`: the tool itself failed (IPFS, staging, sandbox set-up)
+EXIT_INTERRUPTED = 130  # as shells: 128 + SIGINT
 
 
 class IpfsExecuteError(Exception):

@@ -10,8 +10,8 @@ not, start it" makes exactly one of them start the daemon and the others wait an
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -111,16 +111,16 @@ class EmbeddedNode:
             return None
 
     def _pid(self) -> int | None:
+        """The daemon's pid, only if that process really is a Kubo daemon (a pid file can
+        outlive a reboot and name an unrelated process by then)."""
         try:
             pid = int(self._pid_path.read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if len(argv) < 2 or not argv[0].endswith(b"ipfs") or argv[1] != b"daemon":
             return None
-        except PermissionError:
-            pass
         return pid
 
     def running_api(self) -> str | None:
@@ -173,7 +173,7 @@ class EmbeddedNode:
                                 env=self._kubo_env(), capture_output=True, text=True)
         if result.returncode != 0:
             raise NodeError(f"`ipfs init` failed for the embedded node in {self.repo}: "
-                            f"{result.stderr.strip().splitlines()[-1:] or result.returncode}")
+                            f"{(result.stderr.strip().splitlines() or [str(result.returncode)])[-1]}")
 
     def _start(self) -> str:
         binary = find_kubo_binary(self.settings)
@@ -199,6 +199,8 @@ class EmbeddedNode:
                 return api
             time.sleep(0.05)
         process.kill()
+        process.wait()
+        self._pid_path.unlink(missing_ok=True)
         raise NodeError(f"the embedded Kubo daemon did not become ready within "
                         f"{START_TIMEOUT_S:.0f} s; see {log_path}")
 
@@ -222,7 +224,8 @@ class EmbeddedNode:
                 time.sleep(0.05)
             else:
                 if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             self._pid_path.unlink(missing_ok=True)
             (self.repo / "api").unlink(missing_ok=True)
             return True
@@ -235,9 +238,3 @@ def _is_zombie(pid: int) -> bool:
     except OSError:
         return True
 
-
-def node_version(multiaddr: str) -> str:
-    """The daemon's version string, without importing the heavier IPFS client."""
-    with urllib.request.urlopen(urllib.request.Request(
-            api_url(multiaddr) + "/api/v0/version", method="POST"), timeout=5) as response:
-        return str(json.load(response)["Version"])

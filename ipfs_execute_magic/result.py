@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -160,8 +160,3 @@ class StreamTail:
     def value(self) -> bytes:
         return bytes(self._buffer[-TAIL_BYTES:])
 
-
-def iter_tree(listing: list[FileEntry]) -> Iterator[tuple[int, FileEntry]]:
-    """(depth, entry) pairs, for displays that indent."""
-    for entry in listing:
-        yield entry.path.count("/"), entry

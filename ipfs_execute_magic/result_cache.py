@@ -55,6 +55,13 @@ class ResultCache:
         self._pending: list[Future[None]] = []
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Write what is pending, then stop the writer thread."""
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
+
     def flush(self) -> None:
         """Wait until every index entry written so far is in the node; raise its error."""
         with self._lock:
@@ -165,9 +172,6 @@ class ResultCache:
             return None
         return {str(k): str(v) for k, v in entries.items()}
 
-    def forget(self, key: str) -> None:
-        self._memo.pop(key, None)
-
     # -- sharing ---------------------------------------------------------------------------
 
     def entries(self) -> list[str]:
@@ -196,15 +200,20 @@ class ResultCache:
                 already += 1
                 continue
             try:
-                record = RunRecord.from_json(self.store.cat(entry.cid))
+                record_bytes = self.store.cat(entry.cid)
+                record = RunRecord.from_json(record_bytes)
             except (ValueError, TypeError, UnicodeDecodeError):
                 rejected.append(entry.name)
                 continue
             if record.recomputed_key() != entry.name or not record.cacheable:
                 rejected.append(entry.name)
                 continue
-            self.store.mfs_link(f"{CACHE_DIR}/{entry.name}", entry.cid)
-            if record.output:
-                self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", entry.cid)
+            # Stored again here with our import settings: then its CID is the raw-leaf CID of its
+            # bytes, as for every record made here (lookups compute it without a round trip).
+            local = self.store.add_bytes(record_bytes, name="record.json", pin=True)
+            self.store.mfs_link(f"{CACHE_DIR}/{entry.name}", local)
+            # This node's own lineage of an output is never replaced by someone else's.
+            if record.output and self.store.mfs_read(f"{OUTPUTS_DIR}/{record.output}") is None:
+                self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", local)
             added += 1
         return ImportReport(added, already, tuple(rejected))

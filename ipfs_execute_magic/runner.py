@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import os
 import hashlib
 import platform
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -76,7 +78,7 @@ class Runner:
 
     def close(self) -> None:
         if self._results is not None:
-            self._results.flush()
+            self._results.close()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -180,6 +182,7 @@ class Runner:
 
             # From here on the output exists: it is kept on disk until it is safely in IPFS.
             keep_output = True
+            _make_readable(output_dir)
             t_add = time.monotonic()
             try:
                 output_cid = self.store.add_path(output_dir, pin=True)
@@ -266,7 +269,10 @@ class Runner:
 
     def _new_run_dir(self) -> Path:
         runs = self.settings.runs_dir
-        runs.mkdir(parents=True, exist_ok=True, mode=0o755)
+        runs.mkdir(parents=True, exist_ok=True)
+        # Traversable but not listable: the sandbox uid reaches its own run dir by name, and
+        # nobody else can find a running job's writable /output.
+        runs.chmod(0o711)
         path = runs / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
         path.mkdir(mode=0o755)
         return path
@@ -294,6 +300,29 @@ class _Capture(StreamTail):
     @property
     def truncated(self) -> bool:
         return self.total > TAIL_BYTES
+
+
+def _make_readable(root: Path) -> None:
+    """Give the owner read (and search) access to everything a payload left in /output.
+
+    A payload may `chmod 000` its files; as an ordinary user the tool cannot read them then,
+    and the output could never be added. Symlinks are left alone (never followed).
+    """
+    pending = [str(root)]
+    while pending:
+        folder = pending.pop()
+        try:
+            os.chmod(folder, stat.S_IMODE(os.lstat(folder).st_mode) | 0o700)
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                        if mode & 0o400 == 0:
+                            os.chmod(entry.path, mode | 0o400)
+        except OSError:
+            continue  # add_path reports whatever is still unreadable
 
 
 def _lineage_path(path: IpfsPath, resolved: str) -> str:

@@ -271,14 +271,6 @@ class RemountRo:
 
 
 @dataclass(frozen=True)
-class Dir:
-    dest: str
-
-    def args(self) -> tuple[str, ...]:
-        return ("--dir", self.dest)
-
-
-@dataclass(frozen=True)
 class SetEnv:
     name: str
     value: str

@@ -103,8 +103,8 @@ class Settings:
     online: bool = False  # embedded node joins the public network only when asked
 
     def __post_init__(self) -> None:
-        if not isinstance(self.home, Path):
-            object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
+        # Absolute always: the sandbox and the daemon resolve it from other working dirs.
+        object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
 
     @property
     def repo_dir(self) -> Path:

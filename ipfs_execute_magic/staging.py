@@ -161,10 +161,11 @@ def _hoist_single_top(dest: Path, top_name: str) -> None:
     top = dest / top_name
     if not top.is_dir() or top.is_symlink():
         raise StagingError(f"fetching {top_name} gave an unexpected tar layout")
-    parked = dest.parent / f".{dest.name}.top"
+    # Parked inside the work dir, so a failure here leaves nothing outside it.
+    parked = dest / f".ipfs-execute-hoist-{os.getpid()}"
     os.rename(top, parked)
     for child in os.listdir(parked):
-        os.rename(parked / child, dest / child)
+        os.rename(parked / child, dest / child)  # a child of that name would be a tar error
     os.rmdir(parked)
     os.chmod(dest, 0o755)
 

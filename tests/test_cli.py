@@ -432,3 +432,49 @@ def test_unretrievable_cid_fails_within_the_fetch_timeout() -> None:
         assert elapsed < 20
     finally:
         node.stop()
+
+
+def test_version_and_no_stdin(home: Path, busybox_cid: str, empty_cid: str) -> None:
+    version = ipfs_execute(home, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("ipfs-execute ")
+    # With a terminal on stdin a run is interactive, hence never cached; --no-stdin keeps it pure.
+    primary, secondary = pty.openpty()
+    try:
+        results = [subprocess.run([str(BIN / "ipfs-execute"), "--no-stdin", busybox_cid,
+                                   empty_cid, "sh", "-c", f"echo {os.getpid()} > /output/p"],
+                                  stdin=secondary, capture_output=True, text=True,
+                                  env=cli_env(home), timeout=60) for _ in range(2)]
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert [r.returncode for r in results] == [0, 0]
+    assert "cache hit" in results[1].stderr
+
+
+def test_an_unreadable_output_is_still_added(home: Path, busybox_cid: str, empty_cid: str,
+                                             store) -> None:
+    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
+                          "mkdir /output/d && echo secret > /output/d/f && "
+                          "chmod 000 /output/d/f /output/d")
+    assert result.returncode == 0, result.stderr
+    assert store.cat(f"{result.stdout.strip()}/d/f") == b"secret\n"
+
+
+def test_make_readable_gives_the_owner_access_without_following_links() -> None:
+    # As an ordinary user the tool cannot read a file the payload made mode 000; the runner
+    # gives the owner read (and search) access before adding /output.
+    from ipfs_execute_magic.runner import _make_readable
+
+    root = world_traversable_tmpdir("iex-perms-")
+    (root / "d").mkdir()
+    (root / "d" / "f").write_text("x")
+    outside = world_traversable_tmpdir("iex-outside-")
+    (outside / "keep").write_text("y")
+    (outside / "keep").chmod(0o000)
+    os.symlink(outside / "keep", root / "link")
+    (root / "d" / "f").chmod(0o000)
+    (root / "d").chmod(0o000)
+    _make_readable(root)
+    assert (root / "d").stat().st_mode & 0o700 == 0o700
+    assert (root / "d" / "f").stat().st_mode & 0o400
+    assert (outside / "keep").stat().st_mode & 0o777 == 0  # the link was not followed

@@ -190,7 +190,7 @@ def fifty_files() -> Iterator[Path]:
 
 
 def test_shuffled_view_lists_the_same_names_in_another_order(fifty_files: Path) -> None:
-    assert shuffled_view_problem() is None  # ./run setup installs disorderfs and fuse3
+    assert shuffled_view_problem() is None  # ./run setup installs disorderfs (with its FUSE dependency)
     plain = os.listdir(fifty_files)
     mounts_before = Path("/proc/self/mountinfo").read_text()
     with shuffled_view(fifty_files) as view:

@@ -16,7 +16,7 @@ import keyword
 import shlex
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -29,13 +29,12 @@ from traitlets import Float, Int, TraitError, Unicode, Union, observe, validate
 
 import ipfs_execute_magic as ie
 
-from ..cli import _seconds, _size
 from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
 from ..lineage import LineageNode, lineage
 from ..record import SCRIPT_PATH, RunRequest
 from ..result import IpfsRef, RunResult
-from ..settings import Limits, Settings
+from ..settings import Limits, Settings, parse_seconds, parse_size
 from ..store import IpfsPath, Store
 from ..verify import RerunResult, Verdict, verify
 from .display import (PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle,
@@ -141,20 +140,20 @@ def check_ipfs_path(label: str, text: str) -> None:
         raise UsageError(f"{label}: {error}{hint}") from None
 
 
-def _embedded_gateway(store: Store) -> str | None:
-    """The embedded node's gateway URL when its config says "port 0" (the `test` profile).
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A core parser (settings.parse_size, parse_seconds) as an argparse type."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except CoreUsageError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
-    Kubo writes the port it really bound to `$IPFS_PATH/gateway`; only valid when `store`
-    talks to the embedded node of the current settings.
-    """
-    repo = ie.default_runner().settings.repo_dir
-    try:
-        if (repo / "api").read_text().strip() != store.api:
-            return None
-        url = (repo / "gateway").read_text().strip()
-    except OSError:
-        return None
-    return url if url.startswith(("http://", "https://")) else None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+_seconds = _argument_type(parse_seconds)
+_size = _argument_type(parse_size)
 
 
 def _positive_int(text: str) -> int:
@@ -307,11 +306,11 @@ class IpfsExecuteMagics(Magics):
 
     def settings(self) -> Settings:
         """The core's settings: the environment's, changed by this object's config."""
-        limits = Settings.from_env().limits
         changes = {name: value for name, value in (
             ("timeout", self.timeout), ("memory_bytes", self.memory), ("pids", self.pids))
             if value is not None}
         with core_errors():
+            limits = Settings.from_env().limits
             return Settings.from_env(api=self.api or None, home=self.home or None,
                                      limits=replace(limits, **changes))
 
@@ -329,8 +328,6 @@ class IpfsExecuteMagics(Magics):
                 url = store.gateway_url()
             except IpfsExecuteError:
                 return PUBLIC_GATEWAY
-            if url is not None and url.endswith(":0"):
-                url = _embedded_gateway(store)
             self._gateways[store] = url or PUBLIC_GATEWAY
         return self._gateways[store]
 
