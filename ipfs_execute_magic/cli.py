@@ -165,10 +165,27 @@ def _fail(error: IpfsExecuteError) -> int:
     return error.exit_status
 
 
+class _Finished(Exception):
+    """argparse is done (help printed, or a usage error reported): exit with this status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def _parse(parser: argparse.ArgumentParser, words: Sequence[str]) -> argparse.Namespace:
+    try:
+        return parser.parse_args(list(words))
+    except SystemExit as exit_:
+        raise _Finished(0 if exit_.code in (0, None) else EXIT_USAGE) from None
+
+
 def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     """Run a command; any error becomes one line on stderr and an exit status."""
     try:
         return body(list(sys.argv[1:] if argv is None else argv))
+    except _Finished as finished:
+        return finished.status
     except IpfsExecuteError as error:
         print(f"{prog}: {error}", file=sys.stderr)
         return error.exit_status
@@ -202,10 +219,7 @@ def _main(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print("ipfs-execute: error: ROOTFS and INPUT are required", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        options = parser.parse_args(option_words + rest[:2])
-    except SystemExit as exit_:
-        return int(exit_.code or 0) if exit_.code in (0, None) else EXIT_USAGE
+    options = _parse(parser, option_words + rest[:2])
     payload_args = rest[2:]
 
     from .record import RunRequest
@@ -276,10 +290,7 @@ def _add(settings: Settings, words: list[str]) -> int:
                     "symlinks, the same CID as `ipfs add -r --hidden` with the "
                     "unixfs-v1-2025 profile), pin them and print one CID per line.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    try:
-        options = parser.parse_args(words)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else EXIT_USAGE
+    options = _parse(parser, words)
     from .store import Store
 
     with Store.connect(settings) as store:
@@ -294,10 +305,7 @@ def _node(settings: Settings, words: list[str]) -> int:
         description="Manage the embedded IPFS node: `status` shows its repo and API address "
                     "(to point the Kubo CLI at it), `start` starts it, `stop` stops it.")
     parser.add_argument("action", choices=["status", "start", "stop"])
-    try:
-        options = parser.parse_args(words)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else EXIT_USAGE
+    options = _parse(parser, words)
     if settings.api:
         print(f"using your own daemon at {settings.api} (IPFS_EXECUTE_API / --api); "
               "the embedded node is not used")
@@ -326,10 +334,7 @@ def _verify(settings: Settings, words: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=1,
                         help="runs per record, under varied conditions: another staging "
                              "location, shuffled directory order, another start time")
-    try:
-        options = parser.parse_args(words)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else EXIT_USAGE
+    options = _parse(parser, words)
     from .runner import Runner
     from .verify import records_in_notebook, verify
 
@@ -364,10 +369,7 @@ def _cache(settings: Settings, words: list[str]) -> int:
                     "record is checked against its key); `list` shows the cached runs.")
     parser.add_argument("action", choices=["export", "import", "list"])
     parser.add_argument("cid", nargs="?", metavar="CID")
-    try:
-        options = parser.parse_args(words)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else EXIT_USAGE
+    options = _parse(parser, words)
     from .result_cache import ResultCache
     from .store import Store
 
@@ -396,10 +398,7 @@ def _lineage(settings: Settings, words: list[str]) -> int:
         description="Show how CID came to be: the recorded run that produced it, the runs that "
                     "produced that run's input and rootfs, back to data added by hand.")
     parser.add_argument("cid", metavar="CID")
-    try:
-        options = parser.parse_args(words)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else EXIT_USAGE
+    options = _parse(parser, words)
     from .lineage import lineage
     from .result_cache import ResultCache
     from .store import Store
@@ -434,10 +433,7 @@ def _mkdir_main(argv: list[str]) -> int:
                              "embedded node)")
     parser.add_argument("--home", type=Path, metavar="DIR",
                         help="data directory of the embedded node (default: $IPFS_EXECUTE_HOME)")
-    try:
-        options = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else EXIT_USAGE
+    options = _parse(parser, argv)
     words = options.entries
     if len(words) % 2:
         parser.print_usage(sys.stderr)
