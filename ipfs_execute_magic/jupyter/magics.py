@@ -167,9 +167,12 @@ def _positive_int(text: str) -> int:
 
 
 class _StreamForwarder:
-    """The payload's bytes as text on the kernel's sys.stdout/sys.stderr, flushed per chunk.
+    """The payload's bytes as text on the kernel's sys.stdout/sys.stderr, flushed per line.
 
     Written to the real streams (not an ipywidgets.Output) so the text is saved in the cell.
+    Flushing only at line ends keeps `print(x)` (two writes from an unbuffered Python: the text,
+    then the newline) one stream message; a partial line still goes out on the kernel's own
+    flush interval.
     """
 
     def __init__(self, stream_name: str) -> None:
@@ -182,12 +185,14 @@ class _StreamForwarder:
 
     def flush(self) -> None:
         self._write(self._decoder.decode(b"", final=True))
+        getattr(sys, self.stream_name).flush()
 
     def _write(self, text: str) -> None:
         if text:
             stream = getattr(sys, self.stream_name)
             stream.write(text)
-            stream.flush()
+            if text.endswith("\n"):
+                stream.flush()
 
 
 # argparse %-formats the usage, and IPython puts one more "%" in front: shown as %%ipfs_execute
