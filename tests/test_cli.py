@@ -478,3 +478,37 @@ def test_make_readable_gives_the_owner_access_without_following_links() -> None:
     assert (root / "d").stat().st_mode & 0o700 == 0o700
     assert (root / "d" / "f").stat().st_mode & 0o400
     assert (outside / "keep").stat().st_mode & 0o777 == 0  # the link was not followed
+
+
+def test_concurrent_first_uses_share_one_embedded_daemon(busybox_tarball: Path) -> None:
+    home = world_traversable_tmpdir("iex-share-")
+    env = cli_env(home)
+    starters = [subprocess.Popen([str(BIN / "ipfs-execute"), "node", "start"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(4)]
+    try:
+        apis = {process.communicate(timeout=90)[0].strip() for process in starters}
+        assert all(process.returncode == 0 for process in starters)
+        assert len(apis) == 1  # every process got the same daemon
+        repo = str(home / "kubo")
+        daemons = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                   and _cmdline(pid)[:2] == ["ipfs", "daemon"] and _env_has(pid, repo)]
+        assert len(daemons) == 1, daemons
+    finally:
+        subprocess.run([str(BIN / "ipfs-execute"), "node", "stop"], env=env, check=False,
+                       capture_output=True)
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+    return [Path(words[0].decode()).name, *(w.decode() for w in words[1:2])]
+
+
+def _env_has(pid: str, repo: str) -> bool:
+    try:
+        return f"IPFS_PATH={repo}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
