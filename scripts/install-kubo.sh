@@ -17,6 +17,8 @@ if [[ -x "$binary" ]] && "$binary" version --number >/dev/null 2>&1; then
     exit 0
 fi
 
+# Go's official tarball installs to /usr/local/go, which a non-login shell may not have on PATH.
+command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
 command -v go >/dev/null || { echo "install-kubo: Go is needed to build Kubo (go1.25+)" >&2; exit 1; }
 
 work="$(mktemp -d)"
