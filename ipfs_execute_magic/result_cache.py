@@ -62,12 +62,21 @@ class ResultCache:
         finally:
             self._writer.shutdown(wait=True)
 
-    def flush(self) -> None:
-        """Wait until every index entry written so far is in the node; raise its error."""
+    def flush(self, *, strict: bool = False) -> None:
+        """Wait until every index entry written so far is in the node.
+
+        A failed index write loses no data (the record and the output are pinned already; at
+        worst a later identical run is not recognised), so it does not fail whatever run comes
+        next; `strict` (export) raises it.
+        """
         with self._lock:
             pending, self._pending = self._pending, []
         for future in pending:
-            future.result()
+            try:
+                future.result()
+            except IpfsError:
+                if strict:
+                    raise
 
     def _link_later(self, links: list[tuple[str, str]]) -> None:
         def write() -> None:
@@ -180,6 +189,7 @@ class ResultCache:
 
     def export(self) -> str:
         """The CID of the whole cache index (pinned), to give to someone else."""
+        self.flush(strict=True)
         cid = self.store.mfs_hash(CACHE_DIR)
         if cid is None:
             cid = self.store.empty_directory()
