@@ -50,7 +50,7 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "echo", "ls", "sleep", "id", "mkdir", "wget", "nc", "env", "hostname",
            "head", "tail", "tr", "wc", "seq", "grep", "setsid", "touch", "stat", "ifconfig", "true",
            "kill", "pwd", "unshare", "nproc", "cut")
-# Marks every payload process of this session, so the host can be searched for leftovers.
+# Marks every payload process of this test run, so the host can be searched for leftovers.
 MARKER = f"sbxmark{secrets.token_hex(6)}"
 
 
