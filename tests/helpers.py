@@ -32,3 +32,15 @@ def ipfs_execute(home: Path, *args: str, timeout: float = 120, **kwargs) -> subp
     return subprocess.run([str(BIN / "ipfs-execute"), *args],
                           env=kwargs.pop("env", None) or cli_env(home), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+
+
+def execute_notebook(sources: list[str], timeout: int = 60):
+    """A notebook of these code cells, executed in a real kernel of this venv, as saved."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
+    return nb

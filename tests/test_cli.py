@@ -159,9 +159,7 @@ def test_usage_errors_exit_2(home: Path, busybox_cid: str) -> None:
 
 def test_tool_failures_exit_125_with_one_line(home: Path, busybox_cid: str, empty_cid: str,
                                               store) -> None:
-    scratch = world_traversable_tmpdir("iex-bad-")
-    (scratch / "notar.tar.gz").write_bytes(b"this is not an archive at all\n" * 10)
-    not_archive = store.add_path(scratch / "notar.tar.gz")
+    not_archive = store.add_bytes(b"this is not an archive at all\n" * 10)
     result = ipfs_execute(home, not_archive, empty_cid, "true")
     assert result.returncode == EXIT_TOOL_FAILURE
     assert not_archive in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -172,16 +170,14 @@ def test_tool_failures_exit_125_with_one_line(home: Path, busybox_cid: str, empt
         info = tarfile.TarInfo("bin/")
         info.type = tarfile.DIRTYPE
         tar.addfile(info)
-    (scratch / "noinit.tar.gz").write_bytes(buffer.getvalue())
-    no_init = store.add_path(scratch / "noinit.tar.gz")
+    no_init = store.add_bytes(buffer.getvalue())
     result = ipfs_execute(home, no_init, empty_cid, "true")
     assert result.returncode == EXIT_TOOL_FAILURE
     assert "/sbin/init" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
     # Corrupt: a truncated gzip stream.
     whole = gzip.compress(b"\0" * 100_000)
-    (scratch / "cut.tar.gz").write_bytes(whole[: len(whole) // 2])
-    cut = store.add_path(scratch / "cut.tar.gz")
+    cut = store.add_bytes(whole[: len(whole) // 2])
     result = ipfs_execute(home, cut, empty_cid, "true")
     assert result.returncode == EXIT_TOOL_FAILURE and cut in result.stderr
 
@@ -199,9 +195,7 @@ def test_malicious_archive_names_member_and_leaves_host_untouched(
         member = tarfile.TarInfo("escape/owned.txt")
         member.size = len(payload)
         tar.addfile(member, io.BytesIO(payload))
-    scratch = world_traversable_tmpdir("iex-evil-")
-    (scratch / "evil.tar.gz").write_bytes(buffer.getvalue())
-    evil = store.add_path(scratch / "evil.tar.gz")
+    evil = store.add_bytes(buffer.getvalue())
     result = ipfs_execute(home, evil, empty_cid, "true")
     assert result.returncode == EXIT_TOOL_FAILURE
     assert "escape/owned.txt" in result.stderr
@@ -393,9 +387,7 @@ def test_rootfs_with_a_symlinked_mount_point_is_refused(home: Path, empty_cid: s
         link = tarfile.TarInfo("tmp")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc"
         tar.addfile(link)
-    scratch = world_traversable_tmpdir("iex-mnt-")
-    (scratch / "mnt.tar.gz").write_bytes(buffer.getvalue())
-    rootfs = store.add_path(scratch / "mnt.tar.gz")
+    rootfs = store.add_bytes(buffer.getvalue())
     result = ipfs_execute(home, rootfs, empty_cid, "true")
     assert result.returncode == EXIT_TOOL_FAILURE
     assert "/tmp is a symlink" in result.stderr

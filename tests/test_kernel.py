@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 
 import nbformat
 import pytest
+from helpers import execute_notebook
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
-from nbclient import NotebookClient
 
 from ipfs_execute_magic.jupyter.magics import INTERRUPTED_LINE
 
@@ -179,18 +179,14 @@ def test_executed_notebook_validates_and_keeps_fallbacks(home: Path, store, busy
                                                         monkeypatch) -> None:
     monkeypatch.delenv("IPFS_EXECUTE_API", raising=False)
     monkeypatch.setenv("IPFS_EXECUTE_HOME", str(home))
-    cell = nbformat.v4.new_code_cell
-    nb = nbformat.v4.new_notebook(cells=[
-        cell("%load_ext ipfs_execute_magic"),
-        cell(f"busybox = {busybox_cid!r}"),
-        cell("%%ipfs_execute $busybox -o table\n"
-             "printf 'word,count\\npear,3\\n' > /output/table.csv; echo made"),
-        cell("%%ipfs_execute $busybox $table -o copy\ncp /input/table.csv /output/again.csv"),
-        cell("assert copy.read_text('again.csv').startswith('word,count')"),
+    nb = execute_notebook([
+        "%load_ext ipfs_execute_magic",
+        f"busybox = {busybox_cid!r}",
+        "%%ipfs_execute $busybox -o table\n"
+        "printf 'word,count\\npear,3\\n' > /output/table.csv; echo made",
+        "%%ipfs_execute $busybox $table -o copy\ncp /input/table.csv /output/again.csv",
+        "assert copy.read_text('again.csv').startswith('word,count')",
     ])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    NotebookClient(nb, timeout=60, kernel_name="python3").execute()
     nbformat.validate(nb)
     nb = nbformat.reads(nbformat.writes(nb), as_version=4)  # what is saved is what we check
 

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from helpers import BIN, cli_env, world_traversable_tmpdir
+from helpers import BIN, cli_env, execute_notebook, world_traversable_tmpdir
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from nbclient import NotebookClient
 
 import ipfs_execute_magic as ie
 from ipfs_execute_magic.jupyter.magics import INTERRUPTED_LINE, IpfsExecuteMagics
@@ -360,21 +359,17 @@ def test_executed_notebook_keeps_the_records_for_verify(home: Path, store, busyb
     monkeypatch.setenv("IPFS_EXECUTE_HOME", str(home))
     folder = world_traversable_tmpdir("iex-nb-data-")
     (folder / "numbers.txt").write_text(f"3\n1\n2\n# {token()}\n")
-    cell = nbformat.v4.new_code_cell
-    nb = nbformat.v4.new_notebook(cells=[
-        cell("%load_ext ipfs_execute_magic"),
-        cell(f"busybox = {busybox_cid!r}"),
-        cell(f"%ipfs_add {folder} -o numbers"),
-        cell("%%ipfs_execute $busybox $numbers -o sorted_numbers\n"
-             "grep -v '#' /input/numbers.txt | sort -n > /output/sorted.txt"),
-        cell("%%ipfs_execute $busybox $sorted_numbers -o total\n"
-             "awk '{s += $1} END {print s}' /input/sorted.txt > /output/total.txt"),
-        cell("%ipfs_verify total"),
-        cell("%ipfs_lineage total"),
+    nb = execute_notebook([
+        "%load_ext ipfs_execute_magic",
+        f"busybox = {busybox_cid!r}",
+        f"%ipfs_add {folder} -o numbers",
+        "%%ipfs_execute $busybox $numbers -o sorted_numbers\n"
+        "grep -v '#' /input/numbers.txt | sort -n > /output/sorted.txt",
+        "%%ipfs_execute $busybox $sorted_numbers -o total\n"
+        "awk '{s += $1} END {print s}' /input/sorted.txt > /output/total.txt",
+        "%ipfs_verify total",
+        "%ipfs_lineage total",
     ])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
-    NotebookClient(nb, timeout=60, kernel_name="python3").execute()
     path = world_traversable_tmpdir("iex-nb-saved-") / "executed.ipynb"
     nbformat.write(nb, path)
     saved = nbformat.read(path, as_version=4)
