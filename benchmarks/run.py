@@ -32,9 +32,11 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "examples"))
 
 from ipfs_execute_magic.record import RunRequest  # noqa: E402
-from ipfs_execute_magic.runner import Runner  # noqa: E402
+from ipfs_execute_magic.runner import RunConditions, Runner  # noqa: E402
 from ipfs_execute_magic.settings import SANDBOX_GID, SANDBOX_UID, Settings  # noqa: E402
-from ipfs_execute_magic.staging import EMPTY_DIRECTORY_CID  # noqa: E402
+from ipfs_execute_magic.cid import EMPTY_DIRECTORY_CID  # noqa: E402
+
+NO_CACHE = RunConditions(use_cache=False)
 
 
 def timed(action: Callable[[], object], repeat: int) -> list[float]:
@@ -89,9 +91,9 @@ def main() -> None:
 
         # -- warm: bare bwrap vs the API vs the CLI ---------------------------------------
         request = RunRequest(rootfs=busybox, input=None, args=("true",))
-        runner.run(request, use_cache=False)  # stage rootfs and input
-        root = runner.cache.get("rootfs", busybox)
-        input_dir = runner.cache.get("input", EMPTY_DIRECTORY_CID)
+        runner.run(request, NO_CACHE)  # stage rootfs and input
+        root = runner.staging_cache.get("rootfs", busybox)
+        input_dir = runner.staging_cache.get("input", EMPTY_DIRECTORY_CID)
         assert root is not None and input_dir is not None
         output_dir = work / "bare-output"
         output_dir.mkdir()
@@ -99,7 +101,7 @@ def main() -> None:
         bare = bare_bwrap_argv(root, input_dir, output_dir)
         subprocess.run(bare, check=True)
         bare_samples = timed(lambda: subprocess.run(bare, check=True), repeat)
-        api_samples = timed(lambda: runner.run(request, use_cache=False), repeat)
+        api_samples = timed(lambda: runner.run(request, NO_CACHE), repeat)
         # A hit: the same request answered from the result cache (a fresh Runner, so the
         # in-process memo is cold for the first lookup and the index in the node is used).
         hit_runner = Runner(settings, store=store)
@@ -136,7 +138,7 @@ def main() -> None:
             from ipfs_execute_magic.staging import Stager
 
             start = time.perf_counter()
-            Stager(store, cold.cache).stage_rootfs(python_cid)
+            Stager(store, cold.staging_cache).stage_rootfs(python_cid)
             ours_samples.append(time.perf_counter() - start)
         figures["cold_pipeline_ipfs_cat_tar"] = summary(pipeline_samples)
         figures["cold_staging_ours"] = summary(ours_samples)

@@ -4,8 +4,8 @@ The Python API (the CLI and the notebook magic call the same core):
 
     import ipfs_execute_magic as ie
     data = ie.add("words/")                      # CID of a local folder
-    record = ie.run(BUSYBOX, data, "sh", "-c", "sort /input/words.txt > /output/sorted")
-    print(record.output)                         # CID of /output
+    result = ie.run(BUSYBOX, data, "sh", "-c", "sort /input/words.txt > /output/sorted")
+    print(result)                                # CID of /output; result.record has the rest
 
 One `Runner` (daemon connection and staging cache) is kept per process, so repeated runs pay
 only for the sandbox. `configure(...)` changes its settings.
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .result import IpfsRef, RunResult
     from .runner import Runner
     from .settings import Settings
-    from .verify import Verdict
+    from .verify import NotebookVerdict, Verdict
 
 _runner: Runner | None = None
 _runner_lock = threading.Lock()
@@ -58,40 +58,46 @@ def default_runner() -> Runner:
 
 
 def run(rootfs: str, input: str | None = None, *args: str, script: str | None = None,
-        interpreter: str = "sh", timeout: float | None = None,
-        memory: int | None = None, pids: int | None = None, tmp_bytes: int | None = None,
-        use_cache: bool = True, on_stdout: Callable[[bytes], None] | None = None,
+        interpreter: str = "sh", timeout: float | str | None = None,
+        memory: int | str | None = None, pids: int | None = None,
+        tmp_size: int | str | None = None, use_cache: bool = True,
+        on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
         on_progress: Callable[[str, int, int | None], None] | None = None) -> RunResult:
     """Run `/sbin/init ARGS...` of ROOTFS on INPUT (a CID, IPFS path, or a previous result).
 
     With `script`, the text is written into the input tree and run as
-    `/sbin/init INTERPRETER /input/.ipfs-execute/script ARGS...`. The result's `str()` is the
-    output CID; `.record` has everything else. An identical earlier run is not repeated:
-    its recorded result comes back with `.cache_hit` set (`use_cache=False` runs anyway).
+    `/sbin/init INTERPRETER /input/.ipfs-execute/script ARGS...`. Limits override the
+    configured ones: `timeout` in seconds, `memory` and `tmp_size` in bytes or as "512M".
+    The result's `str()` is the output CID; `.record` has everything else. An identical
+    earlier run is not repeated: its recorded result comes back with `.cache_hit` set, and
+    what it printed is passed to the callbacks again (`use_cache=False` runs anyway).
     """
-    from dataclasses import replace
-
     from .record import RunRequest
+    from .runner import RunConditions
 
     runner = default_runner()
-    limits = runner.settings.limits
-    changes = {k: v for k, v in (("timeout", timeout), ("memory_bytes", memory), ("pids", pids),
-                                 ("tmp_bytes", tmp_bytes)) if v is not None}
-    if changes:
-        limits = replace(limits, **changes)
+    limits = runner.settings.limits.with_overrides(timeout=timeout, memory=memory, pids=pids,
+                                                   tmp_size=tmp_size)
     request = RunRequest(rootfs=str(rootfs), input=str(input) if input is not None else None,
                          args=tuple(str(a) for a in args), limits=limits, script=script,
                          interpreter=interpreter)
-    return runner.execute(request, on_stdout=on_stdout, on_stderr=on_stderr,
-                          on_progress=on_progress, use_cache=use_cache)
+    return runner.run(request, RunConditions(use_cache=use_cache), on_stdout=on_stdout,
+                      on_stderr=on_stderr, on_progress=on_progress)
 
 
-def verify(target: object, runs: int = 1) -> Verdict:
-    """Re-run a recorded run (a RunResult, a record CID or an output CID) and compare outputs."""
+def verify(target: object, runs: int = 1) -> Verdict | NotebookVerdict:
+    """Re-run recorded runs without the cache and compare outputs.
+
+    `target` is a RunResult, a record CID or an output CID (-> Verdict), or the path of an
+    executed notebook, `.ipynb` (-> NotebookVerdict: every run recorded in it).
+    """
     from .verify import verify as verify_stored
+    from .verify import verify_notebook
 
     runner = default_runner()
+    if isinstance(target, Path) or str(target).endswith(".ipynb"):
+        return verify_notebook(runner, Path(str(target)).expanduser(), runs=runs)
     record_cid = getattr(target, "record_cid", None) or str(target)
     return verify_stored(runner, runner.results.find(record_cid), runs=runs)
 

@@ -12,11 +12,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import (EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE,
                      IpfsExecuteError, UsageError)
-from .settings import Limits, Settings, parse_seconds, parse_size
+from .settings import Limits, Settings, parse_count, parse_seconds, parse_size
 
 DESCRIPTION = """\
 Run /sbin/init ARG... of the root filesystem ROOTFS in a bubblewrap sandbox, with the directory
@@ -61,24 +63,21 @@ example:
   ipfs-execute $BUSYBOX $EMPTY sh -c 'echo blabla > /output/test'
 """
 
-# Options that take a value: needed to find where ROOTFS starts without guessing.
-_VALUE_OPTIONS = {"--timeout", "--api", "--home", "--memory", "--pids", "--tmp-size",
-                  "--fetch-timeout"}
-_SUBCOMMANDS = {"add", "node", "verify", "cache", "lineage"}
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A core parser (settings.parse_size, ...) as an argparse type: its message on error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UsageError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_seconds(text)
-    except UsageError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+_size = _argument_type(parse_size)
+_seconds = _argument_type(parse_seconds)
+_count = _argument_type(parse_count)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"wall-clock limit in seconds (default {defaults.timeout:g})")
     parser.add_argument("--memory", type=_size, default=None, metavar="SIZE",
                         help="memory limit of the whole sandbox, e.g. 512M (default 2G)")
-    parser.add_argument("--pids", type=int, default=None, metavar="N",
+    parser.add_argument("--pids", type=_count, default=None, metavar="N",
                         help=f"limit on processes and threads (default {defaults.pids})")
     parser.add_argument("--tmp-size", type=_size, default=None, metavar="SIZE",
                         help="size of the /tmp tmpfs (default 256M)")
@@ -125,8 +124,20 @@ def _version_text() -> str:
     return f"ipfs-execute {__version__}"
 
 
-def split_leading_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Options before the first positional word, and everything from that word on."""
+def value_options(parser: argparse.ArgumentParser) -> frozenset[str]:
+    """The option strings that take a value, as the parser declares them."""
+    return frozenset(option for action in parser._actions
+                     if action.option_strings and action.nargs != 0
+                     for option in action.option_strings)
+
+
+def split_leading_options(argv: Sequence[str],
+                          takes_value: frozenset[str]) -> tuple[list[str], list[str]]:
+    """Options before the first positional word, and everything from that word on.
+
+    Everything after INPUT belongs to the payload, so where ROOTFS starts must be found
+    without guessing: an option in `takes_value` swallows the next word.
+    """
     options: list[str] = []
     index = 0
     while index < len(argv):
@@ -136,7 +147,7 @@ def split_leading_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if not word.startswith("-") or word == "-":
             break
         options.append(word)
-        if word in _VALUE_OPTIONS:
+        if word in takes_value:
             if index + 1 < len(argv):
                 options.append(argv[index + 1])
             index += 1
@@ -145,12 +156,9 @@ def split_leading_options(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _settings(options: argparse.Namespace) -> Settings:
-    limits = Settings.from_env().limits
-    changes = {name: value for name, value in (
-        ("timeout", options.timeout), ("memory_bytes", options.memory),
-        ("pids", options.pids), ("tmp_bytes", options.tmp_size)) if value is not None}
-    if changes:
-        limits = Limits(**{**limits.__dict__, **changes})
+    base = Settings.from_env()
+    limits = base.limits.with_overrides(timeout=options.timeout, memory=options.memory,
+                                        pids=options.pids, tmp_size=options.tmp_size)
     return Settings.from_env(api=options.api, home=options.home, limits=limits,
                              fetch_timeout=options.fetch_timeout)
 
@@ -158,11 +166,6 @@ def _settings(options: argparse.Namespace) -> Settings:
 def _write_through(data: bytes) -> None:
     sys.stderr.buffer.write(data)
     sys.stderr.buffer.flush()
-
-
-def _fail(error: IpfsExecuteError) -> int:
-    print(f"ipfs-execute: {error}", file=sys.stderr)
-    return error.exit_status
 
 
 class _Finished(Exception):
@@ -206,57 +209,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser()
-    option_words, rest = split_leading_options(argv)
+    option_words, rest = split_leading_options(argv, value_options(parser))
     if "-h" in option_words or "--help" in option_words or (not rest and not option_words):
         parser.print_help()
         return 0 if rest or option_words else EXIT_USAGE
     if "--version" in option_words:
         print(_version_text())
         return 0
-    if rest and rest[0] in _SUBCOMMANDS:
+    if rest and rest[0] in SUBCOMMANDS:
         return _subcommand(rest[0], option_words, rest[1:])
     if len(rest) < 2:
         parser.print_usage(sys.stderr)
         print("ipfs-execute: error: ROOTFS and INPUT are required", file=sys.stderr)
         return EXIT_USAGE
     options = _parse(parser, option_words + rest[:2])
-    payload_args = rest[2:]
 
     from .record import RunRequest
-    from .runner import Runner
+    from .runner import RunConditions, Runner
 
-    try:
-        settings = _settings(options)
-        request = RunRequest(rootfs=options.rootfs, input=options.input,
-                             args=tuple(payload_args), limits=settings.limits,
-                             interactive=sys.stdin.isatty() and not options.no_stdin)
-        runner = Runner(settings)
-        try:
-            outcome = runner.run(request, on_stdout=_write_through, on_stderr=_write_through,
-                                 use_cache=not options.no_cache)
-            record = outcome.record
-            if outcome.cache_hit:
-                # Replay what the original run printed, then say nothing ran.
-                for cid in (record.stdout, record.stderr):
-                    if cid:
-                        try:
-                            _write_through(runner.store.cat(cid))
-                        except IpfsExecuteError as error:
-                            print(f"ipfs-execute: could not replay the recorded output: {error}",
-                                  file=sys.stderr)
-                print(f"ipfs-execute: cache hit: the recorded result of an identical run on "
-                      f"{record.started_at} (record {outcome.record_cid}); nothing was run "
-                      "(--no-cache runs it again)", file=sys.stderr)
-        finally:
-            runner.close()
-    except IpfsExecuteError as error:
-        return _fail(error)
-
-    if outcome.disagreement:
-        print(f"ipfs-execute: warning: {outcome.disagreement}", file=sys.stderr)
+    settings = _settings(options)
+    request = RunRequest(rootfs=options.rootfs, input=options.input, args=tuple(rest[2:]),
+                         limits=settings.limits,
+                         interactive=sys.stdin.isatty() and not options.no_stdin)
+    with Runner(settings) as runner:
+        result = runner.run(request, RunConditions(use_cache=not options.no_cache),
+                            on_stdout=_write_through, on_stderr=_write_through)
+    record = result.record
+    if result.cache_hit:
+        print(f"ipfs-execute: cache hit: the recorded result of an identical run on "
+              f"{record.started_at} (record {result.record_cid}); nothing was run "
+              "(--no-cache runs it again)", file=sys.stderr)
+    if result.disagreement:
+        print(f"ipfs-execute: warning: {result.disagreement}", file=sys.stderr)
     if options.json:
         document = json.loads(record.to_json())
-        document.update(record_cid=outcome.record_cid, cache_hit=outcome.cache_hit)
+        document.update(record_cid=result.record_cid, cache_hit=result.cache_hit)
         print(json.dumps(document, indent=2, sort_keys=True), flush=True)
     else:
         print(record.output, flush=True)
@@ -271,16 +258,11 @@ def _subcommand(name: str, option_words: list[str], words: list[str]) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", metavar="MULTIADDR")
     common.add_argument("--home", type=Path)
-    try:
-        options, unknown = common.parse_known_args(option_words)
-        if unknown:
-            raise UsageError(f"unknown option(s) before {name}: {' '.join(unknown)}")
-        settings = Settings.from_env(api=options.api, home=options.home)
-        handlers = {"add": _add, "node": _node, "verify": _verify, "cache": _cache,
-                    "lineage": _lineage}
-        return handlers[name](settings, words)
-    except IpfsExecuteError as error:
-        return _fail(error)
+    options, unknown = common.parse_known_args(option_words)
+    if unknown:
+        raise UsageError(f"unknown option(s) before {name}: {' '.join(unknown)}")
+    settings = Settings.from_env(api=options.api, home=options.home)
+    return SUBCOMMANDS[name].handler(settings, words)
 
 
 def _add(settings: Settings, words: list[str]) -> int:
@@ -336,28 +318,16 @@ def _verify(settings: Settings, words: list[str]) -> int:
                              "location, shuffled directory order, another start time")
     options = _parse(parser, words)
     from .runner import Runner
-    from .verify import records_in_notebook, verify
+    from .verify import verify, verify_notebook
 
-    runner = Runner(settings)
-    try:
+    with Runner(settings) as runner:
         if options.target.endswith(".ipynb"):
-            targets = [(f"cell {index}", cid)
-                       for index, cid in records_in_notebook(Path(options.target))]
-            if not targets:
-                raise UsageError(f"{options.target}: no recorded runs in it (was it executed "
-                                 "and saved?)")
-        else:
-            targets = [("", options.target)]
-        all_good = True
-        for label, target in targets:
-            stored = runner.results.find(target)
-            verdict = verify(runner, stored, runs=options.runs)
-            text = verdict.describe()
-            print(f"{label}: {text}" if label else text, flush=True)
-            all_good = all_good and verdict.reproducible
-        return 0 if all_good else 1
-    finally:
-        runner.close()
+            verdict = verify_notebook(runner, Path(options.target), runs=options.runs,
+                                      on_cell=lambda cell: print(cell.describe(), flush=True))
+            return 0 if verdict.reproducible else 1
+        single = verify(runner, runner.results.find(options.target), runs=options.runs)
+        print(single.describe(), flush=True)
+        return 0 if single.reproducible else 1
 
 
 def _cache(settings: Settings, words: list[str]) -> int:
@@ -373,8 +343,7 @@ def _cache(settings: Settings, words: list[str]) -> int:
     from .result_cache import ResultCache
     from .store import Store
 
-    with Store.connect(settings) as store:
-        cache = ResultCache(store)
+    with Store.connect(settings) as store, ResultCache(store) as cache:
         if options.action == "export":
             print(cache.export())
         elif options.action == "import":
@@ -403,9 +372,24 @@ def _lineage(settings: Settings, words: list[str]) -> int:
     from .result_cache import ResultCache
     from .store import Store
 
-    with Store.connect(settings) as store:
-        print(lineage(ResultCache(store), options.cid).to_text())
+    with Store.connect(settings) as store, ResultCache(store) as results:
+        print(lineage(results, options.cid).to_text())
     return 0
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    handler: Callable[[Settings, list[str]], int]
+    summary: str
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "add": Subcommand(_add, "add files or directories, print their CIDs"),
+    "verify": Subcommand(_verify, "re-run recorded runs and compare outputs"),
+    "lineage": Subcommand(_lineage, "the runs that produced a CID, back to the data"),
+    "cache": Subcommand(_cache, "share the result cache as one CID"),
+    "node": Subcommand(_node, "the embedded IPFS node"),
+}
 
 
 MKDIR_DESCRIPTION = """\
@@ -439,23 +423,17 @@ def _mkdir_main(argv: list[str]) -> int:
         parser.print_usage(sys.stderr)
         print("ipfs-mkdir: error: entries come in pairs NAME PATH", file=sys.stderr)
         return EXIT_USAGE
+    from .cid import IpfsPath
     from .result_cache import ResultCache
-    from .store import IpfsPath, Store
+    from .store import Store
 
-    try:
-        settings = Settings.from_env(api=options.api, home=options.home)
-        pairs = list(zip(words[0::2], words[1::2]))
-        for _name, path in pairs:
-            IpfsPath.parse(path)  # a malformed path is a usage error before any daemon contact
-        with Store.connect(settings) as store:
-            results = ResultCache(store)
-            print(results.compose(dict(pairs)))
-            results.flush()
-    except IpfsExecuteError as error:
-        print(f"ipfs-mkdir: {error}", file=sys.stderr)
-        return error.exit_status
+    settings = Settings.from_env(api=options.api, home=options.home)
+    pairs = list(zip(words[0::2], words[1::2]))
+    for _name, path in pairs:
+        IpfsPath.parse(path)  # a malformed path is a usage error before any daemon contact
+    with Store.connect(settings) as store, ResultCache(store) as results:
+        print(results.compose(dict(pairs)))
     return 0
-
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .record import RunRecord
 from .result_cache import ResultCache
-from .store import IpfsPath
+from .cid import IpfsPath
 
 
 @dataclass

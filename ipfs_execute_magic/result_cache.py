@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from .errors import InvalidPathError, IpfsError, UsageError
 from .record import RunRecord
-from .store import IpfsPath, Store, is_cid, raw_leaf_cid
+from .cid import IpfsPath, is_cid, raw_leaf_cid
+from .store import Store
 
 INDEX_ROOT = "/ipfs-execute"
 CACHE_DIR = f"{INDEX_ROOT}/cache"
@@ -61,6 +62,12 @@ class ResultCache:
             self.flush()
         finally:
             self._writer.shutdown(wait=True)
+
+    def __enter__(self) -> ResultCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def flush(self, *, strict: bool = False) -> None:
         """Wait until every index entry written so far is in the node.

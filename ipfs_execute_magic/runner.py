@@ -1,6 +1,7 @@
-"""run(request) -> outcome: resolve, look up the cache, stage, run, add /output, record.
+"""Runner.run(request) -> RunResult: resolve, look up the cache, stage, run, add /output, record.
 
-The one function every front end calls: the CLI, the Python API and the notebook magic.
+The one run path every front end calls: the CLI, the Python API and the notebook magic (and the
+verifier, with other RunConditions).
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, sandbox, staging
-from .cache import ContentCache, remove_tree
+from .cid import EMPTY_DIRECTORY_CID, EMPTY_FILE_CID, IpfsPath
 from .errors import IpfsError, OutputNotSavedError, UsageError
 from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest, cache_key
 from .result import TAIL_BYTES, RunResult, StreamTail
-from .result_cache import ResultCache
+from .result_cache import ResultCache, StoredRecord
 from .settings import Settings
-from .staging import EMPTY_DIRECTORY_CID, ProgressCallback, Stager
-from .store import EMPTY_FILE_CID, IpfsPath, Store
+from .staging import ProgressCallback, Stager
+from .staging_cache import StagingCache, remove_tree
+from .store import Store
 
 OutputCallback = Callable[[bytes], None]
 
@@ -44,12 +46,22 @@ def sandbox_profile(request: RunRequest) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RunOutcome:
-    record: RunRecord
-    record_cid: str | None  # None only when the record could not be stored
-    cache_hit: bool = False
-    # Set when a forced run (use_cache=False) gave another output than the cached one.
-    disagreement: str | None = None
+class RunConditions:
+    """How a run is carried out beyond its request: the result-cache policy and the
+    conditions a verifier varies on purpose. The defaults are an ordinary run."""
+
+    use_cache: bool = True  # False: run even when an identical run is recorded
+    # False: store the record without indexing it by output and key (a verifier's re-run:
+    # lineage and the cache keep naming the run being checked, whatever the re-run gave).
+    index: bool = True
+    # Show the payload its rootfs and input through a view that lists directories in a new
+    # random order (exposes order dependence).
+    shuffle_directories: bool = False
+    clock_start_s: float | None = None  # where the payload's monotonic clock starts (None: default)
+    staging_dir: Path | None = None  # stage into this directory instead of the staging cache
+
+
+ORDINARY = RunConditions()
 
 
 class Runner:
@@ -58,7 +70,7 @@ class Runner:
     def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._store = store
-        self.cache = ContentCache(self.settings.cache_dir)
+        self.staging_cache = StagingCache(self.settings.staging_dir)
         self._results: ResultCache | None = None
         self._sandbox_checked = False
         # (input, script hash) -> input with the script: composing costs several RPCs.
@@ -72,6 +84,7 @@ class Runner:
 
     @property
     def results(self) -> ResultCache:
+        """The result cache and run index, kept in the node."""
         if self._results is None:
             self._results = ResultCache(self.store)
         return self._results
@@ -84,21 +97,23 @@ class Runner:
             self._store = None
             self._results = None
 
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
+    def run(self, request: RunRequest, conditions: RunConditions = ORDINARY, *,
+            on_stdout: OutputCallback | None = None,
             on_stderr: OutputCallback | None = None,
-            on_progress: ProgressCallback | None = None,
-            use_cache: bool = True, shuffle_directories: bool = False,
-            index: bool = True, clock_start_s: float | None = None) -> RunOutcome:
+            on_progress: ProgressCallback | None = None) -> RunResult:
         """Run a request, or return the recorded result of an identical earlier run.
 
-        `use_cache=False` runs anyway (and reports a disagreement with the cache);
-        `shuffle_directories` shows the payload its rootfs and input through a view that
-        lists directories in random order (the verifier uses it to expose order dependence);
-        `index=False` stores the record without indexing it by output and key (the verifier's
-        re-runs: lineage and the cache keep naming the original run); `clock_start_s` starts
-        the payload's monotonic clock elsewhere (the verifier's "another start time").
+        The one run path of every front end. What the payload prints goes to the callbacks as
+        it comes; on a cache hit, what the recorded run printed is replayed through them, so a
+        hit reads like the run it stands for.
         """
         t0 = time.monotonic()
         rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
@@ -114,22 +129,21 @@ class Runner:
         resolve_s = time.monotonic() - t0
 
         cached = self.results.lookup(key) if not request.interactive else None
-        if cached is not None and use_cache:
-            return RunOutcome(cached.record, cached.cid, cache_hit=True)
+        if cached is not None and conditions.use_cache:
+            return self._replay(cached, on_stdout, on_stderr)
 
+        stdout, stderr = _Capture(on_stdout), _Capture(on_stderr)
         record = self._execute(
-            request, argv=argv, key=key, rootfs_cid=rootfs_cid, input_cid=input_cid,
-            given_input=given_input if script_cid else None, script_cid=script_cid,
-            rootfs_path=_lineage_path(rootfs_path, rootfs_cid),
+            request, conditions, argv=argv, key=key, rootfs_cid=rootfs_cid,
+            input_cid=input_cid, given_input=given_input if script_cid else None,
+            script_cid=script_cid, rootfs_path=_lineage_path(rootfs_path, rootfs_cid),
             input_path=_lineage_path(input_path, given_input) if input_path else None,
-            t0=t0, resolve_s=resolve_s, on_stdout=on_stdout, on_stderr=on_stderr,
-            on_progress=on_progress, shuffle_directories=shuffle_directories,
-            clock_start_s=clock_start_s)
+            t0=t0, resolve_s=resolve_s, stdout=stdout, stderr=stderr, on_progress=on_progress)
         disagrees = (cached is not None and record.succeeded
                      and cached.record.output != record.output)
         # A disagreeing forced run does not replace the cached result: the first one recorded
         # stays the answer, and the disagreement is reported instead of hidden.
-        record_cid = (self.results.save(record, index=index, cache=not disagrees)
+        record_cid = (self.results.save(record, index=conditions.index, cache=not disagrees)
                       if record.output else None)
         disagreement = None
         if disagrees and cached is not None:
@@ -138,29 +152,46 @@ class Runner:
                             f"{cached.cid}, run {cached.record.started_at}): it is not "
                             f"deterministic; `ipfs-execute verify {record_cid}` shows the "
                             "differing files")
-        return RunOutcome(record, record_cid, cache_hit=False, disagreement=disagreement)
+        return RunResult(record, stdout.value(), stderr.value(), store=self.store,
+                         record_cid=record_cid, disagreement=disagreement)
 
-    def _execute(self, request: RunRequest, *, argv: tuple[str, ...], key: str,
-                 rootfs_cid: str, input_cid: str, given_input: str | None,
-                 script_cid: str | None, rootfs_path: str, input_path: str | None, t0: float,
-                 resolve_s: float, on_stdout: OutputCallback | None,
-                 on_stderr: OutputCallback | None,
-                 on_progress: ProgressCallback | None,
-                 shuffle_directories: bool = False,
-                 clock_start_s: float | None = None) -> RunRecord:
+    def _replay(self, cached: StoredRecord, on_stdout: OutputCallback | None,
+                on_stderr: OutputCallback | None) -> RunResult:
+        """The result of a cache hit, its recorded output printed again through the callbacks."""
+        printed = []
+        for cid, forward in ((cached.record.stdout, on_stdout),
+                             (cached.record.stderr, on_stderr)):
+            data = b""
+            if cid and cid != EMPTY_FILE_CID:
+                try:
+                    data = self.store.cat(cid)
+                except IpfsError:
+                    pass  # the output is what counts: a hit stays a hit
+            if data and forward is not None:
+                forward(data)
+            printed.append(data)
+        return RunResult(cached.record, printed[0], printed[1], store=self.store,
+                         record_cid=cached.cid, cache_hit=True)
+
+    def _execute(self, request: RunRequest, conditions: RunConditions, *,
+                 argv: tuple[str, ...], key: str, rootfs_cid: str, input_cid: str,
+                 given_input: str | None, script_cid: str | None, rootfs_path: str,
+                 input_path: str | None, t0: float, resolve_s: float, stdout: _Capture,
+                 stderr: _Capture, on_progress: ProgressCallback | None) -> RunRecord:
         started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
         durations: dict[str, float] = {"resolve": resolve_s}
         if not self._sandbox_checked:
             sandbox.check_available()
             self._sandbox_checked = True
 
-        stager = Stager(self.store, self.cache, on_progress=on_progress)
+        staging_cache = (self.staging_cache if conditions.staging_dir is None
+                         else StagingCache(conditions.staging_dir))
+        stager = Stager(self.store, staging_cache, on_progress=on_progress)
         rootfs = stager.stage_rootfs(rootfs_cid)
         durations["stage_rootfs"] = rootfs.seconds
         staged_input = stager.stage_input(input_cid)
         durations["stage_input"] = staged_input.seconds
 
-        stdout, stderr = _Capture(on_stdout), _Capture(on_stderr)
         run_dir = self._new_run_dir()
         output_dir = run_dir / "output"
         output_dir.mkdir(mode=0o755)
@@ -168,14 +199,14 @@ class Runner:
         try:
             with contextlib.ExitStack() as views:
                 rootfs_dir, input_dir = rootfs.path, staged_input.path
-                if shuffle_directories:
+                if conditions.shuffle_directories:
                     rootfs_dir = views.enter_context(staging.shuffled_view(rootfs_dir))
                     input_dir = views.enter_context(staging.shuffled_view(input_dir))
                 spec = sandbox.SandboxSpec(
                     rootfs=rootfs_dir, input_dir=input_dir, output_dir=output_dir, argv=argv,
                     limits=request.limits, interactive=request.interactive,
-                    clock_start_s=(sandbox.CLOCK_START_S if clock_start_s is None
-                                   else clock_start_s))
+                    clock_start_s=(sandbox.CLOCK_START_S if conditions.clock_start_s is None
+                                   else conditions.clock_start_s))
                 t_run = time.monotonic()
                 result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
                 durations["sandbox"] = time.monotonic() - t_run
@@ -218,35 +249,9 @@ class Runner:
             pure=not request.interactive,
         )
 
-    def execute(self, request: RunRequest, *, on_stdout: OutputCallback | None = None,
-                on_stderr: OutputCallback | None = None,
-                on_progress: ProgressCallback | None = None,
-                use_cache: bool = True) -> RunResult:
-        """`run`, keeping what the payload printed, as a RunResult (the API's and magic's)."""
-        stdout, stderr = StreamTail(on_stdout), StreamTail(on_stderr)
-        outcome = self.run(request, on_stdout=stdout, on_stderr=stderr, on_progress=on_progress,
-                           use_cache=use_cache)
-        if outcome.cache_hit:
-            printed_out, printed_err = self._recorded_output(outcome.record)
-        else:
-            printed_out, printed_err = stdout.value(), stderr.value()
-        return RunResult(outcome.record, printed_out, printed_err, store=self.store,
-                         record_cid=outcome.record_cid, cache_hit=outcome.cache_hit,
-                         disagreement=outcome.disagreement)
-
     def _add_printed(self, data: bytes, name: str) -> str:
         # Most payloads print nothing on one of the streams: no round trip for that.
         return EMPTY_FILE_CID if not data else self.store.add_bytes(data, name=name)
-
-    def _recorded_output(self, record: RunRecord) -> tuple[bytes, bytes]:
-        """What the recorded run printed; empty when it cannot be fetched (a hit stays a hit)."""
-        printed = []
-        for cid in (record.stdout, record.stderr):
-            try:
-                printed.append(self.store.cat(cid) if cid else b"")
-            except IpfsError:
-                printed.append(b"")
-        return printed[0], printed[1]
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -333,14 +338,4 @@ def _lineage_path(path: IpfsPath, resolved: str) -> str:
     return f"/ipfs/{resolved}"
 
 
-def run(request: RunRequest, settings: Settings | None = None,
-        **callbacks: Any) -> RunOutcome:
-    """One run with a fresh Runner (the Python API keeps one Runner for speed instead)."""
-    runner = Runner(settings)
-    try:
-        return runner.run(request, **callbacks)
-    finally:
-        runner.close()
-
-
-__all__ = ["RunOutcome", "Runner", "run", "sandbox_profile"]
+__all__ = ["ORDINARY", "RunConditions", "Runner", "sandbox_profile"]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,40 +38,47 @@ def default_home() -> Path:
     return Path(base) / "ipfs-execute"
 
 
-def _env_float(name: str, default: float | None) -> float | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise UsageError(f"{name}={raw!r} is not a number of seconds") from None
-
-
-def parse_size(text: str) -> int:
-    """`512M`, `2G`, `1.5GiB`, `1048576` -> bytes."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-    cleaned = str(text).strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if cleaned and cleaned[-1] in units:
-            value = int(float(cleaned[:-1]) * units[cleaned[-1]])
-        else:
-            value = int(cleaned)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a size (e.g. 512M, 2G)") from None
+def parse_size(text: str | int) -> int:
+    """`512M`, `2G`, `1.5GiB`, `1048576` -> bytes. Refuses zero, negative, nan and inf."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+        cleaned = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+        try:
+            if cleaned and cleaned[-1] in units:
+                number = float(cleaned[:-1])
+                if not math.isfinite(number):
+                    raise ValueError(cleaned)
+                value = int(number * units[cleaned[-1]])
+            else:
+                value = int(cleaned)
+        except ValueError:
+            raise UsageError(f"{text!r} is not a size (e.g. 512M, 2G)") from None
     if value <= 0:
         raise UsageError(f"{text!r}: a size must be positive")
     return value
 
 
-def parse_seconds(text: str) -> float:
-    """`30`, `30s`, `1.5` -> seconds."""
+def parse_seconds(text: str | float) -> float:
+    """`30`, `30s`, `1.5` -> seconds. Refuses zero, negative, nan and inf."""
     try:
         value = float(str(text).strip().removesuffix("s"))
     except ValueError:
         raise UsageError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{text!r}: a duration must be a positive, finite number of seconds")
+    return value
+
+
+def parse_count(text: str | int) -> int:
+    """`256` -> 256. Refuses zero, negative and anything not a whole number."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise UsageError(f"{text!r} is not a positive whole number") from None
     if value <= 0:
-        raise UsageError(f"{text!r}: a duration must be positive")
+        raise UsageError(f"{text!r} is not a positive whole number")
     return value
 
 
@@ -87,10 +95,29 @@ class Limits:
     open_files: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("timeout", "memory_bytes", "pids", "file_bytes", "cpu_seconds"):
+        for name in ("timeout", "memory_bytes", "pids", "tmp_bytes", "file_bytes",
+                     "cpu_seconds", "open_files"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UsageError(f"limit {name} must be positive, got {value}")
+            if value is not None and not (isinstance(value, (int, float))
+                                          and math.isfinite(value) and value > 0):
+                raise UsageError(f"limit {name} must be a positive, finite number, got {value!r}")
+
+    def with_overrides(self, *, timeout: float | str | None = None,
+                       memory: int | str | None = None, pids: int | str | None = None,
+                       tmp_size: int | str | None = None) -> Limits:
+        """These limits with the user's overrides (None: keep). The one place where the CLI's
+        options, the magic's options and config, and the Python API's arguments become Limits;
+        strings are parsed as the CLI parses them ("512M", "30s")."""
+        changes: dict[str, float | int] = {}
+        if timeout is not None:
+            changes["timeout"] = parse_seconds(timeout)
+        if memory is not None:
+            changes["memory_bytes"] = parse_size(memory)
+        if pids is not None:
+            changes["pids"] = parse_count(pids)
+        if tmp_size is not None:
+            changes["tmp_bytes"] = parse_size(tmp_size)
+        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -111,7 +138,8 @@ class Settings:
         return self.home / "kubo"
 
     @property
-    def cache_dir(self) -> Path:
+    def staging_dir(self) -> Path:
+        """The staging cache: rootfs and input trees ready to bind, by CID."""
         return self.home / "cache"
 
     @property
@@ -136,12 +164,17 @@ class Settings:
             values["api"] = env["IPFS_EXECUTE_API"]
         if env.get("IPFS_EXECUTE_KUBO"):
             values["kubo_binary"] = env["IPFS_EXECUTE_KUBO"]
-        fetch_timeout = _env_float("IPFS_EXECUTE_FETCH_TIMEOUT", None)
-        if fetch_timeout is not None:
-            values["fetch_timeout"] = fetch_timeout
-        timeout = _env_float("IPFS_EXECUTE_TIMEOUT", None)
-        if timeout is not None:
-            values["limits"] = Limits(timeout=timeout)
+        if env.get("IPFS_EXECUTE_FETCH_TIMEOUT"):
+            try:
+                values["fetch_timeout"] = parse_seconds(env["IPFS_EXECUTE_FETCH_TIMEOUT"])
+            except UsageError as error:
+                raise UsageError(f"IPFS_EXECUTE_FETCH_TIMEOUT: {error}") from None
+        timeout = env.get("IPFS_EXECUTE_TIMEOUT")
+        if timeout:
+            try:
+                values["limits"] = Limits().with_overrides(timeout=timeout)
+            except UsageError as error:
+                raise UsageError(f"IPFS_EXECUTE_TIMEOUT: {error}") from None
         if env.get("IPFS_EXECUTE_ONLINE", "").lower() in ("1", "true", "yes"):
             values["online"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import archive
-from .cache import ContentCache
+from .cid import EMPTY_DIRECTORY_CID
+from .staging_cache import StagingCache
 from .errors import BadRootfsError, StagingError, UsageError
 from .sandbox import SOURCE_DATE_EPOCH
 from .store import Store
@@ -36,9 +37,6 @@ from .store import Store
 # bwrap 0.8 follows symlinks while creating mount points (it could create files on the host).
 MOUNT_POINTS = ("input", "output", "tmp", "proc", "dev")
 ENTRY_POINT = "sbin/init"
-
-# The empty directory under the import settings the store sends: needs no fetching.
-EMPTY_DIRECTORY_CID = "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354"
 
 ProgressCallback = Callable[[str, int, "int | None"], None]  # (what, bytes so far, total)
 
@@ -85,33 +83,33 @@ class _CountingReader:
 
 
 class Stager:
-    def __init__(self, store: Store, cache: ContentCache, *,
+    def __init__(self, store: Store, staging_cache: StagingCache, *,
                  on_progress: ProgressCallback | None = None) -> None:
         self.store = store
-        self.cache = cache
+        self.staging_cache = staging_cache
         self.on_progress = on_progress
 
     # -- public ----------------------------------------------------------------------------
 
     def stage_rootfs(self, cid: str) -> StagedTree:
         started = time.monotonic()
-        ready = self.cache.get("rootfs", cid)
+        ready = self.staging_cache.get("rootfs", cid)
         if ready is not None:
             _settle_old_entry(ready)
             return StagedTree(cid, ready, True, time.monotonic() - started)
-        path = self.cache.fill("rootfs", cid, lambda tmp: self._fill_rootfs(cid, tmp))
+        path = self.staging_cache.fill("rootfs", cid, lambda tmp: self._fill_rootfs(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
 
     def stage_input(self, cid: str) -> StagedTree:
         started = time.monotonic()
-        ready = self.cache.get("input", cid)
+        ready = self.staging_cache.get("input", cid)
         if ready is not None:
             _settle_old_entry(ready)
             return StagedTree(cid, ready, True, time.monotonic() - started)
         if cid == EMPTY_DIRECTORY_CID:
-            path = self.cache.fill("input", cid, set_tree_mtimes)
+            path = self.staging_cache.fill("input", cid, set_tree_mtimes)
         else:
-            path = self.cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
+            path = self.staging_cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
 
     # -- filling ---------------------------------------------------------------------------

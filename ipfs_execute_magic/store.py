@@ -12,8 +12,6 @@ This is the only module that imports ipfshttpclient, and where its gaps are cove
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import io
 import os
 import re
@@ -34,6 +32,7 @@ import ipfshttpclient.exceptions as ipfs_exceptions
 # user's concern.
 warnings.filterwarnings("ignore", message="The 'strict' parameter", category=FutureWarning)
 
+from .cid import EMPTY_FILE_CID, IpfsPath, is_cid
 from .errors import (DaemonUnreachableError, DaemonVersionError, InvalidPathError, IpfsError,
                      NotRetrievableError)
 from .node import EmbeddedNode
@@ -57,82 +56,6 @@ IMPORT_OPTIONS: Mapping[str, str] = {
     "preserve-mtime": "false",
 }
 UPLOAD_CHUNK = 256 * 1024
-EMPTY_FILE_CID = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"  # raw, 0 bytes
-
-_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_CIDV0 = re.compile(rf"^Qm[{_BASE58}]{{44}}$")
-_CIDV1_BASE32 = re.compile(r"^b[a-z2-7]{20,}$")
-_CIDV1_OTHER = re.compile(rf"^(z[{_BASE58}]{{20,}}|k[0-9a-z]{{20,}}|f[0-9a-f]{{20,}})$")
-_IPNS_NAME = re.compile(r"^[A-Za-z0-9.\-_]+$")
-
-
-def raw_leaf_cid(data: bytes) -> str:
-    """The CID `add` gives `data` when it fits in one chunk: a raw block, no round trip needed.
-
-    With the import settings above (CIDv1, raw leaves, 1 MiB chunks, sha2-256) a file of one
-    chunk is a single raw block whose CID is its multihash in base32.
-    """
-    if len(data) > 1024 * 1024:
-        raise ValueError("only a single-chunk file has a raw-leaf CID")
-    digest = hashlib.sha256(data).digest()
-    binary = bytes([0x01, 0x55, 0x12, 0x20]) + digest  # CIDv1, raw codec, sha2-256, 32 bytes
-    return "b" + base64.b32encode(binary).decode().lower().rstrip("=")
-
-
-def is_cid(text: str) -> bool:
-    """Syntax check of a CID (v0 base58, or v1 in base32/base58/base36/base16)."""
-    if _CIDV0.match(text):
-        return True
-    if _CIDV1_BASE32.match(text):
-        padded = text[1:].upper() + "=" * (-len(text[1:]) % 8)
-        try:
-            raw = base64.b32decode(padded)
-        except ValueError:
-            return False
-        return len(raw) > 4 and raw[0] == 0x01  # CID version 1
-    return bool(_CIDV1_OTHER.match(text))
-
-
-@dataclass(frozen=True)
-class IpfsPath:
-    """A parsed user path: `CID`, `CID/sub`, `/ipfs/CID/sub` or `/ipns/NAME/sub`."""
-
-    namespace: str  # "ipfs" or "ipns"
-    root: str  # CID or IPNS name
-    sub: str  # "" or "a/b"
-
-    @classmethod
-    def parse(cls, text: str) -> IpfsPath:
-        original = text
-        text = text.strip()
-        if text.startswith("ipfs://"):
-            text = "/ipfs/" + text[len("ipfs://"):]
-        elif text.startswith("ipns://"):
-            text = "/ipns/" + text[len("ipns://"):]
-        namespace = "ipfs"
-        if text.startswith("/ipfs/"):
-            text = text[len("/ipfs/"):]
-        elif text.startswith("/ipns/"):
-            namespace, text = "ipns", text[len("/ipns/"):]
-        root, _, sub = text.partition("/")
-        sub = sub.strip("/")
-        parts = [p for p in sub.split("/") if p]
-        if any(p in (".", "..") for p in parts):
-            raise InvalidPathError(f"{original!r}: '.' and '..' are not allowed in an IPFS path")
-        if namespace == "ipfs" and not is_cid(root):
-            raise InvalidPathError(f"{original!r} is not a CID or IPFS path (expected CID, "
-                                   "CID/sub/path, /ipfs/CID/sub/path or /ipns/NAME)")
-        if namespace == "ipns" and not _IPNS_NAME.match(root):
-            raise InvalidPathError(f"{original!r}: {root!r} is not an IPNS name")
-        return cls(namespace, root, "/".join(parts))
-
-    @property
-    def is_plain_cid(self) -> bool:
-        return self.namespace == "ipfs" and not self.sub
-
-    def __str__(self) -> str:
-        return f"/{self.namespace}/{self.root}" + (f"/{self.sub}" if self.sub else "")
-
 
 @dataclass(frozen=True)
 class Entry:

@@ -7,23 +7,26 @@ shuffled directory order, another start time) to expose what the output secretly
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cache import remove_tree
-from .errors import UsageError
+from .staging_cache import remove_tree
+from .errors import IpfsExecuteError, UsageError
 from .record import RunRecord, RunRequest
 from .result_cache import StoredRecord
-from .runner import Runner
+from .runner import RunConditions, Runner
 from .settings import Limits
-from .store import Store, is_cid
+from .cid import is_cid
+from .store import Store
 
+# The verifier's "another start time": the payload's monotonic clock starts here instead of at
+# sandbox.CLOCK_START_S (and the wall clock has moved on).
+ANOTHER_CLOCK_START_S = 1000.0
 CONDITIONS = ("same staging", "another staging location", "shuffled directory order",
               "another start time")
 
@@ -102,17 +105,6 @@ def request_of(record: RunRecord) -> RunRequest:
                       limits=limits)
 
 
-@contextlib.contextmanager
-def _another_staging(runner: Runner) -> Iterator[Runner]:
-    scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=runner.settings.home))
-    scratch.chmod(0o755)
-    other = Runner(runner.settings.with_changes(home=scratch), store=runner.store)
-    try:
-        yield other
-    finally:
-        remove_tree(scratch)
-
-
 def verify(runner: Runner, stored: StoredRecord, *, runs: int = 1,
            on_rerun: Callable[[RerunResult], None] | None = None) -> Verdict:
     """Re-run a recorded computation `runs` times without the cache and compare outputs."""
@@ -125,11 +117,11 @@ def verify(runner: Runner, stored: StoredRecord, *, runs: int = 1,
     reruns: list[RerunResult] = []
     for index in range(runs):
         condition = CONDITIONS[index % len(CONDITIONS)] if runs > 1 else CONDITIONS[0]
-        outcome_record = _rerun(runner, request, condition)
-        matches = outcome_record.output == record.output
-        diffs = () if matches or outcome_record.output is None else tuple(
-            diff_trees(runner.store, record.output, outcome_record.output))
-        rerun = RerunResult(condition, outcome_record.output, outcome_record.exit_status,
+        rerun_record = _rerun(runner, request, condition)
+        matches = rerun_record.output == record.output
+        diffs = () if matches or rerun_record.output is None else tuple(
+            diff_trees(runner.store, record.output, rerun_record.output))
+        rerun = RerunResult(condition, rerun_record.output, rerun_record.exit_status,
                             matches, diffs)
         reruns.append(rerun)
         if on_rerun is not None:
@@ -140,15 +132,20 @@ def verify(runner: Runner, stored: StoredRecord, *, runs: int = 1,
 def _rerun(runner: Runner, request: RunRequest, condition: str) -> RunRecord:
     # index=False: a check must not change what the cache returns or what lineage shows (a
     # re-run's record has no script and names the input with the script in it).
+    base = RunConditions(use_cache=False, index=False)
     if condition == "another staging location":
-        with _another_staging(runner) as other:
-            return other.run(request, use_cache=False, index=False).record
+        scratch = Path(tempfile.mkdtemp(prefix="verify-", dir=runner.settings.home))
+        scratch.chmod(0o755)  # the sandbox uid must traverse it
+        try:
+            return runner.run(request, replace(base, staging_dir=scratch)).record
+        finally:
+            remove_tree(scratch)
     if condition == "shuffled directory order":
-        return runner.run(request, use_cache=False, shuffle_directories=True,
-                          index=False).record
+        return runner.run(request, replace(base, shuffle_directories=True)).record
     if condition == "another start time":
         time.sleep(1.1)  # the wall clock, and anything derived from it, moves on
-    return runner.run(request, use_cache=False, index=False).record
+        return runner.run(request, replace(base, clock_start_s=ANOTHER_CLOCK_START_S)).record
+    return runner.run(request, base).record
 
 
 _RECORD_IN_TEXT = re.compile(r"record[:= ]+\s*(?:ipfs://)?(b[a-z2-7]{50,})")
@@ -179,3 +176,93 @@ def records_in_notebook(path: Path) -> list[tuple[int, str]]:
                     found.append((index, cid))
     return found
 
+
+
+# -- a whole notebook --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CellVerdict:
+    cell: int  # index in the notebook's cells
+    execution_count: int | None
+    record_cid: str
+    verdict: Verdict | None = None
+    error: str | None = None  # why the run could not be verified
+
+    @property
+    def label(self) -> str:
+        shown = f" (In [{self.execution_count}])" if self.execution_count is not None else ""
+        return f"cell {self.cell}{shown}"
+
+    @property
+    def reproducible(self) -> bool:
+        return self.verdict is not None and self.verdict.reproducible
+
+    def describe(self) -> str:
+        if self.verdict is None:
+            return f"{self.label}: record {self.record_cid} could not be verified: {self.error}"
+        return f"{self.label}: {self.verdict.describe()}"
+
+
+@dataclass(frozen=True)
+class NotebookVerdict:
+    """Every recorded run of an executed notebook, re-run and checked."""
+
+    path: str
+    cells: tuple[CellVerdict, ...]
+
+    @property
+    def reproducible(self) -> bool:
+        return bool(self.cells) and all(cell.reproducible for cell in self.cells)
+
+    def __iter__(self) -> Iterator[CellVerdict]:
+        return iter(self.cells)
+
+    def __len__(self) -> int:
+        return len(self.cells)
+
+    def describe(self) -> str:
+        return "\n".join(cell.describe() for cell in self.cells)
+
+
+def execution_counts(path: Path) -> dict[int, int | None]:
+    try:
+        cells = json.loads(path.read_text()).get("cells", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {index: cell.get("execution_count") for index, cell in enumerate(cells)
+            if isinstance(cell, dict)}
+
+
+def verify_notebook(runner: Runner, path: Path, *, runs: int = 1,
+                    on_progress: Callable[[str], None] | None = None,
+                    on_cell: Callable[[CellVerdict], None] | None = None) -> NotebookVerdict:
+    """Re-run every run recorded in an executed notebook; a record shown twice runs once.
+
+    A run that cannot be verified (its record is not on this node, ...) is reported in its
+    cell and the others go on. `on_cell` hears of each cell as soon as it is decided.
+    """
+    found = records_in_notebook(path)  # raises UsageError for a bad file
+    if not found:
+        raise UsageError(f"{path}: no recorded runs in it (was it executed and saved?)")
+    counts = execution_counts(path)
+    done: dict[str, CellVerdict] = {}
+    cells: list[CellVerdict] = []
+    for number, (index, record_cid) in enumerate(found, 1):
+        if on_progress is not None:
+            on_progress(f"verifying cell {index} ({number} of {len(found)} recorded runs): "
+                        f"record {record_cid}")
+        if record_cid in done:
+            earlier = done[record_cid]
+            outcome = CellVerdict(index, counts.get(index), record_cid, earlier.verdict,
+                                  earlier.error)
+        else:
+            try:
+                verdict = verify(runner, runner.results.find(record_cid), runs=runs)
+                outcome = CellVerdict(index, counts.get(index), record_cid, verdict)
+            except IpfsExecuteError as error:
+                outcome = CellVerdict(index, counts.get(index), record_cid, error=str(error))
+            done[record_cid] = outcome
+        cells.append(outcome)
+        if on_cell is not None:
+            on_cell(outcome)
+    return NotebookVerdict(str(path), tuple(cells))

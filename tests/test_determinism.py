@@ -20,7 +20,7 @@ import pytest
 from helpers import cli_env, ipfs_execute, world_traversable_tmpdir
 
 from ipfs_execute_magic import sandbox
-from ipfs_execute_magic.cache import ContentCache
+from ipfs_execute_magic.staging_cache import StagingCache
 from ipfs_execute_magic.sandbox import SOURCE_DATE_EPOCH, SandboxSpec, run_sandbox
 from ipfs_execute_magic.settings import Limits
 from ipfs_execute_magic.staging import (
@@ -163,7 +163,7 @@ def test_staged_trees_have_fixed_times_and_modes_wherever_staged(
     try:
         staged = []
         for cache_root in caches:
-            stager = Stager(store, ContentCache(cache_root))
+            stager = Stager(store, StagingCache(cache_root))
             staged.append((_tree_times(stager.stage_input(probe_input).path),
                            _tree_times(stager.stage_rootfs(busybox_cid).path)))
         (input_a, rootfs_a), (input_b, rootfs_b) = staged

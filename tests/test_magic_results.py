@@ -24,7 +24,7 @@ from IPython.utils.capture import capture_output
 
 import ipfs_execute_magic as ie
 from ipfs_execute_magic.jupyter.magics import INTERRUPTED_LINE, IpfsExecuteMagics
-from ipfs_execute_magic.jupyter.provenance import NotebookVerdict
+from ipfs_execute_magic.verify import NotebookVerdict
 from ipfs_execute_magic.lineage import LineageNode
 from ipfs_execute_magic.result import IpfsRef, RunResult
 from ipfs_execute_magic.verify import Verdict, records_in_notebook
@@ -396,6 +396,6 @@ def test_executed_notebook_keeps_the_records_for_verify(home: Path, store, busyb
     checked = subprocess.run([str(BIN / "ipfs-execute"), "verify", str(path)],
                              env=cli_env(home), capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"cell 3: record {records[0]}" in checked.stdout
-    assert f"cell 4: record {records[1]}" in checked.stdout
+    assert f"cell 3 (In [4]): record {records[0]}" in checked.stdout
+    assert f"cell 4 (In [5]): record {records[1]}" in checked.stdout
     assert checked.stdout.count("verdict: reproducible") == 2

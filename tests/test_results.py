@@ -29,7 +29,7 @@ def unique(text: str) -> str:
 
 def test_record_is_readable_json_in_ipfs(runner: Runner, busybox_cid: str, store) -> None:
     script = unique("echo hello; echo oops >&2; echo data > /output/f")
-    result = runner.execute(RunRequest(rootfs=busybox_cid, args=("sh", "-c", script)))
+    result = runner.run(RunRequest(rootfs=busybox_cid, args=("sh", "-c", script)))
     assert result.record_cid and not result.cache_hit
     document = json.loads(store.cat(result.record_cid))
     assert document["output"] == str(result) and document["rootfs"] == busybox_cid
@@ -45,8 +45,8 @@ def test_record_is_readable_json_in_ipfs(runner: Runner, busybox_cid: str, store
 
 def test_identical_run_is_a_hit_through_the_api(runner: Runner, busybox_cid: str) -> None:
     request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique("echo once > /output/x; echo said")))
-    first = runner.execute(request)
-    again = runner.execute(request)
+    first = runner.run(request)
+    again = runner.run(request)
     assert again.cache_hit and not first.cache_hit
     assert str(again) == str(first) and again.record_cid == first.record_cid
     assert again.stdout == b"said\n"  # replayed from the record
@@ -90,17 +90,17 @@ def test_forced_run_that_disagrees_is_reported(home: Path, busybox_cid: str,
 def test_failed_and_timed_out_runs_are_never_cached(runner: Runner, busybox_cid: str,
                                                     payload: str, limits: Limits) -> None:
     request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique(payload)), limits=limits)
-    first = runner.execute(request)
+    first = runner.run(request)
     assert not first.ok
-    again = runner.execute(request)
+    again = runner.run(request)
     assert not again.cache_hit
 
 
 def test_interactive_runs_are_impure_and_never_cached(runner: Runner, busybox_cid: str) -> None:
     request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique("true")), interactive=True)
-    first = runner.execute(request)
+    first = runner.run(request)
     assert first.ok and first.record.pure is False
-    assert not runner.execute(request).cache_hit
+    assert not runner.run(request).cache_hit
 
 
 def test_the_cache_survives_a_daemon_restart(busybox_tarball: Path) -> None:
@@ -109,14 +109,14 @@ def test_the_cache_survives_a_daemon_restart(busybox_tarball: Path) -> None:
     first_runner = Runner(settings)
     rootfs = first_runner.store.add_path(busybox_tarball)
     request = RunRequest(rootfs=rootfs, args=("sh", "-c", "echo kept > /output/k"))
-    first = first_runner.execute(request)
+    first = first_runner.run(request)
     first_runner.close()
     from ipfs_execute_magic.node import EmbeddedNode
 
     assert EmbeddedNode(settings).stop()
     second_runner = Runner(settings)  # starts the node again
     try:
-        again = second_runner.execute(request)
+        again = second_runner.run(request)
         assert again.cache_hit and str(again) == str(first)
     finally:
         second_runner.close()
@@ -166,27 +166,41 @@ def test_verify_reproducible_and_not(home: Path, busybox_cid: str, empty_cid: st
                    for line in diff_lines)  # the unchanged file is not listed
 
 
-def test_verify_an_executed_notebook(home: Path, busybox_cid: str, empty_cid: str) -> None:
+def test_verify_an_executed_notebook(home: Path, busybox_cid: str, empty_cid: str,
+                                     store) -> None:
+    """Every recorded run is checked; a record shown twice runs once and is reported for both
+    cells; a record this node does not know is reported in its cell and the others go on."""
     runs = [json.loads(ipfs_execute(home, "--json", busybox_cid, empty_cid, "sh", "-c",
                                     unique(f"echo {n} > /output/n")).stdout)["record_cid"]
             for n in range(2)]
+    not_a_record = store.add_bytes(unique("not a record").encode())
+
+    def shown(count: int, output: dict) -> dict:
+        return {"cell_type": "code", "source": "", "metadata": {}, "execution_count": count,
+                "outputs": [output]}
+
     notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
-        {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
-         "outputs": [{"output_type": "display_data", "data": {"text/plain": "result"},
-                      "metadata": {"ipfs_execute": {"record": runs[0]}}}]},
+        shown(1, {"output_type": "display_data", "data": {"text/plain": "result"},
+                  "metadata": {"ipfs_execute": {"record": runs[0]}}}),
         {"cell_type": "markdown", "source": "text", "metadata": {}},
-        {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 2,
-         "outputs": [{"output_type": "execute_result", "execution_count": 2, "metadata": {},
-                      "data": {"text/plain": f"exit 0, record: {runs[1]}"}}]},
+        shown(2, {"output_type": "execute_result", "execution_count": 2, "metadata": {},
+                  "data": {"text/plain": f"exit 0, record: {runs[1]}"}}),
+        shown(3, {"output_type": "display_data", "data": {"text/plain": "unknown"},
+                  "metadata": {"ipfs_execute": {"record": not_a_record}}}),
+        shown(4, {"output_type": "display_data", "data": {"text/plain": "again"},
+                  "metadata": {"ipfs_execute": {"record": runs[0]}}}),
     ]}
     path = world_traversable_tmpdir("iex-nb-") / "done.ipynb"
     path.write_text(json.dumps(notebook))
     checked = subprocess.run([str(BIN / "ipfs-execute"), "verify", str(path)],
                              env=cli_env(home), capture_output=True, text=True)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert f"cell 0: record {runs[0]}" in checked.stdout
-    assert f"cell 2: record {runs[1]}" in checked.stdout
-    assert checked.stdout.count("verdict: reproducible") == 2
+    assert checked.returncode == 1, checked.stdout + checked.stderr  # one could not be verified
+    assert f"cell 0 (In [1]): record {runs[0]}" in checked.stdout
+    assert f"cell 2 (In [2]): record {runs[1]}" in checked.stdout
+    assert f"cell 3 (In [3]): record {not_a_record} could not be verified" in checked.stdout
+    assert f"cell 4 (In [4]): record {runs[0]}" in checked.stdout  # after the unknown one
+    assert checked.stdout.count("verdict: reproducible") == 3
+    assert checked.stdout.count("re-run, same staging") == 3  # each cell's copy of its verdict
 
 
 def test_lineage_walks_back_to_the_data(home: Path, busybox_cid: str, busybox_tarball: Path,

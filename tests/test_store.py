@@ -12,7 +12,8 @@ import pytest
 
 from ipfs_execute_magic.errors import (DaemonUnreachableError, InvalidPathError,
                                        NotRetrievableError)
-from ipfs_execute_magic.store import IpfsPath, Store, _parse_version, is_cid
+from ipfs_execute_magic.cid import IpfsPath, is_cid
+from ipfs_execute_magic.store import Store, _parse_version
 
 
 def make_tree(root: Path) -> Path:
@@ -160,7 +161,7 @@ def test_cid_syntax() -> None:
 
 
 def test_raw_leaf_cid_matches_the_daemon(store: Store) -> None:
-    from ipfs_execute_magic.store import EMPTY_FILE_CID, raw_leaf_cid
+    from ipfs_execute_magic.cid import EMPTY_FILE_CID, raw_leaf_cid
 
     for data in (b"", b"x", b'{"record": 1}\n' * 1000, os.urandom(1024 * 1024)):
         assert raw_leaf_cid(data) == store.add_bytes(data, pin=False)

@@ -18,7 +18,6 @@ import sys
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,21 +28,21 @@ from traitlets import Float, Int, TraitError, Unicode, Union, observe, validate
 
 import ipfs_execute_magic as ie
 
+from ..cid import IpfsPath
 from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
 from ..lineage import LineageNode, lineage
-from ..record import SCRIPT_PATH, RunRequest
+from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
-from ..settings import Limits, Settings, parse_seconds, parse_size
-from ..store import IpfsPath, Store
-from ..verify import RerunResult, Verdict, verify
+from ..settings import Limits, Settings, parse_count, parse_seconds, parse_size
+from ..verify import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
 from .display import (PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle,
                       result_mimebundle)
-from .provenance import (LineageView, NotebookVerdict, NotebookVerdictView, VerdictView,
-                         VerifyProgress, verify_notebook)
+from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
 
 if TYPE_CHECKING:
     from ..runner import Runner
+    from ..store import Store
 
 INTERRUPTED_LINE = "interrupted: the sandbox was stopped"
 PROGRESS_DELAY = 0.5  # seconds of staging before a progress line appears
@@ -154,16 +153,7 @@ def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 _seconds = _argument_type(parse_seconds)
 _size = _argument_type(parse_size)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
+_positive_int = _argument_type(parse_count)
 
 
 class _StreamForwarder:
@@ -311,13 +301,11 @@ class IpfsExecuteMagics(Magics):
 
     def settings(self) -> Settings:
         """The core's settings: the environment's, changed by this object's config."""
-        changes = {name: value for name, value in (
-            ("timeout", self.timeout), ("memory_bytes", self.memory), ("pids", self.pids))
-            if value is not None}
         with core_errors():
-            limits = Settings.from_env().limits
+            limits = Settings.from_env().limits.with_overrides(
+                timeout=self.timeout, memory=self.memory, pids=self.pids)
             return Settings.from_env(api=self.api or None, home=self.home or None,
-                                     limits=replace(limits, **changes))
+                                     limits=limits)
 
     def apply_settings(self) -> None:
         """Rebuild the process's Runner (the one the Python API uses too)."""
@@ -416,23 +404,9 @@ class IpfsExecuteMagics(Magics):
                                  "use the line form %ipfs_execute ROOTFS INPUT -- ARG...")
             script = cell if cell.endswith("\n") else cell + "\n"
 
-        runner = ie.default_runner()
-        changes = {field: value for field, value in (
-            ("timeout", options.timeout), ("memory_bytes", options.memory),
-            ("pids", options.pids), ("tmp_bytes", options.tmp_size)) if value is not None}
-        with core_errors():
-            request = RunRequest(rootfs=options.rootfs, input=options.input,
-                                 args=tuple(payload_args),
-                                 limits=replace(runner.settings.limits, **changes),
-                                 script=script, interpreter=interpreter)
-        return self._run(runner, request, name=name, quiet=options.quiet,
-                         raise_error=not options.no_raise_error, use_cache=not options.no_cache)
-
-    def _run(self, runner: Runner, request: RunRequest, *, name: str | None, quiet: bool,
-             raise_error: bool, use_cache: bool) -> RunResult | None:
-        stdout = None if quiet else _StreamForwarder("stdout")
-        stderr = None if quiet else _StreamForwarder("stderr")
-        progress = None if quiet else StagingProgress(PROGRESS_DELAY)
+        stdout = None if options.quiet else _StreamForwarder("stdout")
+        stderr = None if options.quiet else _StreamForwarder("stderr")
+        progress = None if options.quiet else StagingProgress(PROGRESS_DELAY)
 
         def flush_output() -> None:
             for forwarder in (stdout, stderr):
@@ -442,13 +416,14 @@ class IpfsExecuteMagics(Magics):
         outcome = "failed"
         try:
             with core_errors():
-                result: RunResult = runner.execute(request, on_stdout=stdout, on_stderr=stderr,
-                                                   on_progress=progress, use_cache=use_cache)
+                # The same call as the Python API's: on a cache hit it replays what the
+                # recorded run printed, so the cell reads the same either way.
+                result = ie.run(options.rootfs, options.input, *payload_args, script=script,
+                                interpreter=interpreter, timeout=options.timeout,
+                                memory=options.memory, pids=options.pids,
+                                tmp_size=options.tmp_size, use_cache=not options.no_cache,
+                                on_stdout=stdout, on_stderr=stderr, on_progress=progress)
             outcome = ""
-            if result.cache_hit and stdout is not None and stderr is not None:
-                # Nothing ran: show what the recorded run printed, so the cell reads the same.
-                stdout(result.stdout)
-                stderr(result.stderr)
         except KeyboardInterrupt as interrupt:
             # The core has killed the sandbox already; say so once and stop Run All.
             outcome = "interrupted"
@@ -462,9 +437,9 @@ class IpfsExecuteMagics(Magics):
 
         if name is not None:
             self.shell.user_ns[name] = result
-        if not result.ok and raise_error:
+        if not result.ok and not options.no_raise_error:
             raise PayloadFailedError(result, name)
-        if quiet and result.ok:
+        if options.quiet and result.ok:
             return None
         return result
 
@@ -598,11 +573,7 @@ class IpfsExecuteMagics(Magics):
     @staticmethod
     def _verify_notebook(runner: Runner, path: Path, runs: int,
                          progress: VerifyProgress) -> NotebookVerdict:
-        result = verify_notebook(runner, path, runs=runs, on_progress=progress)
-        if not result.cells:
-            raise CoreUsageError(f"{path}: no recorded runs in it (was it executed and "
-                                 "saved?)")
-        return result
+        return verify_notebook(runner, path, runs=runs, on_progress=progress)
 
     def _record_cid_of(self, word: str) -> str:
         value = self._target(word, "NAME_OR_RECORD")

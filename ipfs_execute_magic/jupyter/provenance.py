@@ -1,4 +1,4 @@
-"""How verdicts and lineage look in a notebook, and the verification of a whole notebook.
+"""How verdicts and lineage look in a notebook.
 
 Each view is static HTML plus a text/plain fallback with the same information, for the same
 reason as the result view: a shared notebook is often read where scripts and widgets do not run
@@ -12,20 +12,14 @@ of the cell that shows them, and does not verify them a second time.
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..errors import IpfsExecuteError
 from ..lineage import LineageNode
 from ..record import RunRecord
-from ..runner import Runner
-from ..verify import FileDiff, RerunResult, Verdict, records_in_notebook, verify
+from ..verify import CellVerdict, FileDiff, NotebookVerdict, RerunResult, Verdict
 from .display import (PUBLIC_GATEWAY, _e, _link, gateway_href, human_size, record_status,
                       static_line)
 
@@ -200,83 +194,6 @@ def _diff_mark(diff: FileDiff) -> str:
 def _size_cell(size: int | None) -> str:
     title = "" if size is None else f' title="{size} bytes"'
     return f'<td style="{CELL};text-align:right"{title}>{_e(_size(size))}</td>'
-
-
-# -- a whole notebook --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CellVerdict:
-    cell: int  # index in the notebook's cells (as `ipfs-execute verify NOTEBOOK` counts)
-    execution_count: int | None
-    record_cid: str
-    verdict: Verdict | None = None
-    error: str | None = None  # why the run could not be verified
-
-    @property
-    def label(self) -> str:
-        shown = f" (In [{self.execution_count}])" if self.execution_count is not None else ""
-        return f"cell {self.cell}{shown}"
-
-    @property
-    def reproducible(self) -> bool:
-        return self.verdict is not None and self.verdict.reproducible
-
-
-@dataclass(frozen=True)
-class NotebookVerdict:
-    """Every recorded run of an executed notebook, re-run and checked."""
-
-    path: str
-    cells: tuple[CellVerdict, ...]
-
-    @property
-    def reproducible(self) -> bool:
-        return bool(self.cells) and all(cell.reproducible for cell in self.cells)
-
-    def __iter__(self) -> Iterator[CellVerdict]:
-        return iter(self.cells)
-
-    def __len__(self) -> int:
-        return len(self.cells)
-
-
-def execution_counts(path: Path) -> dict[int, int | None]:
-    try:
-        cells = json.loads(path.read_text()).get("cells", [])
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {index: cell.get("execution_count") for index, cell in enumerate(cells)
-            if isinstance(cell, dict)}
-
-
-def verify_notebook(runner: Runner, path: Path, *, runs: int = 1,
-                    on_progress: Callable[[str], None] | None = None) -> NotebookVerdict:
-    """Re-run every run recorded in an executed notebook; a record shown twice runs once.
-
-    A run that cannot be verified (its record is not on this node, ...) is reported in its
-    cell and the others go on.
-    """
-    found = records_in_notebook(path)  # raises the core's UsageError for a bad file
-    counts = execution_counts(path)
-    done: dict[str, CellVerdict] = {}
-    cells: list[CellVerdict] = []
-    for number, (index, record_cid) in enumerate(found, 1):
-        if on_progress is not None:
-            on_progress(f"verifying cell {index} ({number} of {len(found)} recorded runs): "
-                        f"record {record_cid}")
-        if record_cid in done:
-            earlier = done[record_cid]
-            cells.append(CellVerdict(index, counts.get(index), record_cid, earlier.verdict,
-                                     earlier.error))
-            continue
-        try:
-            verdict = verify(runner, runner.results.find(record_cid), runs=runs)
-            outcome = CellVerdict(index, counts.get(index), record_cid, verdict)
-        except IpfsExecuteError as error:
-            outcome = CellVerdict(index, counts.get(index), record_cid, error=str(error))
-        done[record_cid] = outcome
-        cells.append(outcome)
-    return NotebookVerdict(str(path), tuple(cells))
 
 
 def notebook_headline(result: NotebookVerdict) -> str:

@@ -1,4 +1,4 @@
-"""ContentCache: atomic fills, one filler per key across processes, cleanup after crashes."""
+"""StagingCache: atomic fills, one filler per key across processes, cleanup after crashes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ipfs_execute_magic.cache import ContentCache, remove_tree
+from ipfs_execute_magic.staging_cache import StagingCache, remove_tree
 
 CID = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
 OTHER = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
@@ -24,7 +24,7 @@ def write_tree(path: Path) -> None:
 
 
 def test_fill_get_remove(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path / "cache")
+    cache = StagingCache(tmp_path / "cache")
     assert cache.get("rootfs", CID) is None
     assert cache.entries("rootfs") == []
     path = cache.fill("rootfs", CID, write_tree)
@@ -45,7 +45,7 @@ def test_fill_get_remove(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["", "../etc", "a/b", "bafy.x", "bafy key", "x" * 201])
 def test_keys_must_be_cids(tmp_path: Path, key: str) -> None:
-    cache = ContentCache(tmp_path)
+    cache = StagingCache(tmp_path)
     with pytest.raises(ValueError, match="must be a CID"):
         cache.path_for("rootfs", key)
     with pytest.raises(ValueError, match="must be a CID"):
@@ -55,11 +55,11 @@ def test_keys_must_be_cids(tmp_path: Path, key: str) -> None:
 @pytest.mark.parametrize("kind", ["", "../x", "Rootfs", "tmp/x"])
 def test_kinds_must_be_words(tmp_path: Path, kind: str) -> None:
     with pytest.raises(ValueError, match="cache kind"):
-        ContentCache(tmp_path).get(kind, CID)
+        StagingCache(tmp_path).get(kind, CID)
 
 
 def test_failing_filler_leaves_nothing_and_next_caller_retries(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path)
+    cache = StagingCache(tmp_path)
 
     def broken(path: Path) -> None:
         write_tree(path)
@@ -80,7 +80,7 @@ def test_failing_filler_leaves_nothing_and_next_caller_retries(tmp_path: Path) -
 
 
 def test_keyboard_interrupt_in_filler_cleans_up(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path)
+    cache = StagingCache(tmp_path)
 
     def interrupted(path: Path) -> None:
         write_tree(path)
@@ -99,7 +99,7 @@ def _fill_in_process(root: str, counter: str, start: float) -> str:
         write_tree(path)
 
     time.sleep(max(0.0, start - time.time()))
-    return str(ContentCache(Path(root)).fill("rootfs", CID, slow_filler))
+    return str(StagingCache(Path(root)).fill("rootfs", CID, slow_filler))
 
 
 def test_concurrent_processes_fill_once(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_concurrent_processes_fill_once(tmp_path: Path) -> None:
 
 
 def test_concurrent_threads_fill_once(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path)
+    cache = StagingCache(tmp_path)
     calls = []
     results: list[Path] = []
     barrier = threading.Barrier(6)
@@ -137,7 +137,7 @@ def test_concurrent_threads_fill_once(tmp_path: Path) -> None:
 
 
 def test_stale_tmp_is_removed_but_live_filler_is_not(tmp_path: Path) -> None:
-    cache = ContentCache(tmp_path)
+    cache = StagingCache(tmp_path)
     cache.fill("rootfs", "warmup", write_tree)
     # Work dirs of killed fillers: one for the key we fill next, one for another key.
     for name in (f"rootfs.{CID}.dead1", f"input.{OTHER}.dead2"):

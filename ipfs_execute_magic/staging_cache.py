@@ -1,4 +1,4 @@
-"""Content-addressed directories on disk: a staged rootfs or input tree, keyed by its CID.
+"""Staged trees on disk: a rootfs or input tree, keyed by its CID (the staging cache).
 
 Layout under `root`:
 
@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["ContentCache"]
+__all__ = ["StagingCache", "remove_tree"]
 
 _KIND = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _KEY = re.compile(r"[A-Za-z0-9]{1,200}")
@@ -30,7 +30,7 @@ _KEY = re.compile(r"[A-Za-z0-9]{1,200}")
 _DIR_MODE = 0o755
 
 
-class ContentCache:
+class StagingCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._tmp = self.root / "tmp"
