@@ -31,10 +31,10 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "examples"))
 
+from ipfs_execute_magic.cid import EMPTY_DIRECTORY_CID  # noqa: E402
 from ipfs_execute_magic.record import RunRequest  # noqa: E402
 from ipfs_execute_magic.runner import RunConditions, Runner  # noqa: E402
 from ipfs_execute_magic.settings import SANDBOX_GID, SANDBOX_UID, Settings  # noqa: E402
-from ipfs_execute_magic.cid import EMPTY_DIRECTORY_CID  # noqa: E402
 
 NO_CACHE = RunConditions(use_cache=False)
 
@@ -50,21 +50,50 @@ def timed(action: Callable[[], object], repeat: int) -> list[float]:
 
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-    return {"median_ms": statistics.median(ordered) * 1000,
-            "p90_ms": ordered[int(len(ordered) * 0.9) - 1 if len(ordered) > 1 else 0] * 1000,
-            "min_ms": ordered[0] * 1000, "n": len(ordered)}
+    return {
+        "median_ms": statistics.median(ordered) * 1000,
+        "p90_ms": ordered[int(len(ordered) * 0.9) - 1 if len(ordered) > 1 else 0] * 1000,
+        "min_ms": ordered[0] * 1000,
+        "n": len(ordered),
+    }
 
 
 def bare_bwrap_argv(root: Path, input_dir: Path, output_dir: Path) -> list[str]:
     """The namespaces and main mounts of a run, without anything of ours around it (no
     cgroups, rlimits, time namespace or synthetic /proc entries: that is the overhead)."""
-    argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--ro-bind", str(root), "/", "--ro-bind", str(input_dir), "/input",
-            "--bind", str(output_dir), "/output", "--proc", "/proc", "--dev", "/dev",
-            "--tmpfs", "/tmp", "/sbin/init", "true"]
+    argv = [
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        str(root),
+        "/",
+        "--ro-bind",
+        str(input_dir),
+        "/input",
+        "--bind",
+        str(output_dir),
+        "/output",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+        "/sbin/init",
+        "true",
+    ]
     if os.geteuid() == 0:  # a run drops to an unprivileged uid; so does the baseline
-        argv = ["setpriv", f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_GID}", "--clear-groups",
-                *argv]
+        argv = [
+            "setpriv",
+            f"--reuid={SANDBOX_UID}",
+            f"--regid={SANDBOX_GID}",
+            "--clear-groups",
+            *argv,
+        ]
     return argv
 
 
@@ -107,13 +136,21 @@ def main() -> None:
         hit_runner = Runner(settings, store=store)
         hit_samples = timed(lambda: hit_runner.run(request), repeat)
         assert hit_runner.run(request).cache_hit
-        cli = [str(Path(sys.prefix) / "bin" / "ipfs-execute"), "--no-cache", busybox,
-               EMPTY_DIRECTORY_CID, "true"]
+        cli = [
+            str(Path(sys.prefix) / "bin" / "ipfs-execute"),
+            "--no-cache",
+            busybox,
+            EMPTY_DIRECTORY_CID,
+            "true",
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("IPFS_EXECUTE_")}
         env["IPFS_EXECUTE_HOME"] = str(settings.home)
-        cli_samples = timed(lambda: subprocess.run(cli, check=True, env=env,
-                                                   stdout=subprocess.DEVNULL,
-                                                   stdin=subprocess.DEVNULL), max(5, repeat // 4))
+        cli_samples = timed(
+            lambda: subprocess.run(
+                cli, check=True, env=env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            ),
+            max(5, repeat // 4),
+        )
         figures["bare_bwrap_true"] = summary(bare_samples)
         figures["warm_run_api"] = summary(api_samples)
         figures["warm_run_cli"] = summary(cli_samples)
@@ -123,15 +160,22 @@ def main() -> None:
         figures["warm_api_overhead_ms"] = overhead
 
         # -- cold staging: ours vs ipfs cat | tar xzf ---------------------------------------
-        kubo_env = dict(os.environ, IPFS_PATH=str(settings.repo_dir),
-                        PATH=f"{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}")
+        kubo_env = dict(
+            os.environ,
+            IPFS_PATH=str(settings.repo_dir),
+            PATH=f"{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}",
+        )
         pipeline_samples, ours_samples = [], []
         for attempt in range(cold_repeat):
             target = work / f"pipeline-{attempt}"
             target.mkdir()
             start = time.perf_counter()
-            subprocess.run(f"ipfs cat {python_cid} | tar xzf - -C {target}", shell=True,
-                           check=True, env=kubo_env)
+            subprocess.run(
+                f"ipfs cat {python_cid} | tar xzf - -C {target}",
+                shell=True,
+                check=True,
+                env=kubo_env,
+            )
             pipeline_samples.append(time.perf_counter() - start)
 
             cold = Runner(settings.with_changes(home=work / f"cold-{attempt}"), store=store)
@@ -142,11 +186,16 @@ def main() -> None:
             ours_samples.append(time.perf_counter() - start)
         figures["cold_pipeline_ipfs_cat_tar"] = summary(pipeline_samples)
         figures["cold_staging_ours"] = summary(ours_samples)
-        ratio = (figures["cold_staging_ours"]["median_ms"]
-                 / figures["cold_pipeline_ipfs_cat_tar"]["median_ms"])
+        ratio = (
+            figures["cold_staging_ours"]["median_ms"]
+            / figures["cold_pipeline_ipfs_cat_tar"]["median_ms"]
+        )
         figures["cold_ratio"] = ratio
-        figures["rootfs"] = {"image": "python", "cid": python_cid,
-                             "bytes": python_image.stat().st_size}
+        figures["rootfs"] = {
+            "image": "python",
+            "cid": python_cid,
+            "bytes": python_image.stat().st_size,
+        }
     finally:
         runner.close()
         from ipfs_execute_magic.node import EmbeddedNode
@@ -164,11 +213,15 @@ def main() -> None:
     print(row("warm run, Python API", "warm_run_api"))
     print(row("warm run, CLI (process start included)", "warm_run_cli"))
     verdict = "ok" if overhead <= 30 else "MISSED"
-    print(f"{'warm API overhead over bare bwrap':<44} {overhead:9.1f} ms         (target <= 30 ms: {verdict})")
+    print(
+        f"{'warm API overhead over bare bwrap':<44} {overhead:9.1f} ms         (target <= 30 ms: {verdict})"
+    )
     hit = figures["cache_hit_api"]["median_ms"]  # type: ignore[index]
     first = figures["cache_hit_first_lookup_ms"]
     verdict = "ok" if hit <= 10 and first <= 10 else "MISSED"
-    print(f"{'cache hit, Python API (first lookup)':<44} {hit:9.2f} ms median  ({first:.2f} ms first; target <= 10 ms: {verdict})")
+    print(
+        f"{'cache hit, Python API (first lookup)':<44} {hit:9.2f} ms median  ({first:.2f} ms first; target <= 10 ms: {verdict})"
+    )
     print(row("cold: ipfs cat | tar xzf (baseline)", "cold_pipeline_ipfs_cat_tar"))
     print(row("cold: our staging (fetch + safe extract)", "cold_staging_ours"))
     verdict = "ok" if ratio <= 1.3 else "MISSED"

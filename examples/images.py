@@ -36,13 +36,19 @@ PYTHON_LOCK = EXAMPLES / "python" / "packages.lock"
 
 # Documentation is dead weight in a sandbox; copyright files stay, the licences ask for them.
 DOC_FILTER = PathFilter(
-    exclude=("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*",
-             "/usr/share/lintian/*", "/usr/share/initramfs-tools/*", "/usr/share/bug/*"),
+    exclude=(
+        "/usr/share/doc/*",
+        "/usr/share/man/*",
+        "/usr/share/info/*",
+        "/usr/share/lintian/*",
+        "/usr/share/initramfs-tools/*",
+        "/usr/share/bug/*",
+    ),
     include=("/usr/share/doc/*/copyright",),
 )
 # iconv modules (8 MB): Python's codecs never call iconv, and glibc's UTF-8 is built in.
 PYTHON_FILTER = PathFilter(
-    exclude=DOC_FILTER.exclude + ("/usr/lib/x86_64-linux-gnu/gconv/*",),
+    exclude=(*DOC_FILTER.exclude, "/usr/lib/x86_64-linux-gnu/gconv/*"),
     include=DOC_FILTER.include,
 )
 
@@ -60,6 +66,7 @@ class BuildError(Exception):
 
 
 # ---------------------------------------------------------------- pinned packages
+
 
 @dataclass(frozen=True)
 class Pin:
@@ -113,8 +120,10 @@ def _apt_download(specs: list[str], into: Path) -> None:
         # apt's _apt user cannot write into root's directories; say so instead of warning.
         cmd += ["-o", "APT::Sandbox::User=root"]
     if shutil.which("apt-get") is None:
-        raise BuildError("apt-get is not available: the example images are built from "
-                         "Debian packages (a Debian or Ubuntu host is needed for a cold build)")
+        raise BuildError(
+            "apt-get is not available: the example images are built from "
+            "Debian packages (a Debian or Ubuntu host is needed for a cold build)"
+        )
     proc = subprocess.run(cmd + specs, cwd=into, capture_output=True, text=True)
     if proc.returncode != 0:
         detail = "\n".join(proc.stderr.strip().splitlines()[-5:])
@@ -122,7 +131,8 @@ def _apt_download(specs: list[str], into: Path) -> None:
             f"apt-get download {' '.join(specs)} failed:\n{detail}\n"
             "If apt knows no such package or version: run `apt-get update` (as root) first. "
             "If Debian has since replaced a pinned version, refresh the pins with "
-            "`examples/build --relock IMAGE` and commit the new packages.lock.")
+            "`examples/build --relock IMAGE` and commit the new packages.lock."
+        )
 
 
 def fetch_debs(pins: list[Pin], cache: Path | None = None) -> list[Path]:
@@ -141,15 +151,18 @@ def fetch_debs(pins: list[Pin], cache: Path | None = None) -> list[Path]:
                 if not got.is_file():
                     raise BuildError(f"apt-get download gave no {pin.filename}")
                 if _sha256(got.read_bytes()) != pin.sha256:
-                    raise BuildError(f"{pin.filename} from the mirror does not match the sha256 "
-                                     "in the lock: refusing it")
+                    raise BuildError(
+                        f"{pin.filename} from the mirror does not match the sha256 "
+                        "in the lock: refusing it"
+                    )
                 os.replace(got, cache / pin.filename)
     paths = []
     for pin in pins:
         path = cache / pin.filename
         if _sha256(path.read_bytes()) != pin.sha256:
-            raise BuildError(f"cached {path} does not match its pinned sha256: delete it and "
-                             "build again")
+            raise BuildError(
+                f"cached {path} does not match its pinned sha256: delete it and build again"
+            )
         paths.append(path)
     return paths
 
@@ -185,14 +198,16 @@ def load_debs(lock: Path, cache: Path | None = None) -> list[di.Deb]:
 
 # ---------------------------------------------------------------- trees
 
+
 def _applets(busybox: bytes, cache: Path) -> list[str]:
     """Applet paths (`bin/sh`, `usr/bin/awk`, ...) as the pinned busybox itself lists them."""
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         exe = Path(tmp) / "busybox"
         exe.write_bytes(busybox)
         exe.chmod(0o755)
-        proc = subprocess.run([str(exe), "--list-full"], capture_output=True, text=True,
-                              env={"PATH": "/usr/bin:/bin"})
+        proc = subprocess.run(
+            [str(exe), "--list-full"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}
+        )
     if proc.returncode != 0 or not proc.stdout.strip():
         raise BuildError(f"busybox --list-full failed: {proc.stderr.strip()}")
     return sorted(set(proc.stdout.split()))
@@ -213,7 +228,7 @@ def busybox_tree(cache: Path | None = None) -> Tree:
         target = posixpath.relpath("bin/busybox", posixpath.dirname(path) or ".")
         di.put(tree, path, di.symlink_entry(target))
     di.put(tree, "sbin/init", di.file_entry((EXAMPLES / "busybox" / "init").read_bytes(), True))
-    for name in MOUNT_POINTS + ("etc", "root"):
+    for name in (*MOUNT_POINTS, "etc", "root"):
         di.put(tree, name, di.dir_entry())
     di.put(tree, "etc/passwd", di.file_entry(PASSWD.encode()))
     di.put(tree, "etc/group", di.file_entry(GROUP.encode()))
@@ -241,6 +256,7 @@ def pkg_install_tree(cache: Path | None = None) -> Tree:
 
 
 # ---------------------------------------------------------------- tarballs
+
 
 def _write(tree: Tree, dest: Path, name: str, epoch: int | None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
@@ -274,8 +290,12 @@ BUILDERS = {
     "python": build_python,
     "pkg-install": build_pkg_install,
 }
-LOCKS = {"busybox": [BUSYBOX_LOCK], "python": [BUSYBOX_LOCK, PYTHON_LOCK],
-         "pkg-install": [BUSYBOX_LOCK, PYTHON_LOCK], "empty": []}
+LOCKS = {
+    "busybox": [BUSYBOX_LOCK],
+    "python": [BUSYBOX_LOCK, PYTHON_LOCK],
+    "pkg-install": [BUSYBOX_LOCK, PYTHON_LOCK],
+    "empty": [],
+}
 
 
 def build(image: str, dest: Path, cache: Path | None = None, epoch: int | None = None) -> Path:

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .lineage import LineageNode
+    from .lineage_graph import LineageNode
     from .result import IpfsRef, RunResult
     from .runner import Runner
     from .settings import Settings
-    from .verify import NotebookVerdict, Verdict
+    from .verification import NotebookVerdict, Verdict
 
 _runner: Runner | None = None
 _runner_lock = threading.Lock()
@@ -57,13 +57,21 @@ def default_runner() -> Runner:
         return _runner
 
 
-def run(rootfs: str, input: str | None = None, *args: str, script: str | None = None,
-        interpreter: str = "sh", timeout: float | str | None = None,
-        memory: int | str | None = None, pids: int | None = None,
-        tmp_size: int | str | None = None, use_cache: bool = True,
-        on_stdout: Callable[[bytes], None] | None = None,
-        on_stderr: Callable[[bytes], None] | None = None,
-        on_progress: Callable[[str, int, int | None], None] | None = None) -> RunResult:
+def run(
+    rootfs: str,
+    input: str | None = None,
+    *args: str,
+    script: str | None = None,
+    interpreter: str = "sh",
+    timeout: float | str | None = None,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    tmp_size: int | str | None = None,
+    use_cache: bool = True,
+    on_stdout: Callable[[bytes], None] | None = None,
+    on_stderr: Callable[[bytes], None] | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+) -> RunResult:
     """Run `/sbin/init ARGS...` of ROOTFS on INPUT (a CID, IPFS path, or a previous result).
 
     With `script`, the text is written into the input tree and run as
@@ -77,13 +85,24 @@ def run(rootfs: str, input: str | None = None, *args: str, script: str | None = 
     from .runner import RunConditions
 
     runner = default_runner()
-    limits = runner.settings.limits.with_overrides(timeout=timeout, memory=memory, pids=pids,
-                                                   tmp_size=tmp_size)
-    request = RunRequest(rootfs=str(rootfs), input=str(input) if input is not None else None,
-                         args=tuple(str(a) for a in args), limits=limits, script=script,
-                         interpreter=interpreter)
-    return runner.run(request, RunConditions(use_cache=use_cache), on_stdout=on_stdout,
-                      on_stderr=on_stderr, on_progress=on_progress)
+    limits = runner.settings.limits.with_overrides(
+        timeout=timeout, memory=memory, pids=pids, tmp_size=tmp_size
+    )
+    request = RunRequest(
+        rootfs=str(rootfs),
+        input=str(input) if input is not None else None,
+        args=tuple(str(a) for a in args),
+        limits=limits,
+        script=script,
+        interpreter=interpreter,
+    )
+    return runner.run(
+        request,
+        RunConditions(use_cache=use_cache),
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+        on_progress=on_progress,
+    )
 
 
 def verify(target: object, runs: int = 1) -> Verdict | NotebookVerdict:
@@ -92,8 +111,8 @@ def verify(target: object, runs: int = 1) -> Verdict | NotebookVerdict:
     `target` is a RunResult, a record CID or an output CID (-> Verdict), or the path of an
     executed notebook, `.ipynb` (-> NotebookVerdict: every run recorded in it).
     """
-    from .verify import verify as verify_stored
-    from .verify import verify_notebook
+    from .verification import verify as verify_stored
+    from .verification import verify_notebook
 
     runner = default_runner()
     if isinstance(target, Path) or str(target).endswith(".ipynb"):
@@ -104,7 +123,7 @@ def verify(target: object, runs: int = 1) -> Verdict | NotebookVerdict:
 
 def lineage(target: object) -> LineageNode:
     """How a result came to be: the recorded runs behind it, back to data added by hand."""
-    from .lineage import lineage as lineage_of
+    from .lineage_graph import lineage as lineage_of
 
     return lineage_of(default_runner().results, str(target))
 
@@ -133,5 +152,14 @@ def load_ipython_extension(ipython: Any) -> None:
     load(ipython)
 
 
-__all__ = ["__version__", "add", "configure", "default_runner", "lineage",
-           "load_ipython_extension", "mkdir", "run", "verify"]
+__all__ = [
+    "__version__",
+    "add",
+    "configure",
+    "default_runner",
+    "lineage",
+    "load_ipython_extension",
+    "mkdir",
+    "run",
+    "verify",
+]

@@ -17,23 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import importlib.util
 import io
 import os
 import queue
 import re
-import shutil
 import stat
-import subprocess
 import tarfile
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NoReturn
+from typing import NoReturn, Protocol
 
 from .errors import BadRootfsError, StagingError, UnsafeArchiveError
 
@@ -65,7 +60,6 @@ _SETID_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
 
 _DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 _TYPE_NAMES = {
     tarfile.CHRTYPE: "a character device",
@@ -116,8 +110,14 @@ def _has_valid_checksum(block: bytes) -> bool:
     return stored == unsigned
 
 
+class ByteSource(Protocol):
+    """What extraction reads from: a file or an HTTP response body, read front to back."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 def extract(
-    source: BinaryIO,
+    source: ByteSource,
     dest: Path,
     *,
     name: str = "archive",
@@ -132,17 +132,21 @@ def extract(
     before the tar end-of-archive marker is a truncated download (StagingError).
     """
     if compression != "auto" and compression not in COMPRESSIONS:
-        raise ValueError(f"unknown compression {compression!r}; use auto, {', '.join(COMPRESSIONS)}")
+        raise ValueError(
+            f"unknown compression {compression!r}; use auto, {', '.join(COMPRESSIONS)}"
+        )
     head = _read_head(source, BLOCK)
     if not head and require_end_marker:
-        raise StagingError(f"the download of {name} was truncated (no data arrived); retry the fetch")
+        raise StagingError(
+            f"the download of {name} was truncated (no data arrived); retry the fetch"
+        )
     kind = sniff_compression(head) if compression == "auto" else compression
     if kind is None:
         raise BadRootfsError(
             f"{name} is not a .tar, .tar.gz or .tar.zst archive (it starts with "
             f"{head[:8].hex() or 'nothing'}); publish the tree as a tarball, e.g. tar czf x.tar.gz -C dir ."
         )
-    decoder = _open_decoder(kind, source, head, name)
+    decoder = _open_decoder(kind, source, head)
     try:
         writer = _TreeWriter(dest, name, limits)
         try:
@@ -155,7 +159,7 @@ def extract(
         decoder.close()
 
 
-def _read_head(source: BinaryIO, size: int) -> bytes:
+def _read_head(source: ByteSource, size: int) -> bytes:
     parts: list[bytes] = []
     have = 0
     while have < size:
@@ -179,47 +183,20 @@ class _DecodeError(Exception):
         self.truncated = truncated
 
 
-class _Decoder:
-    """Decompressed bytes of the source, produced concurrently with the extraction."""
-
-    def read_chunk(self) -> bytes:  # b"" at the end
-        raise NotImplementedError
-
-    def finish(self) -> _DecodeError | None:
-        """Wait for the producer (after read_chunk returned b"") and say how it ended."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Stop and reap whatever produces the bytes; idempotent, safe on every path."""
-        raise NotImplementedError
-
-
-def _open_decoder(kind: str, source: BinaryIO, head: bytes, name: str) -> _Decoder:
+def _open_decoder(kind: str, source: ByteSource, head: bytes) -> _Decoder:
     # Decompressing in a thread of this process (zlib and zstandard release the GIL) measured
     # faster here than a pigz or zstd process: no pipe to copy through and no feeder thread.
     if kind == "gzip":
-        return _ThreadDecoder(_gunzip(_source_chunks(source, head)))
+        return _Decoder(_gunzip(_source_chunks(source, head)))
     if kind == "zstd":
-        if _zstandard_available():
-            return _ThreadDecoder(_unzstd(_source_chunks(source, head)))
-        zstd = shutil.which("zstd")
-        if zstd:
-            return _ProcessDecoder([zstd, "-dcq"], source, head)
-        raise BadRootfsError(
-            f"{name} is a .tar.zst archive, but neither the zstandard module nor the zstd "
-            f"command is installed; install one of them (pip install zstandard)"
-        )
+        return _Decoder(_unzstd(_source_chunks(source, head)))
     if kind == "tar":
         # A thread still pays off: reading a pipe or a network stream overlaps the writing.
-        return _ThreadDecoder(_source_chunks(source, head))
+        return _Decoder(_source_chunks(source, head))
     raise ValueError(f"unknown compression {kind!r}")
 
 
-def _zstandard_available() -> bool:
-    return importlib.util.find_spec("zstandard") is not None
-
-
-def _source_chunks(source: BinaryIO, head: bytes) -> Iterator[bytes]:
+def _source_chunks(source: ByteSource, head: bytes) -> Iterator[bytes]:
     if head:
         yield head
     while True:
@@ -265,9 +242,10 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
                     out = inflater.decompress(b"", CHUNK)
                     if out:
                         yield out
-                    if len(out) < CHUNK or inflater.eof:
+                    ended: bool = inflater.eof  # declared: mypy keeps the narrowing above
+                    if len(out) < CHUNK or ended:
                         break
-                if inflater.eof:
+                if ended:
                     data = inflater.unused_data
                     inflater = None
             else:
@@ -294,7 +272,9 @@ def _unzstd(chunks: Iterator[bytes]) -> Iterator[bytes]:
             return data
 
     reader = zstandard.ZstdDecompressor().stream_reader(
-        _ChunkFile(), read_size=CHUNK, read_across_frames=True
+        _ChunkFile(),  # type: ignore[arg-type]  # it reads with read() alone
+        read_size=CHUNK,
+        read_across_frames=True,
     )
     try:
         while True:
@@ -309,8 +289,9 @@ def _unzstd(chunks: Iterator[bytes]) -> Iterator[bytes]:
 _END = object()
 
 
-class _ThreadDecoder(_Decoder):
-    """Runs a generator of decompressed chunks in a thread (zlib releases the GIL)."""
+class _Decoder:
+    """Decompressed bytes of the source, produced by a generator in a thread concurrently
+    with the extraction (zlib and zstandard release the GIL)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
@@ -343,6 +324,7 @@ class _ThreadDecoder(_Decoder):
         return False
 
     def read_chunk(self) -> bytes:
+        """The next decompressed chunk; b"" at the end."""
         if self._ended:
             return b""
         item = self._queue.get()
@@ -352,10 +334,12 @@ class _ThreadDecoder(_Decoder):
         return item  # type: ignore[return-value]
 
     def finish(self) -> _DecodeError | None:
+        """Wait for the producer (after read_chunk returned b"") and say how it ended."""
         self._thread.join()
         return self._error
 
     def close(self) -> None:
+        """Stop the producer; idempotent, safe on every path."""
         self._stop.set()
         with contextlib.suppress(queue.Empty):
             while True:
@@ -363,77 +347,6 @@ class _ThreadDecoder(_Decoder):
         # The producer may be blocked reading a network stream; it is a daemon thread and
         # stops at its next put.
         self._thread.join(timeout=1.0)
-
-
-class _ProcessDecoder(_Decoder):
-    """A `zstd -dc` process fed by a thread, for when the zstandard module is missing.
-
-    The child is killed and reaped on every path."""
-
-    def __init__(self, cmd: list[str], source: BinaryIO, head: bytes) -> None:
-        self._cmd = cmd
-        self._stderr = tempfile.TemporaryFile()
-        self._feed_error: _DecodeError | None = None
-        self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, close_fds=True
-        )
-        try:
-            assert self._proc.stdin is not None and self._proc.stdout is not None
-            self._out_fd = self._proc.stdout.fileno()
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(self._out_fd, _F_SETPIPE_SZ, CHUNK)  # fewer, larger reads
-            self._feeder = threading.Thread(
-                target=self._feed, args=(_source_chunks(source, head), self._proc.stdin),
-                name="archive-feeder", daemon=True,
-            )
-            self._feeder.start()
-        except BaseException:
-            self._proc.kill()
-            self._proc.wait()
-            self._stderr.close()
-            raise
-
-    def _feed(self, chunks: Iterator[bytes], stdin: BinaryIO) -> None:
-        # This thread alone owns stdin, so the fd is never closed while it is being written.
-        try:
-            fd = stdin.fileno()
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-        except BrokenPipeError:
-            pass  # the child exited (error or killed): its status tells why
-        except _DecodeError as exc:
-            self._feed_error = exc
-        except Exception as exc:
-            self._feed_error = _DecodeError(f"reading the stream failed: {exc}", truncated=True)
-        finally:
-            with contextlib.suppress(OSError):
-                stdin.close()
-
-    def read_chunk(self) -> bytes:
-        return os.read(self._out_fd, CHUNK)
-
-    def finish(self) -> _DecodeError | None:
-        self._feeder.join()
-        status = self._proc.wait()
-        if self._feed_error is not None:
-            return self._feed_error
-        if status == 0:
-            return None
-        self._stderr.seek(0)
-        lines = self._stderr.read(4096).decode("utf-8", "replace").strip().splitlines()
-        detail = lines[-1] if lines else f"exit status {status}"
-        return _DecodeError(f"{os.path.basename(self._cmd[0])}: {detail}")
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-        self._feeder.join(timeout=1.0)  # it exits on EPIPE, or at its next source read
-        self._stderr.close()
 
 
 # --- reading the decompressed stream ---------------------------------------------------------
@@ -500,9 +413,9 @@ class _StreamReader:
         """The next `size` bytes (fewer at the end of the stream), not consumed."""
         end = self._pos + size
         if end <= len(self._view):
-            return self._view[self._pos:end].tobytes()
+            return self._view[self._pos : end].tobytes()
         # They straddle chunks: gather them into a small buffer of their own.
-        parts = [self._view[self._pos:]]
+        parts = [self._view[self._pos :]]
         have = len(parts[0])
         while have < size:
             view = self._next_view()
@@ -529,7 +442,7 @@ class _StreamReader:
         self.header_budget -= size
         end = self._pos + size
         if end <= len(self._view):
-            data = self._view[self._pos:end].tobytes()
+            data = self._view[self._pos : end].tobytes()
             self._pos = end
             return data
         parts = []
@@ -540,7 +453,7 @@ class _StreamReader:
                     break
                 continue
             take = min(avail, size)
-            parts.append(self._view[self._pos:self._pos + take])
+            parts.append(self._view[self._pos : self._pos + take])
             self._pos += take
             size -= take
         return b"".join(parts)
@@ -575,9 +488,9 @@ class _StreamReader:
                     raise _Truncated()
                 continue
             take = min(avail, size)
-            view = self._view[self._pos:self._pos + take]
+            view = self._view[self._pos : self._pos + take]
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             self._pos += take
             size -= take
 
@@ -598,8 +511,16 @@ _DATA_TYPES = frozenset(tarfile.REGULAR_TYPES)
 # Members the fast path below parses itself, alone or after a pax header; everything else
 # (global pax headers, GNU long names, sparse files, base-256 numbers, bad checksums, end
 # blocks, malformed records) goes to tarfile.
-_PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE,
-                          tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE))
+_PLAIN_TYPES = frozenset(
+    (
+        tarfile.REGTYPE,
+        tarfile.AREGTYPE,
+        tarfile.CONTTYPE,
+        tarfile.DIRTYPE,
+        tarfile.SYMTYPE,
+        tarfile.LNKTYPE,
+    )
+)
 MAX_FAST_PAX_BYTES = 8192
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 
@@ -649,8 +570,8 @@ def _parse_plain_member(reader: _StreamReader) -> tuple[_Header, int] | None:
         return None
     data_len = (pax_size + BLOCK - 1) & ~(BLOCK - 1)
     region = reader.peek(BLOCK + data_len + BLOCK)
-    records = _parse_pax_records(region[BLOCK:BLOCK + pax_size])
-    member = _parse_header(region[BLOCK + data_len:])
+    records = _parse_pax_records(region[BLOCK : BLOCK + pax_size])
+    member = _parse_header(region[BLOCK + data_len :])
     if records is None or member is None or member[1] not in _PLAIN_TYPES:
         return None
     name, kind, mode, size, linkname = member
@@ -679,14 +600,16 @@ def _parse_pax_records(data: bytes) -> dict[str, str] | None:
             return None
         keyword = match.group(2).decode("utf-8", "surrogateescape")
         if keyword in ("path", "linkpath", "size"):
-            value = data[match.end(2) + 1:match.start(1) + length - 1]
+            value = data[match.end(2) + 1 : match.start(1) + length - 1]
             records[keyword] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
 
 
 class _Extraction:
-    def __init__(self, decoder: _Decoder, writer: _TreeWriter, name: str, require_end_marker: bool) -> None:
+    def __init__(
+        self, decoder: _Decoder, writer: _TreeWriter, name: str, require_end_marker: bool
+    ) -> None:
         self._decoder = decoder
         self._reader = _StreamReader(decoder.read_chunk)
         self._writer = writer
@@ -720,7 +643,7 @@ class _Extraction:
         archive = tarfile.TarFile(
             fileobj=io.BytesIO(ZERO_BLOCK * 2), mode="r", encoding="utf-8", errors="surrogateescape"
         )
-        archive.fileobj = reader
+        archive.fileobj = reader  # type: ignore[assignment]  # header parsing only reads
         while True:
             plain = None if archive.pax_headers else _parse_plain_member(reader)
             if plain is not None:
@@ -734,8 +657,16 @@ class _Extraction:
             member = self._parse_with_tarfile(archive)
             if member is None:
                 return
-            writer.add(member.name, member.type, member.mode, member.size, member.linkname, reader,
-                       sparse=member.sparse, data_start=member.offset_data)
+            writer.add(
+                member.name,
+                member.type,
+                member.mode,
+                member.size,
+                member.linkname,
+                reader,
+                sparse=member.sparse,  # type: ignore[arg-type]  # typeshed says bytes
+                data_start=member.offset_data,
+            )
             reader.skip_to(archive.offset)
 
     def _parse_with_tarfile(self, archive: tarfile.TarFile) -> tarfile.TarInfo | None:
@@ -746,20 +677,20 @@ class _Extraction:
         archive.offset = header_offset
         try:
             return tarfile.TarInfo.fromtarfile(archive)
-        except tarfile.EOFHeaderError:
+        except tarfile.EOFHeaderError:  # type: ignore[attr-defined]  # not in typeshed
             reader.header_budget = BLOCK
             second = reader.read(BLOCK)
             if self._require_end_marker and second != ZERO_BLOCK:
                 self._fail_truncated("its end-of-archive marker is incomplete")
             return None
-        except tarfile.EmptyHeaderError:
+        except tarfile.EmptyHeaderError:  # type: ignore[attr-defined]  # not in typeshed
             if header_offset == 0:
                 self._fail_truncated("it is empty")
             # The stream stopped cleanly between members, without an end marker.
             if self._require_end_marker:
                 self._fail_truncated("it has no end-of-archive marker")
             return None
-        except tarfile.TruncatedHeaderError:
+        except tarfile.TruncatedHeaderError:  # type: ignore[attr-defined]  # not in typeshed
             self._fail_truncated("it ends inside a header")
         except RecursionError:
             # tarfile recurses once per extended header: only a hostile chain gets this deep.
@@ -775,12 +706,16 @@ class _Extraction:
         if error is not None:
             self._fail_decode(error)
         if self._require_end_marker:
-            raise StagingError(f"the download of {self._name} was truncated ({detail}); retry the fetch")
+            raise StagingError(
+                f"the download of {self._name} was truncated ({detail}); retry the fetch"
+            )
         self._fail_corrupt(detail)
 
     def _fail_decode(self, error: _DecodeError) -> NoReturn:
         if error.truncated and self._require_end_marker:
-            raise StagingError(f"the download of {self._name} was truncated ({error.detail}); retry the fetch")
+            raise StagingError(
+                f"the download of {self._name} was truncated ({error.detail}); retry the fetch"
+            )
         self._fail_corrupt(error.detail)
 
     def _fail_corrupt(self, detail: str) -> NoReturn:
@@ -802,8 +737,11 @@ def _split_path(raw: str, member: str, source: str, what: str = "path") -> tuple
     if ".." in parts:
         raise UnsafeArchiveError(member, f"has a '..' component in its {what}", source=source)
     if len(parts) > MAX_PATH_DEPTH:
-        raise UnsafeArchiveError(member, f"is nested {len(parts)} directories deep (more than "
-                                 f"{MAX_PATH_DEPTH})", source=source)
+        raise UnsafeArchiveError(
+            member,
+            f"is nested {len(parts)} directories deep (more than {MAX_PATH_DEPTH})",
+            source=source,
+        )
     return tuple(parts)
 
 
@@ -828,7 +766,9 @@ class _TreeWriter:
         try:
             self._root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise StagingError(f"cannot open the extraction directory {dest}: {exc.strerror}") from exc
+            raise StagingError(
+                f"cannot open the extraction directory {dest}: {exc.strerror}"
+            ) from exc
         self._dirs: dict[tuple[str, ...], int] = {(): self._root_fd}
         self._transient: list[int] = []
         umask = _current_umask()
@@ -842,8 +782,13 @@ class _TreeWriter:
 
     def stats(self) -> ExtractStats:
         return ExtractStats(
-            members=self.members, files=self.files, dirs=self.dirs, symlinks=self.symlinks,
-            hardlinks=self.hardlinks, bytes=self.bytes, stripped_setid=tuple(self._stripped),
+            members=self.members,
+            files=self.files,
+            dirs=self.dirs,
+            symlinks=self.symlinks,
+            hardlinks=self.hardlinks,
+            bytes=self.bytes,
+            stripped_setid=tuple(self._stripped),
         )
 
     def close(self) -> None:
@@ -896,13 +841,15 @@ class _TreeWriter:
                 if depth > MAX_CACHED_DEPTH:
                     os.close(fd)  # an uncached intermediate of a very deep path
             if depth < MAX_CACHED_DEPTH:
-                self._dirs[parts[:depth + 1]] = child
+                self._dirs[parts[: depth + 1]] = child
             fd = child
         if len(parts) > MAX_CACHED_DEPTH:
             self._transient.append(fd)
         return fd
 
-    def _open_subdir(self, parent_fd: int, parts: tuple[str, ...], depth: int, member: str, create: bool) -> int:
+    def _open_subdir(
+        self, parent_fd: int, parts: tuple[str, ...], depth: int, member: str, create: bool
+    ) -> int:
         component = parts[depth]
         try:
             return os.open(component, _DIR_OPEN_FLAGS, dir_fd=parent_fd)
@@ -912,9 +859,15 @@ class _TreeWriter:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 # Linux reports a symlink opened with O_DIRECTORY|O_NOFOLLOW as ENOTDIR.
-                is_link = stat.S_ISLNK(os.stat(component, dir_fd=parent_fd, follow_symlinks=False).st_mode)
-                kind = "a symlink (archives may not write through symlinks)" if is_link else "not a directory"
-                where = "/".join(parts[:depth + 1])
+                is_link = stat.S_ISLNK(
+                    os.stat(component, dir_fd=parent_fd, follow_symlinks=False).st_mode
+                )
+                kind = (
+                    "a symlink (archives may not write through symlinks)"
+                    if is_link
+                    else "not a directory"
+                )
+                where = "/".join(parts[: depth + 1])
                 raise self._unsafe(member, f"goes through {where!r}, which is {kind}") from None
             raise
         # Archives may omit their directories; create them as tar does.
@@ -933,22 +886,34 @@ class _TreeWriter:
     # Members
 
     def add(
-        self, name: str, kind: bytes, mode: int, size: int, linkname: str, reader: _StreamReader,
-        *, sparse: list[tuple[int, int]] | None = None, data_start: int | None = None,
+        self,
+        name: str,
+        kind: bytes,
+        mode: int,
+        size: int,
+        linkname: str,
+        reader: _StreamReader,
+        *,
+        sparse: list[tuple[int, int]] | None = None,
+        data_start: int | None = None,
     ) -> None:
         """Create one member; a regular file's data is read from `reader`."""
         if self._transient or len(self._dirs) > MAX_CACHED_DIRS:
             self._release_fds()
         self.members += 1
         if self.members > self._limits.max_members:
-            raise self._unsafe(name, f"is one member more than the limit of {self._limits.max_members}")
+            raise self._unsafe(
+                name, f"is one member more than the limit of {self._limits.max_members}"
+            )
         parts = _split_path(name, name, self._source)
         is_file = kind in _DATA_TYPES
         if mode & _SETID_BITS and (is_file or kind == tarfile.DIRTYPE):
             self._stripped.append(name)
         try:
             if is_file:
-                self._add_file(name, parts, (mode & 0o755) | 0o444, size, reader, sparse, data_start)
+                self._add_file(
+                    name, parts, (mode & 0o755) | 0o444, size, reader, sparse, data_start
+                )
             elif kind == tarfile.DIRTYPE:
                 self._add_dir(parts, name, (mode & 0o755) | 0o555)
             elif kind == tarfile.SYMTYPE:
@@ -956,7 +921,9 @@ class _TreeWriter:
             elif kind == tarfile.LNKTYPE:
                 self._add_hardlink(name, parts, linkname)
             elif kind in _TYPE_NAMES:
-                raise self._unsafe(name, f"is {_TYPE_NAMES[kind]}; archives may not create special files")
+                raise self._unsafe(
+                    name, f"is {_TYPE_NAMES[kind]}; archives may not create special files"
+                )
             else:
                 raise self._unsafe(name, f"has the unsupported tar type {kind!r}")
         except OSError as exc:
@@ -968,15 +935,25 @@ class _TreeWriter:
         return self._dir_fd(parts[:-1], member), parts[-1]
 
     def _add_file(
-        self, name: str, parts: tuple[str, ...], mode: int, size: int, reader: _StreamReader,
-        sparse: list[tuple[int, int]] | None, data_start: int | None,
+        self,
+        name: str,
+        parts: tuple[str, ...],
+        mode: int,
+        size: int,
+        reader: _StreamReader,
+        sparse: list[tuple[int, int]] | None,
+        data_start: int | None,
     ) -> None:
         limits = self._limits
         if size > limits.max_member_bytes:
-            raise self._unsafe(name, f"is {size} bytes, more than the limit of {limits.max_member_bytes} per file")
+            raise self._unsafe(
+                name, f"is {size} bytes, more than the limit of {limits.max_member_bytes} per file"
+            )
         self.bytes += size
         if self.bytes > limits.max_total_bytes:
-            raise self._unsafe(name, f"brings the total past the limit of {limits.max_total_bytes} bytes")
+            raise self._unsafe(
+                name, f"brings the total past the limit of {limits.max_total_bytes} bytes"
+            )
         parent_fd, leaf = self._leaf(parts, name, "a file")
         try:
             fd = os.open(leaf, _FILE_CREATE_FLAGS, mode, dir_fd=parent_fd)
@@ -995,7 +972,12 @@ class _TreeWriter:
         self.files += 1
 
     def _write_sparse(
-        self, fd: int, name: str, size: int, sparse: list[tuple[int, int]], reader: _StreamReader,
+        self,
+        fd: int,
+        name: str,
+        size: int,
+        sparse: list[tuple[int, int]],
+        reader: _StreamReader,
         data_start: int | None,
     ) -> None:
         if data_start is not None:
@@ -1022,7 +1004,9 @@ class _TreeWriter:
         try:
             os.mkdir(leaf, working_mode, dir_fd=parent_fd)
         except FileExistsError:
-            if parts in self._dirs or stat.S_ISDIR(os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False).st_mode):
+            if parts in self._dirs or stat.S_ISDIR(
+                os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False).st_mode
+            ):
                 # Already there (update mode, or a repeated member): only the mode changes.
                 os.fchmod(self._dir_fd(parts, name), working_mode)
                 return
@@ -1054,15 +1038,29 @@ class _TreeWriter:
             target_parent = self._dir_fd(target_parts[:-1], name, create=False)
             target_stat = os.stat(target_parts[-1], dir_fd=target_parent, follow_symlinks=False)
         except FileNotFoundError:
-            raise self._unsafe(name, f"is a hard link to {target!r}, which is not a file extracted before it") from None
+            raise self._unsafe(
+                name, f"is a hard link to {target!r}, which is not a file extracted before it"
+            ) from None
         if not stat.S_ISREG(target_stat.st_mode):
             raise self._unsafe(name, f"is a hard link to {target!r}, which is not a regular file")
         parent_fd, leaf = self._leaf(parts, name, "a hard link")
         try:
-            os.link(target_parts[-1], leaf, src_dir_fd=target_parent, dst_dir_fd=parent_fd, follow_symlinks=False)
+            os.link(
+                target_parts[-1],
+                leaf,
+                src_dir_fd=target_parent,
+                dst_dir_fd=parent_fd,
+                follow_symlinks=False,
+            )
         except FileExistsError:
             existing = os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False)
             if (existing.st_dev, existing.st_ino) != (target_stat.st_dev, target_stat.st_ino):
                 self._remove_non_dir(parent_fd, leaf, name)
-                os.link(target_parts[-1], leaf, src_dir_fd=target_parent, dst_dir_fd=parent_fd, follow_symlinks=False)
+                os.link(
+                    target_parts[-1],
+                    leaf,
+                    src_dir_fd=target_parent,
+                    dst_dir_fd=parent_fd,
+                    follow_symlinks=False,
+                )
         self.hardlinks += 1

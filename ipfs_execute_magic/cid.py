@@ -65,22 +65,24 @@ class IpfsPath:
         original = text
         text = text.strip()
         if text.startswith("ipfs://"):
-            text = "/ipfs/" + text[len("ipfs://"):]
+            text = "/ipfs/" + text[len("ipfs://") :]
         elif text.startswith("ipns://"):
-            text = "/ipns/" + text[len("ipns://"):]
+            text = "/ipns/" + text[len("ipns://") :]
         namespace = "ipfs"
         if text.startswith("/ipfs/"):
-            text = text[len("/ipfs/"):]
+            text = text[len("/ipfs/") :]
         elif text.startswith("/ipns/"):
-            namespace, text = "ipns", text[len("/ipns/"):]
+            namespace, text = "ipns", text[len("/ipns/") :]
         root, _, sub = text.partition("/")
         sub = sub.strip("/")
         parts = [p for p in sub.split("/") if p]
         if any(p in (".", "..") for p in parts):
             raise InvalidPathError(f"{original!r}: '.' and '..' are not allowed in an IPFS path")
         if namespace == "ipfs" and not is_cid(root):
-            raise InvalidPathError(f"{original!r} is not a CID or IPFS path (expected CID, "
-                                   "CID/sub/path, /ipfs/CID/sub/path or /ipns/NAME)")
+            raise InvalidPathError(
+                f"{original!r} is not a CID or IPFS path (expected CID, "
+                "CID/sub/path, /ipfs/CID/sub/path or /ipns/NAME)"
+            )
         if namespace == "ipns" and not _IPNS_NAME.match(root):
             raise InvalidPathError(f"{original!r}: {root!r} is not an IPNS name")
         return cls(namespace, root, "/".join(parts))

@@ -16,8 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import (EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE,
-                     IpfsExecuteError, UsageError)
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TIMEOUT,
+    EXIT_TOOL_FAILURE,
+    EXIT_USAGE,
+    IpfsExecuteError,
+    UsageError,
+)
 from .settings import Limits, Settings, parse_count, parse_seconds, parse_size
 
 DESCRIPTION = """\
@@ -63,8 +69,10 @@ example:
   ipfs-execute $BUSYBOX $EMPTY sh -c 'echo blabla > /output/test'
 """
 
+
 def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """A core parser (settings.parse_size, ...) as an argparse type: its message on error."""
+
     def convert(text: str) -> Any:
         try:
             return parse(text)
@@ -83,37 +91,83 @@ _count = _argument_type(parse_count)
 def build_parser() -> argparse.ArgumentParser:
     defaults = Limits()
     parser = argparse.ArgumentParser(
-        prog="ipfs-execute", description=DESCRIPTION, epilog=EPILOG,
+        prog="ipfs-execute",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         usage="ipfs-execute [OPTIONS] ROOTFS INPUT [ARG...]",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("rootfs", metavar="ROOTFS", help="root filesystem CID or IPFS path")
     parser.add_argument("input", metavar="INPUT", help="input directory CID or IPFS path")
-    parser.add_argument("args", metavar="ARG", nargs="*",
-                        help="arguments of /sbin/init, passed verbatim (options too)")
-    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
-                        help=f"wall-clock limit in seconds (default {defaults.timeout:g})")
-    parser.add_argument("--memory", type=_size, default=None, metavar="SIZE",
-                        help="memory limit of the whole sandbox, e.g. 512M (default 2G)")
-    parser.add_argument("--pids", type=_count, default=None, metavar="N",
-                        help=f"limit on processes and threads (default {defaults.pids})")
-    parser.add_argument("--tmp-size", type=_size, default=None, metavar="SIZE",
-                        help="size of the /tmp tmpfs (default 256M)")
-    parser.add_argument("--api", metavar="MULTIADDR",
-                        help="use your own Kubo daemon at this RPC API address "
-                             "(default: $IPFS_EXECUTE_API, else the embedded node)")
-    parser.add_argument("--home", metavar="DIR", type=Path,
-                        help="data directory (default: $IPFS_EXECUTE_HOME or a per-user one)")
-    parser.add_argument("--fetch-timeout", type=_seconds, default=None, metavar="SECONDS",
-                        help="how long to wait for a CID to be retrievable (default 60)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the run's record (and its CID) as JSON instead of the "
-                             "output CID")
-    parser.add_argument("--no-stdin", action="store_true",
-                        help="stdin is /dev/null even from a terminal: the run stays pure, so "
-                             "it is cached (a run with a terminal on stdin never is)")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="run even when an identical run is recorded (a different output "
-                             "is reported)")
+    parser.add_argument(
+        "args",
+        metavar="ARG",
+        nargs="*",
+        help="arguments of /sbin/init, passed verbatim (options too)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"wall-clock limit in seconds (default {defaults.timeout:g})",
+    )
+    parser.add_argument(
+        "--memory",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="memory limit of the whole sandbox, e.g. 512M (default 2G)",
+    )
+    parser.add_argument(
+        "--pids",
+        type=_count,
+        default=None,
+        metavar="N",
+        help=f"limit on processes and threads (default {defaults.pids})",
+    )
+    parser.add_argument(
+        "--tmp-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="size of the /tmp tmpfs (default 256M)",
+    )
+    parser.add_argument(
+        "--api",
+        metavar="MULTIADDR",
+        help="use your own Kubo daemon at this RPC API address "
+        "(default: $IPFS_EXECUTE_API, else the embedded node)",
+    )
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        type=Path,
+        help="data directory (default: $IPFS_EXECUTE_HOME or a per-user one)",
+    )
+    parser.add_argument(
+        "--fetch-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for a CID to be retrievable (default 60)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the run's record (and its CID) as JSON instead of the output CID",
+    )
+    parser.add_argument(
+        "--no-stdin",
+        action="store_true",
+        help="stdin is /dev/null even from a terminal: the run stays pure, so "
+        "it is cached (a run with a terminal on stdin never is)",
+    )
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run even when an identical run is recorded (a different output is reported)",
+    )
     parser.add_argument("--version", action="version", version=_version_text())
     return parser
 
@@ -126,13 +180,17 @@ def _version_text() -> str:
 
 def value_options(parser: argparse.ArgumentParser) -> frozenset[str]:
     """The option strings that take a value, as the parser declares them."""
-    return frozenset(option for action in parser._actions
-                     if action.option_strings and action.nargs != 0
-                     for option in action.option_strings)
+    return frozenset(
+        option
+        for action in parser._actions
+        if action.option_strings and action.nargs != 0
+        for option in action.option_strings
+    )
 
 
-def split_leading_options(argv: Sequence[str],
-                          takes_value: frozenset[str]) -> tuple[list[str], list[str]]:
+def split_leading_options(
+    argv: Sequence[str], takes_value: frozenset[str]
+) -> tuple[list[str], list[str]]:
     """Options before the first positional word, and everything from that word on.
 
     Everything after INPUT belongs to the payload, so where ROOTFS starts must be found
@@ -143,7 +201,7 @@ def split_leading_options(argv: Sequence[str],
     while index < len(argv):
         word = argv[index]
         if word == "--":
-            return options, list(argv[index + 1:])
+            return options, list(argv[index + 1 :])
         if not word.startswith("-") or word == "-":
             break
         options.append(word)
@@ -157,10 +215,12 @@ def split_leading_options(argv: Sequence[str],
 
 def _settings(options: argparse.Namespace) -> Settings:
     base = Settings.from_env()
-    limits = base.limits.with_overrides(timeout=options.timeout, memory=options.memory,
-                                        pids=options.pids, tmp_size=options.tmp_size)
-    return Settings.from_env(api=options.api, home=options.home, limits=limits,
-                             fetch_timeout=options.fetch_timeout)
+    limits = base.limits.with_overrides(
+        timeout=options.timeout, memory=options.memory, pids=options.pids, tmp_size=options.tmp_size
+    )
+    return Settings.from_env(
+        api=options.api, home=options.home, limits=limits, fetch_timeout=options.fetch_timeout
+    )
 
 
 def _write_through(data: bytes) -> None:
@@ -198,8 +258,11 @@ def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | 
     except Exception as error:  # a bug: one line; the traceback only when asked for
         if os.environ.get("IPFS_EXECUTE_DEBUG"):
             raise
-        print(f"{prog}: internal error: {type(error).__name__}: {error} "
-              "(IPFS_EXECUTE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"{prog}: internal error: {type(error).__name__}: {error} "
+            "(IPFS_EXECUTE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_TOOL_FAILURE
 
 
@@ -228,17 +291,28 @@ def _main(argv: list[str]) -> int:
     from .runner import RunConditions, Runner
 
     settings = _settings(options)
-    request = RunRequest(rootfs=options.rootfs, input=options.input, args=tuple(rest[2:]),
-                         limits=settings.limits,
-                         interactive=sys.stdin.isatty() and not options.no_stdin)
+    request = RunRequest(
+        rootfs=options.rootfs,
+        input=options.input,
+        args=tuple(rest[2:]),
+        limits=settings.limits,
+        interactive=sys.stdin.isatty() and not options.no_stdin,
+    )
     with Runner(settings) as runner:
-        result = runner.run(request, RunConditions(use_cache=not options.no_cache),
-                            on_stdout=_write_through, on_stderr=_write_through)
+        result = runner.run(
+            request,
+            RunConditions(use_cache=not options.no_cache),
+            on_stdout=_write_through,
+            on_stderr=_write_through,
+        )
     record = result.record
     if result.cache_hit:
-        print(f"ipfs-execute: cache hit: the recorded result of an identical run on "
-              f"{record.started_at} (record {result.record_cid}); nothing was run "
-              "(--no-cache runs it again)", file=sys.stderr)
+        print(
+            f"ipfs-execute: cache hit: the recorded result of an identical run on "
+            f"{record.started_at} (record {result.record_cid}); nothing was run "
+            "(--no-cache runs it again)",
+            file=sys.stderr,
+        )
     if result.disagreement:
         print(f"ipfs-execute: warning: {result.disagreement}", file=sys.stderr)
     if options.json:
@@ -248,8 +322,11 @@ def _main(argv: list[str]) -> int:
     else:
         print(record.output, flush=True)
     if record.timed_out:
-        print(f"ipfs-execute: the payload ran past {request.limits.timeout:g} s and was killed; "
-              f"its partial output is {record.output}", file=sys.stderr)
+        print(
+            f"ipfs-execute: the payload ran past {request.limits.timeout:g} s and was killed; "
+            f"its partial output is {record.output}",
+            file=sys.stderr,
+        )
         return EXIT_TIMEOUT
     return record.exit_status if record.exit_status is not None else EXIT_TOOL_FAILURE
 
@@ -269,8 +346,9 @@ def _add(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute add",
         description="Add files or directories to IPFS (dot-files included, symlinks kept as "
-                    "symlinks, the same CID as `ipfs add -r --hidden` with the "
-                    "unixfs-v1-2025 profile), pin them and print one CID per line.")
+        "symlinks, the same CID as `ipfs add -r --hidden` with the "
+        "unixfs-v1-2025 profile), pin them and print one CID per line.",
+    )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     options = _parse(parser, words)
     from .store import Store
@@ -285,12 +363,15 @@ def _node(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute node",
         description="Manage the embedded IPFS node: `status` shows its repo and API address "
-                    "(to point the Kubo CLI at it), `start` starts it, `stop` stops it.")
+        "(to point the Kubo CLI at it), `start` starts it, `stop` stops it.",
+    )
     parser.add_argument("action", choices=["status", "start", "stop"])
     options = _parse(parser, words)
     if settings.api:
-        print(f"using your own daemon at {settings.api} (IPFS_EXECUTE_API / --api); "
-              "the embedded node is not used")
+        print(
+            f"using your own daemon at {settings.api} (IPFS_EXECUTE_API / --api); "
+            "the embedded node is not used"
+        )
         return 0
     from .node import EmbeddedNode
 
@@ -309,21 +390,30 @@ def _verify(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute verify",
         description="Re-run recorded runs without the cache and compare their outputs. TARGET "
-                    "is a run record CID, the output CID of a recorded run, or an executed "
-                    "notebook (.ipynb): every run recorded in it is checked. Exit status 0 "
-                    "when everything reproduced, 1 when something did not.")
+        "is a run record CID, the output CID of a recorded run, or an executed "
+        "notebook (.ipynb): every run recorded in it is checked. Exit status 0 "
+        "when everything reproduced, 1 when something did not.",
+    )
     parser.add_argument("target", metavar="TARGET")
-    parser.add_argument("--runs", type=int, default=1,
-                        help="runs per record, under varied conditions: another staging "
-                             "location, shuffled directory order, another start time")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="runs per record, under varied conditions: another staging "
+        "location, shuffled directory order, another start time",
+    )
     options = _parse(parser, words)
     from .runner import Runner
-    from .verify import verify, verify_notebook
+    from .verification import verify, verify_notebook
 
     with Runner(settings) as runner:
         if options.target.endswith(".ipynb"):
-            verdict = verify_notebook(runner, Path(options.target), runs=options.runs,
-                                      on_cell=lambda cell: print(cell.describe(), flush=True))
+            verdict = verify_notebook(
+                runner,
+                Path(options.target),
+                runs=options.runs,
+                on_cell=lambda cell: print(cell.describe(), flush=True),
+            )
             return 0 if verdict.reproducible else 1
         single = verify(runner, runner.results.find(options.target), runs=options.runs)
         print(single.describe(), flush=True)
@@ -334,9 +424,10 @@ def _cache(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute cache",
         description="The result cache lives in the IPFS node (MFS /ipfs-execute/cache). "
-                    "`export` prints one CID holding every cached record: give it to someone "
-                    "whose node can reach yours; `import CID` merges such an export (each "
-                    "record is checked against its key); `list` shows the cached runs.")
+        "`export` prints one CID holding every cached record: give it to someone "
+        "whose node can reach yours; `import CID` merges such an export (each "
+        "record is checked against its key); `list` shows the cached runs.",
+    )
     parser.add_argument("action", choices=["export", "import", "list"])
     parser.add_argument("cid", nargs="?", metavar="CID")
     options = _parse(parser, words)
@@ -350,8 +441,10 @@ def _cache(settings: Settings, words: list[str]) -> int:
             if not options.cid:
                 raise UsageError("cache import needs the CID of an export")
             report = cache.import_(options.cid)
-            print(f"imported {report.added} cached runs ({report.already_present} already "
-                  f"here, {len(report.rejected)} rejected)")
+            print(
+                f"imported {report.added} cached runs ({report.already_present} already "
+                f"here, {len(report.rejected)} rejected)"
+            )
         else:
             for key in cache.entries():
                 stored = cache.lookup(key)
@@ -365,10 +458,11 @@ def _lineage(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute lineage",
         description="Show how CID came to be: the recorded run that produced it, the runs that "
-                    "produced that run's input and rootfs, back to data added by hand.")
+        "produced that run's input and rootfs, back to data added by hand.",
+    )
     parser.add_argument("cid", metavar="CID")
     options = _parse(parser, words)
-    from .lineage import lineage
+    from .lineage_graph import lineage
     from .result_cache import ResultCache
     from .store import Store
 
@@ -406,17 +500,29 @@ def mkdir_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _mkdir_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="ipfs-mkdir", description=MKDIR_DESCRIPTION,
-                                     usage="ipfs-mkdir [--api MULTIADDR] NAME PATH [NAME PATH...]",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("entries", nargs="*", metavar="NAME PATH",
-                        help="entry name (a/b makes sub directories) and the CID or IPFS path "
-                             "it points to")
-    parser.add_argument("--api", metavar="MULTIADDR",
-                        help="use your own Kubo daemon (default: $IPFS_EXECUTE_API, else the "
-                             "embedded node)")
-    parser.add_argument("--home", type=Path, metavar="DIR",
-                        help="data directory of the embedded node (default: $IPFS_EXECUTE_HOME)")
+    parser = argparse.ArgumentParser(
+        prog="ipfs-mkdir",
+        description=MKDIR_DESCRIPTION,
+        usage="ipfs-mkdir [--api MULTIADDR] NAME PATH [NAME PATH...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "entries",
+        nargs="*",
+        metavar="NAME PATH",
+        help="entry name (a/b makes sub directories) and the CID or IPFS path it points to",
+    )
+    parser.add_argument(
+        "--api",
+        metavar="MULTIADDR",
+        help="use your own Kubo daemon (default: $IPFS_EXECUTE_API, else the embedded node)",
+    )
+    parser.add_argument(
+        "--home",
+        type=Path,
+        metavar="DIR",
+        help="data directory of the embedded node (default: $IPFS_EXECUTE_HOME)",
+    )
     options = _parse(parser, argv)
     words = options.entries
     if len(words) % 2:
@@ -428,7 +534,7 @@ def _mkdir_main(argv: list[str]) -> int:
     from .store import Store
 
     settings = Settings.from_env(api=options.api, home=options.home)
-    pairs = list(zip(words[0::2], words[1::2]))
+    pairs = list(zip(words[0::2], words[1::2], strict=True))
     for _name, path in pairs:
         IpfsPath.parse(path)  # a malformed path is a usage error before any daemon contact
     with Store.connect(settings) as store, ResultCache(store) as results:

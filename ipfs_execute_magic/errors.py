@@ -85,5 +85,7 @@ class OutputNotSavedError(IpfsError):
 
     def __init__(self, message: str, kept_path: str) -> None:
         self.kept_path = kept_path
-        super().__init__(f"{message}; the output is kept at {kept_path} "
-                         f"(add it later with: ipfs-execute add {kept_path})")
+        super().__init__(
+            f"{message}; the output is kept at {kept_path} "
+            f"(add it later with: ipfs-execute add {kept_path})"
+        )

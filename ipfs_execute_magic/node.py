@@ -6,6 +6,12 @@ no mDNS, and the import settings that make CIDs reproducible. It runs offline un
 
 Several processes may want the node at once: an exclusive file lock around "is it running? if
 not, start it" makes exactly one of them start the daemon and the others wait and reuse it.
+
+`store` is the one module that talks to Kubo's RPC API for content. This module manages the
+daemon's life only (init, start, readiness, stop); its one RPC call, the readiness probe
+(`POST /api/v0/id`), goes through urllib because it must work before any Store exists (a Store
+checks the daemon's version on connect) and because `node status` should not pay for importing
+the HTTP client.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ def api_url(multiaddr: str) -> str:
         return f"http://{host}:{parts[4]}"
     if multiaddr.startswith(("http://", "https://")):
         return multiaddr.rstrip("/")
-    raise NodeError(f"cannot use API address {multiaddr!r}: expected a multiaddr like "
-                    "/ip4/127.0.0.1/tcp/5001")
+    raise NodeError(
+        f"cannot use API address {multiaddr!r}: expected a multiaddr like /ip4/127.0.0.1/tcp/5001"
+    )
 
 
 def daemon_answers(multiaddr: str, timeout: float = 2.0) -> bool:
@@ -52,9 +59,10 @@ def daemon_answers(multiaddr: str, timeout: float = 2.0) -> bool:
     except NodeError:
         return False
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST"),
-                                    timeout=timeout) as response:
-            return response.status == 200
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method="POST"), timeout=timeout
+        ) as response:
+            return bool(response.status == 200)
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -69,9 +77,11 @@ def find_kubo_binary(settings: Settings) -> str:
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate
-    raise NodeError("no Kubo `ipfs` binary found for the embedded node: run `./run setup` from "
-                    "the project, set IPFS_EXECUTE_KUBO to an ipfs binary, or use your own daemon "
-                    "with --api / IPFS_EXECUTE_API")
+    raise NodeError(
+        "no Kubo `ipfs` binary found for the embedded node: run `./run setup` from "
+        "the project, set IPFS_EXECUTE_KUBO to an ipfs binary, or use your own daemon "
+        "with --api / IPFS_EXECUTE_API"
+    )
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,10 @@ class NodeStatus:
         if self.running:
             lines.append(f"api:  {self.api}")
             lines.append(f"pid:  {self.pid}")
-            lines.append(f"use the Kubo CLI with it: IPFS_PATH={self.repo} ipfs ...  "
-                         f"(or ipfs --api={self.api} ...)")
+            lines.append(
+                f"use the Kubo CLI with it: IPFS_PATH={self.repo} ipfs ...  "
+                f"(or ipfs --api={self.api} ...)"
+            )
         else:
             lines.append("state: stopped (it starts on first use)")
         return "\n".join(lines)
@@ -132,8 +144,9 @@ class EmbeddedNode:
 
     def status(self) -> NodeStatus:
         api = self.running_api()
-        return NodeStatus(repo=self.repo, api=api, pid=self._pid() if api else None,
-                          running=api is not None)
+        return NodeStatus(
+            repo=self.repo, api=api, pid=self._pid() if api else None, running=api is not None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -169,11 +182,17 @@ class EmbeddedNode:
         if (self.repo / "config").exists():
             return
         self.repo.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run([binary, "init", f"--profile={INIT_PROFILES}", "--empty-repo"],
-                                env=self._kubo_env(), capture_output=True, text=True)
+        result = subprocess.run(
+            [binary, "init", f"--profile={INIT_PROFILES}", "--empty-repo"],
+            env=self._kubo_env(),
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
-            raise NodeError(f"`ipfs init` failed for the embedded node in {self.repo}: "
-                            f"{(result.stderr.strip().splitlines() or [str(result.returncode)])[-1]}")
+            raise NodeError(
+                f"`ipfs init` failed for the embedded node in {self.repo}: "
+                f"{(result.stderr.strip().splitlines() or [str(result.returncode)])[-1]}"
+            )
 
     def _start(self) -> str:
         binary = find_kubo_binary(self.settings)
@@ -185,15 +204,23 @@ class EmbeddedNode:
             args.append("--offline")
         log_path = self.settings.home / "node.log"
         with open(log_path, "ab") as log:
-            process = subprocess.Popen(args, env=self._kubo_env(), stdin=subprocess.DEVNULL,
-                                       stdout=log, stderr=log, start_new_session=True,
-                                       close_fds=True)
+            process = subprocess.Popen(
+                args,
+                env=self._kubo_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
         self._pid_path.write_text(f"{process.pid}\n")
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise NodeError(f"the embedded Kubo daemon exited with status {process.returncode}"
-                                f" while starting; see {log_path}")
+                raise NodeError(
+                    f"the embedded Kubo daemon exited with status {process.returncode}"
+                    f" while starting; see {log_path}"
+                )
             api = self._api_from_file()
             if api and daemon_answers(api):
                 return api
@@ -201,8 +228,10 @@ class EmbeddedNode:
         process.kill()
         process.wait()
         self._pid_path.unlink(missing_ok=True)
-        raise NodeError(f"the embedded Kubo daemon did not become ready within "
-                        f"{START_TIMEOUT_S:.0f} s; see {log_path}")
+        raise NodeError(
+            f"the embedded Kubo daemon did not become ready within "
+            f"{START_TIMEOUT_S:.0f} s; see {log_path}"
+        )
 
     def stop(self, timeout: float = 20.0) -> bool:
         """Stop the daemon. Returns False when it was not running."""
@@ -213,8 +242,10 @@ class EmbeddedNode:
                 return False
             if api:
                 try:
-                    urllib.request.urlopen(urllib.request.Request(
-                        api_url(api) + "/api/v0/shutdown", method="POST"), timeout=5).close()
+                    urllib.request.urlopen(
+                        urllib.request.Request(api_url(api) + "/api/v0/shutdown", method="POST"),
+                        timeout=5,
+                    ).close()
                 except (urllib.error.URLError, OSError):
                     pass
             deadline = time.monotonic() + timeout
@@ -237,4 +268,3 @@ def _is_zombie(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-

@@ -46,8 +46,14 @@ class RunRequest:
         return ("/sbin/init", *self.args)
 
 
-def cache_key(*, rootfs: str, input: str, argv: tuple[str, ...], env: Mapping[str, str],
-              sandbox: Mapping[str, Any]) -> str:
+def cache_key(
+    *,
+    rootfs: str,
+    input: str,
+    argv: tuple[str, ...],
+    env: Mapping[str, str],
+    sandbox: Mapping[str, Any],
+) -> str:
     """A hash over everything that determines a run's output, and nothing else.
 
     Not in it: timeouts and resource limits (a run that succeeded within them gives the same
@@ -55,9 +61,14 @@ def cache_key(*, rootfs: str, input: str, argv: tuple[str, ...], env: Mapping[st
     input including the script), the exact argv, the environment and the sandbox profile the
     payload sees (hostname, ids, umask, mount layout, /tmp size).
     """
-    material = {"format": CACHE_KEY_FORMAT, "rootfs": rootfs, "input": input,
-                "argv": list(argv), "env": dict(sorted(env.items())),
-                "sandbox": dict(sorted(sandbox.items()))}
+    material = {
+        "format": CACHE_KEY_FORMAT,
+        "rootfs": rootfs,
+        "input": input,
+        "argv": list(argv),
+        "env": dict(sorted(env.items())),
+        "sandbox": dict(sorted(sandbox.items())),
+    }
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -73,7 +84,9 @@ class RunRecord:
     exit_status: int | None  # payload's status; None if it never finished (timeout)
     timed_out: bool
     started_at: str  # UTC, ISO 8601
-    durations: dict[str, float]  # seconds: resolve, stage_rootfs, stage_input, sandbox, add_output, total
+    durations: dict[
+        str, float
+    ]  # seconds: resolve, stage_rootfs, stage_input, sandbox, add_output, total
     limits: dict[str, Any]  # limits requested
     limits_enforced: dict[str, str]  # what was really enforced, and how
     versions: dict[str, str]
@@ -111,7 +124,8 @@ class RunRecord:
     def from_json(cls, text: str | bytes) -> RunRecord:
         data = json.loads(text)
         if not isinstance(data, dict) or not str(data.get("format", "")).startswith(
-                "ipfs-execute/run-record/"):
+            "ipfs-execute/run-record/"
+        ):
             raise ValueError("not an ipfs-execute run record")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
@@ -119,5 +133,10 @@ class RunRecord:
         return cls(**values)
 
     def recomputed_key(self) -> str:
-        return cache_key(rootfs=self.rootfs, input=self.input, argv=("/sbin/init", *self.args),
-                         env=self.env, sandbox=self.sandbox)
+        return cache_key(
+            rootfs=self.rootfs,
+            input=self.input,
+            argv=("/sbin/init", *self.args),
+            env=self.env,
+            sandbox=self.sandbox,
+        )

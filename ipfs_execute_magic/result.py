@@ -22,6 +22,7 @@ class IpfsRef(str):
     """A CID or IPFS path that is also a string. `ref / "sub/file"` makes a sub path."""
 
     __slots__ = ("_store",)
+    _store: Store | None
 
     def __new__(cls, path: str, store: Store | None = None) -> IpfsRef:
         ref = super().__new__(cls, path)
@@ -121,8 +122,10 @@ class RunResult:
         """Everything under /output, depth first (cached: the output is immutable)."""
         if self._listing is None:
             assert self.store is not None
-            self._listing = [FileEntry(path, entry.kind, entry.size, entry.cid)
-                             for path, entry in self.store.walk(str(self.output))]
+            self._listing = [
+                FileEntry(path, entry.kind, entry.size, entry.cid)
+                for path, entry in self.store.walk(str(self.output))
+            ]
         return self._listing
 
     def ls(self, path: str = "") -> list[Entry]:
@@ -159,4 +162,3 @@ class StreamTail:
 
     def value(self) -> bytes:
         return bytes(self._buffer[-TAIL_BYTES:])
-

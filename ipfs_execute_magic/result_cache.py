@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .cid import IpfsPath, is_cid, raw_leaf_cid
 from .errors import InvalidPathError, IpfsError, UsageError
 from .record import RunRecord
-from .cid import IpfsPath, is_cid, raw_leaf_cid
 from .store import Store
 
 INDEX_ROOT = "/ipfs-execute"
@@ -157,9 +157,11 @@ class ResultCache:
         try:
             return StoredRecord(RunRecord.from_json(self.store.cat(cid)), cid)
         except (ValueError, TypeError, UnicodeDecodeError, IpfsError):
-            raise UsageError(f"{cid} is neither a run record nor the output of a run recorded "
-                             "on this node (import the cache it came from, or give the record "
-                             "CID)") from None
+            raise UsageError(
+                f"{cid} is neither a run record nor the output of a run recorded "
+                "on this node (import the cache it came from, or give the record "
+                "CID)"
+            ) from None
 
     # -- compositions (ipfs-mkdir), so lineage can see through them ------------------------
 
@@ -170,10 +172,12 @@ class ResultCache:
         sources = {name: str(IpfsPath.parse(str(path))) for name, path in entries.items()}
         if base:
             sources[""] = f"/ipfs/{base}"
-        note = json.dumps({"format": "ipfs-execute/composition/1", "entries": sources},
-                          sort_keys=True).encode()
-        self._link_later([(f"{COMPOSED_DIR}/{cid}",
-                           self.store.add_bytes(note, name="composition.json"))])
+        note = json.dumps(
+            {"format": "ipfs-execute/composition/1", "entries": sources}, sort_keys=True
+        ).encode()
+        self._link_later(
+            [(f"{COMPOSED_DIR}/{cid}", self.store.add_bytes(note, name="composition.json"))]
+        )
         return cid
 
     def composition(self, cid: str) -> dict[str, str] | None:

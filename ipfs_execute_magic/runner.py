@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 import hashlib
+import os
 import platform
 import secrets
 import shutil
@@ -33,16 +33,10 @@ from .store import Store
 
 OutputCallback = Callable[[bytes], None]
 
-# Bumped when what the payload sees of the sandbox changes (mounts, ids, ...).
-SANDBOX_LAYOUT = "rootfs:ro input:ro output:rw tmp:tmpfs proc dev/1"
-
 
 def sandbox_profile(request: RunRequest) -> dict[str, Any]:
     """What the payload sees of the sandbox, beyond its files: part of the cache key."""
-    return {"layout": SANDBOX_LAYOUT, "hostname": sandbox.HOSTNAME, "uid": 0, "gid": 0,
-            "umask": f"{sandbox.SANDBOX_UMASK:03o}", "cwd": "/",
-            "tmp_bytes": request.limits.tmp_bytes,
-            "determinism": dict(sandbox.DETERMINISM_PROFILE)}
+    return sandbox.payload_view(request.limits).profile()
 
 
 @dataclass(frozen=True)
@@ -105,10 +99,15 @@ class Runner:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def run(self, request: RunRequest, conditions: RunConditions = ORDINARY, *,
-            on_stdout: OutputCallback | None = None,
-            on_stderr: OutputCallback | None = None,
-            on_progress: ProgressCallback | None = None) -> RunResult:
+    def run(
+        self,
+        request: RunRequest,
+        conditions: RunConditions = ORDINARY,
+        *,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> RunResult:
         """Run a request, or return the recorded result of an identical earlier run.
 
         The one run path of every front end. What the payload prints goes to the callbacks as
@@ -124,8 +123,13 @@ class Runner:
         if request.script is not None:
             input_cid, script_cid = self.add_script(given_input, request.script)
         argv = request.argv()
-        key = cache_key(rootfs=rootfs_cid, input=input_cid, argv=argv, env=sandbox.DEFAULT_ENV,
-                        sandbox=sandbox_profile(request))
+        key = cache_key(
+            rootfs=rootfs_cid,
+            input=input_cid,
+            argv=argv,
+            env=sandbox.DEFAULT_ENV,
+            sandbox=sandbox_profile(request),
+        )
         resolve_s = time.monotonic() - t0
 
         cached = self.results.lookup(key) if not request.interactive else None
@@ -134,33 +138,59 @@ class Runner:
 
         stdout, stderr = _Capture(on_stdout), _Capture(on_stderr)
         record = self._execute(
-            request, conditions, argv=argv, key=key, rootfs_cid=rootfs_cid,
-            input_cid=input_cid, given_input=given_input if script_cid else None,
-            script_cid=script_cid, rootfs_path=_lineage_path(rootfs_path, rootfs_cid),
+            request,
+            conditions,
+            argv=argv,
+            key=key,
+            rootfs_cid=rootfs_cid,
+            input_cid=input_cid,
+            given_input=given_input if script_cid else None,
+            script_cid=script_cid,
+            rootfs_path=_lineage_path(rootfs_path, rootfs_cid),
             input_path=_lineage_path(input_path, given_input) if input_path else None,
-            t0=t0, resolve_s=resolve_s, stdout=stdout, stderr=stderr, on_progress=on_progress)
-        disagrees = (cached is not None and record.succeeded
-                     and cached.record.output != record.output)
+            t0=t0,
+            resolve_s=resolve_s,
+            stdout=stdout,
+            stderr=stderr,
+            on_progress=on_progress,
+        )
+        disagrees = (
+            cached is not None and record.succeeded and cached.record.output != record.output
+        )
         # A disagreeing forced run does not replace the cached result: the first one recorded
         # stays the answer, and the disagreement is reported instead of hidden.
-        record_cid = (self.results.save(record, index=conditions.index, cache=not disagrees)
-                      if record.output else None)
+        record_cid = (
+            self.results.save(record, index=conditions.index, cache=not disagrees)
+            if record.output
+            else None
+        )
         disagreement = None
         if disagrees and cached is not None:
-            disagreement = (f"this run's output {record.output} differs from the cached output "
-                            f"{cached.record.output} of the same computation (record "
-                            f"{cached.cid}, run {cached.record.started_at}): it is not "
-                            f"deterministic; `ipfs-execute verify {record_cid}` shows the "
-                            "differing files")
-        return RunResult(record, stdout.value(), stderr.value(), store=self.store,
-                         record_cid=record_cid, disagreement=disagreement)
+            disagreement = (
+                f"this run's output {record.output} differs from the cached output "
+                f"{cached.record.output} of the same computation (record "
+                f"{cached.cid}, run {cached.record.started_at}): it is not "
+                f"deterministic; `ipfs-execute verify {record_cid}` shows the "
+                "differing files"
+            )
+        return RunResult(
+            record,
+            stdout.value(),
+            stderr.value(),
+            store=self.store,
+            record_cid=record_cid,
+            disagreement=disagreement,
+        )
 
-    def _replay(self, cached: StoredRecord, on_stdout: OutputCallback | None,
-                on_stderr: OutputCallback | None) -> RunResult:
+    def _replay(
+        self,
+        cached: StoredRecord,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+    ) -> RunResult:
         """The result of a cache hit, its recorded output printed again through the callbacks."""
         printed = []
-        for cid, forward in ((cached.record.stdout, on_stdout),
-                             (cached.record.stderr, on_stderr)):
+        for cid, forward in ((cached.record.stdout, on_stdout), (cached.record.stderr, on_stderr)):
             data = b""
             if cid and cid != EMPTY_FILE_CID:
                 try:
@@ -170,22 +200,45 @@ class Runner:
             if data and forward is not None:
                 forward(data)
             printed.append(data)
-        return RunResult(cached.record, printed[0], printed[1], store=self.store,
-                         record_cid=cached.cid, cache_hit=True)
+        return RunResult(
+            cached.record,
+            printed[0],
+            printed[1],
+            store=self.store,
+            record_cid=cached.cid,
+            cache_hit=True,
+        )
 
-    def _execute(self, request: RunRequest, conditions: RunConditions, *,
-                 argv: tuple[str, ...], key: str, rootfs_cid: str, input_cid: str,
-                 given_input: str | None, script_cid: str | None, rootfs_path: str,
-                 input_path: str | None, t0: float, resolve_s: float, stdout: _Capture,
-                 stderr: _Capture, on_progress: ProgressCallback | None) -> RunRecord:
-        started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    def _execute(
+        self,
+        request: RunRequest,
+        conditions: RunConditions,
+        *,
+        argv: tuple[str, ...],
+        key: str,
+        rootfs_cid: str,
+        input_cid: str,
+        given_input: str | None,
+        script_cid: str | None,
+        rootfs_path: str,
+        input_path: str | None,
+        t0: float,
+        resolve_s: float,
+        stdout: _Capture,
+        stderr: _Capture,
+        on_progress: ProgressCallback | None,
+    ) -> RunRecord:
+        started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         durations: dict[str, float] = {"resolve": resolve_s}
         if not self._sandbox_checked:
             sandbox.check_available()
             self._sandbox_checked = True
 
-        staging_cache = (self.staging_cache if conditions.staging_dir is None
-                         else StagingCache(conditions.staging_dir))
+        staging_cache = (
+            self.staging_cache
+            if conditions.staging_dir is None
+            else StagingCache(conditions.staging_dir)
+        )
         stager = Stager(self.store, staging_cache, on_progress=on_progress)
         rootfs = stager.stage_rootfs(rootfs_cid)
         durations["stage_rootfs"] = rootfs.seconds
@@ -203,10 +256,18 @@ class Runner:
                     rootfs_dir = views.enter_context(staging.shuffled_view(rootfs_dir))
                     input_dir = views.enter_context(staging.shuffled_view(input_dir))
                 spec = sandbox.SandboxSpec(
-                    rootfs=rootfs_dir, input_dir=input_dir, output_dir=output_dir, argv=argv,
-                    limits=request.limits, interactive=request.interactive,
-                    clock_start_s=(sandbox.CLOCK_START_S if conditions.clock_start_s is None
-                                   else conditions.clock_start_s))
+                    rootfs=rootfs_dir,
+                    input_dir=input_dir,
+                    output_dir=output_dir,
+                    argv=argv,
+                    limits=request.limits,
+                    interactive=request.interactive,
+                    clock_start_s=(
+                        sandbox.CLOCK_START_S
+                        if conditions.clock_start_s is None
+                        else conditions.clock_start_s
+                    ),
+                )
                 t_run = time.monotonic()
                 result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
                 durations["sandbox"] = time.monotonic() - t_run
@@ -222,9 +283,11 @@ class Runner:
                 stderr_cid = self._add_printed(stderr.value(), "stderr")
             except IpfsError as error:
                 kept = self._keep(output_dir)
-                raise OutputNotSavedError(f"the run finished (exit status {result.exit_status}) "
-                                          f"but adding its output to IPFS failed: {error}",
-                                          str(kept)) from None
+                raise OutputNotSavedError(
+                    f"the run finished (exit status {result.exit_status}) "
+                    f"but adding its output to IPFS failed: {error}",
+                    str(kept),
+                ) from None
             durations["add_output"] = time.monotonic() - t_add
             keep_output = False
         finally:
@@ -233,18 +296,30 @@ class Runner:
         durations["total"] = time.monotonic() - t0
 
         return RunRecord(
-            rootfs=rootfs_cid, input=input_cid, output=output_cid, args=argv[1:],
-            exit_status=result.exit_status, timed_out=result.timed_out, started_at=started_at,
+            rootfs=rootfs_cid,
+            input=input_cid,
+            output=output_cid,
+            args=argv[1:],
+            exit_status=result.exit_status,
+            timed_out=result.timed_out,
+            started_at=started_at,
             durations={k: round(v, 6) for k, v in durations.items()},
-            limits=asdict(request.limits), limits_enforced=dict(result.limits_enforced),
+            limits=asdict(request.limits),
+            limits_enforced=dict(result.limits_enforced),
             versions=self.versions(),
             staged_from_cache={"rootfs": rootfs.was_cached, "input": staged_input.was_cached},
-            given_input=given_input, script=script_cid, rootfs_path=rootfs_path,
-            input_path=input_path, env=dict(spec.env), sandbox=sandbox_profile(request),
+            given_input=given_input,
+            script=script_cid,
+            rootfs_path=rootfs_path,
+            input_path=input_path,
+            env=dict(spec.env),
+            sandbox=sandbox_profile(request),
             limits_not_enforced=dict(result.limits_not_enforced),
             determinism=dict(result.determinism),
-            determinism_not_fixed=dict(result.determinism_not_fixed), key=key,
-            stdout=stdout_cid, stderr=stderr_cid,
+            determinism_not_fixed=dict(result.determinism_not_fixed),
+            key=key,
+            stdout=stdout_cid,
+            stderr=stderr_cid,
             output_truncated=stdout.truncated or stderr.truncated,
             pure=not request.interactive,
         )
@@ -261,17 +336,23 @@ class Runner:
         if memo_key in self._scripted_inputs:
             return self._scripted_inputs[memo_key]
         if any(entry.name == SCRIPT_DIR for entry in self.store.ls(input_cid)):
-            raise UsageError(f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
-                             "reserved for the cell's script: rename it in your input")
+            raise UsageError(
+                f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
+                "reserved for the cell's script: rename it in your input"
+            )
         script_cid = self.store.add_bytes(script.encode(), name="script")
         composed = self.store.compose({SCRIPT_PATH: script_cid}, base=input_cid), script_cid
         self._scripted_inputs[memo_key] = composed
         return composed
 
     def versions(self) -> dict[str, str]:
-        return {"ipfs-execute": __version__, "kubo": self.store.version(),
-                "bwrap": sandbox.bwrap_version(), "kernel": platform.release(),
-                "machine": platform.machine()}
+        return {
+            "ipfs-execute": __version__,
+            "kubo": self.store.version(),
+            "bwrap": sandbox.bwrap_version(),
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+        }
 
     def _new_run_dir(self) -> Path:
         runs = self.settings.runs_dir

@@ -95,16 +95,29 @@ class Limits:
     open_files: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("timeout", "memory_bytes", "pids", "tmp_bytes", "file_bytes",
-                     "cpu_seconds", "open_files"):
+        for name in (
+            "timeout",
+            "memory_bytes",
+            "pids",
+            "tmp_bytes",
+            "file_bytes",
+            "cpu_seconds",
+            "open_files",
+        ):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float))
-                                          and math.isfinite(value) and value > 0):
+            if value is not None and not (
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+            ):
                 raise UsageError(f"limit {name} must be a positive, finite number, got {value!r}")
 
-    def with_overrides(self, *, timeout: float | str | None = None,
-                       memory: int | str | None = None, pids: int | str | None = None,
-                       tmp_size: int | str | None = None) -> Limits:
+    def with_overrides(
+        self,
+        *,
+        timeout: float | str | None = None,
+        memory: int | str | None = None,
+        pids: int | str | None = None,
+        tmp_size: int | str | None = None,
+    ) -> Limits:
         """These limits with the user's overrides (None: keep). The one place where the CLI's
         options, the magic's options and config, and the Python API's arguments become Limits;
         strings are parsed as the CLI parses them ("512M", "30s")."""
@@ -152,7 +165,7 @@ class Settings:
         return self.home / "kept-outputs"
 
     def with_changes(self, **changes: object) -> Settings:
-        return replace(self, **changes)
+        return replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

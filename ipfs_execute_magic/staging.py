@@ -12,11 +12,8 @@ can be shuffled on purpose with `shuffled_view`, to expose payloads that depend 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import shutil
-import signal
 import stat as stat_module
 import subprocess
 import tempfile
@@ -28,14 +25,11 @@ from typing import BinaryIO
 
 from . import archive
 from .cid import EMPTY_DIRECTORY_CID
-from .staging_cache import StagingCache
 from .errors import BadRootfsError, StagingError, UsageError
-from .sandbox import SOURCE_DATE_EPOCH
+from .sandbox import SOURCE_DATE_EPOCH, die_with_parent, mount_point_problem
+from .staging_cache import StagingCache
 from .store import Store
 
-# Where the sandbox mounts things: these must be real directories in the staged root, because
-# bwrap 0.8 follows symlinks while creating mount points (it could create files on the host).
-MOUNT_POINTS = ("input", "output", "tmp", "proc", "dev")
 ENTRY_POINT = "sbin/init"
 
 ProgressCallback = Callable[[str, int, "int | None"], None]  # (what, bytes so far, total)
@@ -52,8 +46,9 @@ class StagedTree:
 class _CountingReader:
     """Reports progress as a stream is read (for the notebook's progress line)."""
 
-    def __init__(self, stream: BinaryIO, what: str, total: int | None,
-                 on_progress: ProgressCallback | None) -> None:
+    def __init__(
+        self, stream: BinaryIO, what: str, total: int | None, on_progress: ProgressCallback | None
+    ) -> None:
         self._stream = stream
         self._what = what
         self._total = total
@@ -83,8 +78,13 @@ class _CountingReader:
 
 
 class Stager:
-    def __init__(self, store: Store, staging_cache: StagingCache, *,
-                 on_progress: ProgressCallback | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        staging_cache: StagingCache,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
         self.store = store
         self.staging_cache = staging_cache
         self.on_progress = on_progress
@@ -120,16 +120,23 @@ class Stager:
             self._extract_directory(cid, dest, what=f"rootfs {cid}")
             _make_files_executable(dest)
         elif kind.kind == "file":
-            stream = _CountingReader(self.store.cat_stream(cid), f"rootfs {cid}", kind.size,
-                                     self.on_progress)
+            stream = _CountingReader(
+                self.store.cat_stream(cid), f"rootfs {cid}", kind.size, self.on_progress
+            )
             try:
-                archive.extract(stream, dest, name=f"rootfs {cid}",  # type: ignore[arg-type]
-                                require_end_marker=True)
+                archive.extract(
+                    stream,
+                    dest,
+                    name=f"rootfs {cid}",
+                    require_end_marker=True,
+                )
             finally:
                 stream.close()
         else:
-            raise BadRootfsError(f"rootfs {cid} is a {kind.kind}; give a .tar.gz/.tar.zst/.tar "
-                                 "file CID or a directory CID")
+            raise BadRootfsError(
+                f"rootfs {cid} is a {kind.kind}; give a .tar.gz/.tar.zst/.tar "
+                "file CID or a directory CID"
+            )
         check_rootfs(dest, cid)  # may create mount points: times are set after it
         # Tarballs too: archive.extract does not apply members' mtimes, so the files would
         # carry the time of extraction.
@@ -138,8 +145,10 @@ class Stager:
     def _fill_input(self, cid: str, dest: Path) -> None:
         kind = self.store.stat(cid)
         if kind.kind != "directory":
-            raise UsageError(f"input {cid} is a {kind.kind}, not a directory: put it in one, "
-                             f"e.g. `ipfs-mkdir data.bin {cid}`")
+            raise UsageError(
+                f"input {cid} is a {kind.kind}, not a directory: put it in one, "
+                f"e.g. `ipfs-mkdir data.bin {cid}`"
+            )
         self._extract_directory(cid, dest, what=f"input {cid}")
         set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
 
@@ -147,8 +156,13 @@ class Stager:
         total = None
         stream = _CountingReader(self.store.tar_stream(cid), what, total, self.on_progress)
         try:
-            archive.extract(stream, dest, name=what, compression="tar",  # type: ignore[arg-type]
-                            require_end_marker=True)
+            archive.extract(
+                stream,
+                dest,
+                name=what,
+                compression="tar",
+                require_end_marker=True,
+            )
         finally:
             stream.close()
         _hoist_single_top(dest, cid)
@@ -202,24 +216,26 @@ def _make_files_executable(root: Path) -> None:
 
 
 def check_rootfs(root: Path, cid: str) -> None:
-    """Refuse a root whose mount points are not real directories; create missing ones."""
-    for name in MOUNT_POINTS:
-        path = root / name
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            path.mkdir(mode=0o755)
-            continue
-        if not stat_module.S_ISDIR(st.st_mode):
-            kind = "a symlink" if stat_module.S_ISLNK(st.st_mode) else "not a directory"
-            raise BadRootfsError(f"rootfs {cid}: /{name} is {kind}; it must be a real directory "
-                                 "(the sandbox mounts over it)")
+    """Refuse a root whose mount points are not real directories; create missing ones.
+
+    They must be real directories because bwrap 0.8 follows symlinks while creating mount
+    points (it could create files on the host).
+    """
+    problem = mount_point_problem(root, create_missing=True)
+    if problem is not None:
+        name, kind = problem
+        raise BadRootfsError(
+            f"rootfs {cid}: /{name} is {kind}; it must be a real directory "
+            "(the sandbox mounts over it)"
+        )
     init = root / ENTRY_POINT
     try:
         st = init.lstat()
     except FileNotFoundError:
-        raise BadRootfsError(f"rootfs {cid} has no /{ENTRY_POINT}: the payload starts as "
-                             f"`/{ENTRY_POINT} ARGS...`; add one to the image") from None
+        raise BadRootfsError(
+            f"rootfs {cid} has no /{ENTRY_POINT}: the payload starts as "
+            f"`/{ENTRY_POINT} ARGS...`; add one to the image"
+        ) from None
     if stat_module.S_ISREG(st.st_mode) and not st.st_mode & 0o111:
         raise BadRootfsError(f"rootfs {cid}: /{ENTRY_POINT} is not executable")
     if stat_module.S_ISDIR(st.st_mode):
@@ -229,7 +245,6 @@ def check_rootfs(root: Path, cid: str) -> None:
 # --- a shuffled view, for verification ---------------------------------------------------------
 
 _VIEW_READY_TIMEOUT_S = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 def shuffled_view_problem() -> str | None:
@@ -261,18 +276,31 @@ def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
     process: subprocess.Popen[bytes] | None = None
     try:
         os.chmod(mount_point, 0o755)  # the sandbox uid must traverse it
-        argv = [str(shutil.which("disorderfs")), "-f", "--quiet", "--shuffle-dirents=yes",
-                # Only the order changes: no reversal, and st_blocks as in the tree.
-                "--reverse-dirents=no", "--pad-blocks=0",
-                *(["--multi-user=yes"] if os.geteuid() == 0 else []),
-                "-o", "ro", str(path), str(mount_point)]
+        argv = [
+            str(shutil.which("disorderfs")),
+            "-f",
+            "--quiet",
+            "--shuffle-dirents=yes",
+            # Only the order changes: no reversal, and st_blocks as in the tree.
+            "--reverse-dirents=no",
+            "--pad-blocks=0",
+            *(["--multi-user=yes"] if os.geteuid() == 0 else []),
+            "-o",
+            "ro",
+            str(path),
+            str(mount_point),
+        ]
         with tempfile.TemporaryFile() as errors:
             # Foreground: the daemon is our child, so nothing outlives the view; it gets
             # SIGTERM (and unmounts) if this thread dies first.
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=errors,
-                                       start_new_session=True,
-                                       preexec_fn=_die_with_parent(_libc_prctl()))
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
             _wait_mounted(mount_point, process, errors, path)
         yield mount_point
     finally:
@@ -282,15 +310,18 @@ def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
             mount_point.rmdir()
 
 
-def _wait_mounted(mount_point: Path, process: subprocess.Popen[bytes], errors: BinaryIO,
-                  path: Path) -> None:
+def _wait_mounted(
+    mount_point: Path, process: subprocess.Popen[bytes], errors: BinaryIO, path: Path
+) -> None:
     deadline = time.monotonic() + _VIEW_READY_TIMEOUT_S
     while not os.path.ismount(mount_point):
         if process.poll() is not None or time.monotonic() > deadline:
             errors.seek(0)
             message = errors.read().decode("utf-8", "replace").strip()
-            raise StagingError(f"disorderfs could not mount a shuffled view of {path}: "
-                               f"{message or 'it did not mount in time'}")
+            raise StagingError(
+                f"disorderfs could not mount a shuffled view of {path}: "
+                f"{message or 'it did not mount in time'}"
+            )
         time.sleep(0.005)
 
 
@@ -298,8 +329,10 @@ def _unmount_commands(mount_point: Path) -> list[list[str]]:
     """Normal, then lazy (a process may still be inside), unmount commands available here."""
     fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
     if fusermount is not None:
-        return [[fusermount, "-u", "-q", str(mount_point)],
-                [fusermount, "-u", "-z", "-q", str(mount_point)]]
+        return [
+            [fusermount, "-u", "-q", str(mount_point)],
+            [fusermount, "-u", "-z", "-q", str(mount_point)],
+        ]
     if os.geteuid() == 0 and (umount := shutil.which("umount")):
         return [[umount, str(mount_point)], [umount, "-l", str(mount_point)]]
     return []
@@ -311,28 +344,11 @@ def _stop_view(mount_point: Path, process: subprocess.Popen[bytes]) -> None:
         if not os.path.ismount(mount_point):
             break
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
-                           timeout=10, check=False)
+            subprocess.run(
+                command, stdin=subprocess.DEVNULL, capture_output=True, timeout=10, check=False
+            )
     try:
         process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-@functools.cache
-def _libc_prctl() -> Callable[..., int] | None:
-    try:
-        function = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    function.restype = ctypes.c_int
-    return function  # type: ignore[no-any-return]
-
-
-def _die_with_parent(prctl: Callable[..., int] | None) -> Callable[[], None]:
-    def child() -> None:  # runs between fork and exec: resolved beforehand
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), ctypes.c_ulong(0),
-                  ctypes.c_ulong(0), ctypes.c_ulong(0))
-    return child

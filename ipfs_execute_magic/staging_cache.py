@@ -98,7 +98,9 @@ class StagingCache:
             names = os.listdir(self.root / kind)
         except FileNotFoundError:
             return []
-        return sorted(name for name in names if _KEY.fullmatch(name) and self.get(kind, name) is not None)
+        return sorted(
+            name for name in names if _KEY.fullmatch(name) and self.get(kind, name) is not None
+        )
 
     @contextlib.contextmanager
     def _locked(self, kind: str, key: str, *, blocking: bool = True) -> Iterator[bool]:
@@ -185,7 +187,9 @@ def _add_owner_rwx(top: Path) -> None:
             if st.st_mode & 0o700 != 0o700:
                 os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
             with os.scandir(path) as listing:
-                pending.extend(entry.path for entry in listing if entry.is_dir(follow_symlinks=False))
+                pending.extend(
+                    entry.path for entry in listing if entry.is_dir(follow_symlinks=False)
+                )
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise

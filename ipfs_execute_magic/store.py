@@ -18,25 +18,30 @@ import re
 import secrets
 import stat as stat_module
 import urllib.parse
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import warnings
-
 import ipfshttpclient
 import ipfshttpclient.exceptions as ipfs_exceptions
+
+from .cid import EMPTY_FILE_CID, IpfsPath, is_cid
+from .errors import (
+    DaemonUnreachableError,
+    DaemonVersionError,
+    InvalidPathError,
+    IpfsError,
+    IpfsExecuteError,
+    NotRetrievableError,
+)
+from .node import EmbeddedNode
+from .settings import MIN_KUBO_VERSION, Settings
 
 # ipfshttpclient 0.7 passes `strict=` to urllib3 2.x on every request; harmless, and not the
 # user's concern.
 warnings.filterwarnings("ignore", message="The 'strict' parameter", category=FutureWarning)
-
-from .cid import EMPTY_FILE_CID, IpfsPath, is_cid
-from .errors import (DaemonUnreachableError, DaemonVersionError, InvalidPathError, IpfsError,
-                     NotRetrievableError)
-from .node import EmbeddedNode
-from .settings import MIN_KUBO_VERSION, Settings
 
 # The import settings of Kubo's `unixfs-v1-2025` profile, sent explicitly on every add so that a
 # daemon with other defaults gives the same CIDs as the embedded node and the Kubo CLI.
@@ -56,6 +61,7 @@ IMPORT_OPTIONS: Mapping[str, str] = {
     "preserve-mtime": "false",
 }
 UPLOAD_CHUNK = 256 * 1024
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -146,16 +152,31 @@ class Store:
 
     # -- low level -------------------------------------------------------------------------
 
-    def _call(self, path: str, *args: str, opts: Mapping[str, str] | None = None,
-              decoder: str = "json", stream: bool = False, data: Any = None,
-              headers: Mapping[str, str] | None = None, timeout: float | None = None,
-              what: str = "") -> Any:
+    def _call(
+        self,
+        path: str,
+        *args: str,
+        opts: Mapping[str, str] | None = None,
+        decoder: str = "json",
+        stream: bool = False,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        what: str = "",
+    ) -> Any:
         request_opts = dict(opts or {})
         if timeout is not None:
             request_opts.setdefault("timeout", f"{timeout:g}s")  # Kubo's own per-command timeout
         try:
-            answer = self._http.request(path, args, opts=request_opts, decoder=decoder,
-                                        stream=stream, data=data, headers=headers or {})
+            answer = self._http.request(
+                path,
+                args,
+                opts=request_opts,
+                decoder=decoder,
+                stream=stream,
+                data=data,
+                headers=headers or {},
+            )
             # The JSON decoder returns a list of the objects the daemon streamed; most
             # commands stream exactly one.
             if decoder == "json" and not stream and isinstance(answer, list) and len(answer) == 1:
@@ -164,29 +185,33 @@ class Store:
         except ipfs_exceptions.ConnectionError:
             raise DaemonUnreachableError(
                 f"no IPFS daemon answers at {self.api}: start it (`ipfs daemon`), fix --api / "
-                "IPFS_EXECUTE_API, or unset them to use the embedded node") from None
+                "IPFS_EXECUTE_API, or unset them to use the embedded node"
+            ) from None
         except ipfs_exceptions.TimeoutError:
-            raise NotRetrievableError(f"{what or path}: not retrievable within "
-                                      f"{self.fetch_timeout:g} s") from None
+            raise NotRetrievableError(
+                f"{what or path}: not retrievable within {self.fetch_timeout:g} s"
+            ) from None
         except ipfs_exceptions.ErrorResponse as error:
             raise self._translate(error, what or " ".join(args)) from None
         except ipfs_exceptions.Error as error:
             raise IpfsError(f"IPFS {path} {' '.join(args)} failed: {error}") from None
 
-    def _translate(self, error: Exception, what: str) -> IpfsError:
+    def _translate(self, error: Exception, what: str) -> IpfsExecuteError:
         message = str(error).strip()
         lowered = message.lower()
         if "deadline" in lowered or "context canceled" in lowered:
             return NotRetrievableError(
                 f"{what}: not retrievable within {self.fetch_timeout:g} s: no peer provided it "
                 "(is the CID right? is a node that has it online and connected? raise "
-                "--fetch-timeout for slow networks)")
+                "--fetch-timeout for slow networks)"
+            )
         if "no link named" in lowered:
             return NotRetrievableError(f"{what}: that sub path does not exist ({message})")
         if "not found" in lowered or "offline" in lowered:
             return NotRetrievableError(
                 f"{what}: not retrievable ({message}); the node is offline and does not have "
-                "it: add or pin it first, or use an online daemon (--api)")
+                "it: add or pin it first, or use an online daemon (--api)"
+            )
         if "invalid" in lowered or "failed to decode" in lowered or "selected encoding" in lowered:
             return InvalidPathError(f"{what}: {message}")
         return IpfsError(f"{what}: {message}")
@@ -202,8 +227,10 @@ class Store:
         version = self.version()
         if _parse_version(version) < MIN_KUBO_VERSION:
             minimum = ".".join(map(str, MIN_KUBO_VERSION))
-            raise DaemonVersionError(f"the IPFS daemon at {self.api} is Kubo {version}; "
-                                     f"ipfs-execute needs Kubo {minimum} or newer")
+            raise DaemonVersionError(
+                f"the IPFS daemon at {self.api} is Kubo {version}; "
+                f"ipfs-execute needs Kubo {minimum} or newer"
+            )
 
     def gateway_url(self) -> str | None:
         """The daemon's HTTP gateway as a base URL, when it has one on an IP address."""
@@ -222,8 +249,12 @@ class Store:
         addresses = value if isinstance(value, list) else [value]
         for address in addresses:
             parts = str(address).split("/")
-            if (len(parts) >= 5 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp"
-                    and parts[4] != "0"):
+            if (
+                len(parts) >= 5
+                and parts[1] in ("ip4", "ip6")
+                and parts[3] == "tcp"
+                and parts[4] != "0"
+            ):
                 host = "127.0.0.1" if parts[2] == "0.0.0.0" else parts[2]
                 host = f"[{host}]" if ":" in host else host
                 return f"http://{host}:{parts[4]}"
@@ -236,8 +267,13 @@ class Store:
         parsed = path if isinstance(path, IpfsPath) else IpfsPath.parse(path)
         if parsed.is_plain_cid:
             return parsed.root
-        answer = self._call("/resolve", str(parsed), opts={"recursive": "true"},
-                            timeout=self.fetch_timeout, what=str(parsed))
+        answer = self._call(
+            "/resolve",
+            str(parsed),
+            opts={"recursive": "true"},
+            timeout=self.fetch_timeout,
+            what=str(parsed),
+        )
         resolved = str(answer["Path"])
         cid = resolved.removeprefix("/ipfs/").split("/")[0]
         if not is_cid(cid):
@@ -247,16 +283,21 @@ class Store:
     def stat(self, cid: str) -> Stat:
         answer = self._call("/files/stat", _as_path(cid), timeout=self.fetch_timeout, what=cid)
         kind = str(answer.get("Type", "file"))
-        size = int(answer.get("Size") or 0) if kind == "file" else int(
-            answer.get("CumulativeSize") or 0)
+        size = (
+            int(answer.get("Size") or 0)
+            if kind == "file"
+            else int(answer.get("CumulativeSize") or 0)
+        )
         return Stat(cid=str(answer.get("Hash", cid)), kind=kind, size=size)
 
     def cat_stream(self, cid: str) -> BinaryIO:
         """A file's bytes, streamed (never held in memory whole)."""
-        chunks = self._call("/cat", _as_path(cid), decoder="none", stream=True,
-                            timeout=self.fetch_timeout, what=cid)
-        return io.BufferedReader(_IteratorReader(chunks, close=chunks.close),  # type: ignore[arg-type]
-                                 buffer_size=1024 * 1024)
+        chunks = self._call(
+            "/cat", _as_path(cid), decoder="none", stream=True, timeout=self.fetch_timeout, what=cid
+        )
+        return io.BufferedReader(
+            _IteratorReader(chunks, close=chunks.close), buffer_size=1024 * 1024
+        )
 
     def cat(self, cid_or_path: str) -> bytes:
         if cid_or_path.removeprefix("/ipfs/") == EMPTY_FILE_CID:
@@ -267,19 +308,32 @@ class Store:
 
     def tar_stream(self, cid: str) -> BinaryIO:
         """The raw tar stream of `get` (top member named after the CID), for safe extraction."""
-        chunks = self._call("/get", _as_path(cid), decoder="none", stream=True,
-                            timeout=self.fetch_timeout, what=cid)
-        return io.BufferedReader(_IteratorReader(chunks, close=chunks.close),  # type: ignore[arg-type]
-                                 buffer_size=1024 * 1024)
+        chunks = self._call(
+            "/get", _as_path(cid), decoder="none", stream=True, timeout=self.fetch_timeout, what=cid
+        )
+        return io.BufferedReader(
+            _IteratorReader(chunks, close=chunks.close), buffer_size=1024 * 1024
+        )
 
     def ls(self, cid: str) -> list[Entry]:
-        answer = self._call("/ls", _as_path(cid), opts={"resolve-type": "true", "size": "true"},
-                            timeout=self.fetch_timeout, what=cid)
+        answer = self._call(
+            "/ls",
+            _as_path(cid),
+            opts={"resolve-type": "true", "size": "true"},
+            timeout=self.fetch_timeout,
+            what=cid,
+        )
         objects = answer.get("Objects") or [{}]
         kinds = {0: "file", 1: "directory", 2: "file", 4: "symlink", 5: "symlink"}
-        return [Entry(name=link["Name"], cid=link["Hash"], size=int(link.get("Size") or 0),
-                      kind=kinds.get(int(link.get("Type", 2)), "file"))
-                for link in objects[0].get("Links") or []]
+        return [
+            Entry(
+                name=link["Name"],
+                cid=link["Hash"],
+                size=int(link.get("Size") or 0),
+                kind=kinds.get(int(link.get("Type", 2)), "file"),
+            )
+            for link in objects[0].get("Links") or []
+        ]
 
     def walk(self, cid: str, prefix: str = "") -> Iterator[tuple[str, Entry]]:
         """Every entry under a directory, depth first, as (relative path, entry)."""
@@ -304,8 +358,13 @@ class Store:
         body = _multipart_tree(path, boundary)
         opts = dict(IMPORT_OPTIONS)
         opts.update({"pin": "true" if pin else "false", "quieter": "true", "progress": "false"})
-        answer = self._call("/add", opts=opts, data=body, what=f"add {path}",
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        answer = self._call(
+            "/add",
+            opts=opts,
+            data=body,
+            what=f"add {path}",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         results = answer if isinstance(answer, list) else [answer]
         if not results or "Hash" not in results[-1]:
             raise IpfsError(f"adding {path} gave no CID (daemon answered {results!r:.200})")
@@ -313,12 +372,21 @@ class Store:
 
     def add_bytes(self, data: bytes, *, name: str = "file", pin: bool = True) -> str:
         boundary = secrets.token_hex(16)
-        body = [_part_header(boundary, name, "application/octet-stream"), data, b"\r\n",
-                f"--{boundary}--\r\n".encode()]
+        body = [
+            _part_header(boundary, name, "application/octet-stream"),
+            data,
+            b"\r\n",
+            f"--{boundary}--\r\n".encode(),
+        ]
         opts = dict(IMPORT_OPTIONS)
         opts.update({"pin": "true" if pin else "false", "quieter": "true", "progress": "false"})
-        answer = self._call("/add", opts=opts, data=iter(body), what=f"add {name}",
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        answer = self._call(
+            "/add",
+            opts=opts,
+            data=iter(body),
+            what=f"add {name}",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
         results = answer if isinstance(answer, list) else [answer]
         return str(results[-1]["Hash"])
 
@@ -327,8 +395,13 @@ class Store:
         return self.compose({})
 
     def pin(self, cid: str) -> None:
-        self._call("/pin/add", f"/ipfs/{cid}", opts={"recursive": "true"},
-                   timeout=self.fetch_timeout, what=f"pin {cid}")
+        self._call(
+            "/pin/add",
+            f"/ipfs/{cid}",
+            opts={"recursive": "true"},
+            timeout=self.fetch_timeout,
+            what=f"pin {cid}",
+        )
 
     def compose(self, entries: Mapping[str, str], base: str | None = None) -> str:
         """A new directory: `base` (or empty) with each name (may be nested: a/b) set to a CID.
@@ -342,34 +415,52 @@ class Store:
         scratch = f"/.ipfs-execute-compose-{secrets.token_hex(8)}"
         try:
             if base:
-                self._call("/files/cp", f"/ipfs/{base}", scratch, timeout=self.fetch_timeout,
-                           what=f"compose on {base}")
+                self._call(
+                    "/files/cp",
+                    f"/ipfs/{base}",
+                    scratch,
+                    timeout=self.fetch_timeout,
+                    what=f"compose on {base}",
+                )
             else:
-                self._call("/files/mkdir", scratch, opts={"cid-version": "1", "hash": "sha2-256"},
-                           what="compose")
+                self._call(
+                    "/files/mkdir",
+                    scratch,
+                    opts={"cid-version": "1", "hash": "sha2-256"},
+                    what="compose",
+                )
             for name, cid in entries.items():
                 target = f"{scratch}/{name.strip('/')}"
-                self._call("/files/cp", f"/ipfs/{cid}", target,
-                           opts={"parents": "true", "force": "true"},
-                           timeout=self.fetch_timeout, what=f"compose {name}={cid}")
+                self._call(
+                    "/files/cp",
+                    f"/ipfs/{cid}",
+                    target,
+                    opts={"parents": "true", "force": "true"},
+                    timeout=self.fetch_timeout,
+                    what=f"compose {name}={cid}",
+                )
             answer = self._call("/files/stat", scratch, opts={"hash": "true"}, what="compose")
             cid = str(answer["Hash"])
             self.pin(cid)
             return cid
         finally:
             try:
-                self._call("/files/rm", scratch, opts={"recursive": "true", "force": "true"},
-                           what="compose clean-up")
+                self._call(
+                    "/files/rm",
+                    scratch,
+                    opts={"recursive": "true", "force": "true"},
+                    what="compose clean-up",
+                )
             except IpfsError:
                 pass
-
 
     # -- MFS: the node's own mutable file system, where the result cache's index lives --------
 
     def mfs_read(self, path: str) -> bytes | None:
         """A small file from MFS, or None when there is nothing at `path`."""
         try:
-            return self._call("/files/read", path, decoder="none", what=path)
+            data: bytes = self._call("/files/read", path, decoder="none", what=path)
+            return data
         except NotRetrievableError:
             return None
         except IpfsError as error:
@@ -379,15 +470,24 @@ class Store:
 
     def mfs_link(self, path: str, cid: str) -> None:
         """Make MFS `path` point at `cid` (parents created, an old entry replaced)."""
-        self._call("/files/cp", f"/ipfs/{cid}", path, opts={"parents": "true", "force": "true"},
-                   timeout=self.fetch_timeout, what=f"link {path} to {cid}")
+        self._call(
+            "/files/cp",
+            f"/ipfs/{cid}",
+            path,
+            opts={"parents": "true", "force": "true"},
+            timeout=self.fetch_timeout,
+            what=f"link {path} to {cid}",
+        )
 
     def mfs_hash(self, path: str) -> str | None:
         try:
             return str(self._call("/files/stat", path, opts={"hash": "true"}, what=path)["Hash"])
         except IpfsError as error:
-            if "does not exist" in str(error) or "not exist" in str(error) or isinstance(
-                    error, NotRetrievableError):
+            if (
+                "does not exist" in str(error)
+                or "not exist" in str(error)
+                or isinstance(error, NotRetrievableError)
+            ):
                 return None
             raise
 
@@ -419,12 +519,15 @@ def _as_path(text: str) -> str:
 
 # -- multipart body for /add -----------------------------------------------------------------
 
+
 def _part_header(boundary: str, name: str, content_type: str) -> bytes:
     # Kubo unescapes file names with Go's url.QueryUnescape, so escape everything ('+' too).
     quoted = urllib.parse.quote(name, safe="")
-    return (f"--{boundary}\r\n"
-            f'Content-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
-            f"Content-Type: {content_type}\r\n\r\n").encode()
+    return (
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+        f"Content-Type: {content_type}\r\n\r\n"
+    ).encode()
 
 
 def _file_chunks(path: str) -> Iterator[bytes]:

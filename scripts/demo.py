@@ -85,9 +85,15 @@ def execute(path: Path, timeout: float = CELL_TIMEOUT) -> tuple[NotebookNode, st
     # machine can reach the kernel (an absolute path: the kernel runs in the notebook's dir).
     sockets = Path(tempfile.mkdtemp(prefix="ipfs-execute-demo-"))
     config = Config({"KernelManager": {"transport": "ipc", "ip": str(sockets / "kernel")}})
-    client = NotebookClient(notebook, timeout=timeout, kernel_name="python3", config=config,
-                            resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_execute=echo.before, on_cell_executed=echo.after)
+    client = NotebookClient(
+        notebook,
+        timeout=timeout,
+        kernel_name="python3",
+        config=config,
+        resources={"metadata": {"path": str(path.parent)}},
+        on_cell_execute=echo.before,
+        on_cell_executed=echo.after,
+    )
     try:
         client.execute()
     except CellExecutionError as error:
@@ -114,12 +120,25 @@ def to_html(notebook: NotebookNode) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./run demo", description=__doc__.split("\n")[0])
-    parser.add_argument("notebook", nargs="?", type=Path, default=QUICKSTART,
-                        help="the notebook to run (default: notebooks/quickstart.ipynb)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help="where the executed notebook and its HTML go (default: out/)")
-    parser.add_argument("--timeout", type=float, default=CELL_TIMEOUT,
-                        help=f"seconds one cell may take (default {CELL_TIMEOUT})")
+    parser.add_argument(
+        "notebook",
+        nargs="?",
+        type=Path,
+        default=QUICKSTART,
+        help="the notebook to run (default: notebooks/quickstart.ipynb)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="where the executed notebook and its HTML go (default: out/)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=CELL_TIMEOUT,
+        help=f"seconds one cell may take (default {CELL_TIMEOUT})",
+    )
     options = parser.parse_args(argv)
     source = options.notebook.resolve()
     if not source.is_file():

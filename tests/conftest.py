@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers import world_traversable_tmpdir as _world_traversable_tmpdir
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -87,6 +86,37 @@ def empty_cid(store) -> str:
     return store.empty_directory()
 
 
+# Fixtures that bring up a real part: the Kubo node, a sandbox, an IPython shell.
+_REAL_PART_FIXTURES = frozenset(
+    {
+        "home",
+        "settings",
+        "store",
+        "kubo_env",
+        "image_dir",
+        "busybox_tarball",
+        "busybox_cid",
+        "empty_cid",
+        "ip",
+        "run",
+        "rootfs",
+        "input_dir",
+        "base_dir",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tiers: a test that needs a real part is `slow`, so `-m "not slow"` keeps the pure
+    logic tests, which run in seconds. A test may also be marked slow by hand."""
+    for item in items:
+        if (
+            item.get_closest_marker("integration")
+            or item.get_closest_marker("browser")
+            or _REAL_PART_FIXTURES & set(getattr(item, "fixturenames", ()))
+        ):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
@@ -103,8 +133,9 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="module")
 def ip(home: Path, store, busybox_cid: str, empty_cid: str):
     """An in-process IPython shell with the extension loaded, on the session's node."""
-    import ipfs_execute_magic as ie
     from IPython.core.interactiveshell import InteractiveShell
+
+    import ipfs_execute_magic as ie
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "ipfs_execute_magic")

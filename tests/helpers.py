@@ -27,11 +27,19 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def ipfs_execute(home: Path, *args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+def ipfs_execute(
+    home: Path, *args: str, timeout: float = 120, **kwargs
+) -> subprocess.CompletedProcess:
     """Run the real `ipfs-execute` console script."""
-    return subprocess.run([str(BIN / "ipfs-execute"), *args],
-                          env=kwargs.pop("env", None) or cli_env(home), capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
+    return subprocess.run(
+        [str(BIN / "ipfs-execute"), *args],
+        env=kwargs.pop("env", None) or cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
+    )
 
 
 def execute_notebook(sources: list[str], timeout: int = 60):
@@ -40,7 +48,10 @@ def execute_notebook(sources: list[str], timeout: int = 60):
     from nbclient import NotebookClient
 
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                 "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
     return nb

@@ -39,13 +39,23 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration]
 PROJECT = Path(__file__).resolve().parent.parent
 ARTIFACTS = PROJECT / "artifacts"
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own browser downloads are not used
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 # User settings for clean screenshots: no news or update toasts; every cell kept rendered.
 LAB_SETTINGS = {
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-        {"fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+        "doNotDisturbMode": True,
+    },
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
 }
 SERVER_START = 60  # seconds
@@ -85,21 +95,39 @@ def jupyter_lab(root: Path, state: Path, home: Path) -> Iterator[Lab]:
         path = state / "settings" / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(values))
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("IPFS_EXECUTE_", "JUPYTER"))}
-    env.update(IPFS_EXECUTE_HOME=str(home), JUPYTER_CONFIG_DIR=str(state / "config"),
-               JUPYTER_DATA_DIR=str(state / "data"), JUPYTER_RUNTIME_DIR=str(state / "runtime"),
-               PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IPFS_EXECUTE_", "JUPYTER"))}
+    env.update(
+        IPFS_EXECUTE_HOME=str(home),
+        JUPYTER_CONFIG_DIR=str(state / "config"),
+        JUPYTER_DATA_DIR=str(state / "data"),
+        JUPYTER_RUNTIME_DIR=str(state / "runtime"),
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+    )
     token, port = secrets.token_hex(16), free_port()
     log = state / "server.log"
-    argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-            f"--port={port}", "--ServerApp.port_retries=0", f"--ServerApp.token={token}",
-            f"--ServerApp.root_dir={root / 'notebooks'}", "--allow-root",
-            f"--LabApp.user_settings_dir={state / 'settings'}",
-            f"--LabApp.workspaces_dir={state / 'workspaces'}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--port={port}",
+        "--ServerApp.port_retries=0",
+        f"--ServerApp.token={token}",
+        f"--ServerApp.root_dir={root / 'notebooks'}",
+        "--allow-root",
+        f"--LabApp.user_settings_dir={state / 'settings'}",
+        f"--LabApp.workspaces_dir={state / 'workspaces'}",
+    ]
     with open(log, "wb") as out:
-        server = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        server = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     lab = Lab(f"http://127.0.0.1:{port}", token, log)
     try:
         deadline = time.monotonic() + SERVER_START
@@ -148,19 +176,22 @@ def open_notebook(page: Page, lab: Lab, name: str) -> None:
     expect(page.locator(".jp-NotebookPanel .jp-Cell").first).to_be_visible(timeout=60_000)
     # The kernel is up when the status bar names it idle (before, Run All would ask which
     # kernel to start).
-    expect(page.locator("#jp-main-statusbar").get_by_text("Python 3 (ipykernel) | Idle")
-           ).to_be_visible(timeout=60_000)
+    expect(
+        page.locator("#jp-main-statusbar").get_by_text("Python 3 (ipykernel) | Idle")
+    ).to_be_visible(timeout=60_000)
 
 
 def cell_output(page: Page, first_line: str) -> Locator:
     """The output area of the code cell whose source starts with `first_line`."""
     cell = page.locator(".jp-CodeCell").filter(
-        has=page.locator(".jp-InputArea-editor", has_text=first_line))
+        has=page.locator(".jp-InputArea-editor", has_text=first_line)
+    )
     return cell.locator(".jp-OutputArea").first
 
 
-def test_quickstart_in_jupyterlab(root: Path, page: Page, home: Path, store: object,
-                                  tmp_path: Path) -> None:
+def test_quickstart_in_jupyterlab(
+    root: Path, page: Page, home: Path, store: object, tmp_path: Path
+) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     size = counts_size()
     saved = root / "notebooks" / "quickstart.ipynb"
@@ -169,10 +200,12 @@ def test_quickstart_in_jupyterlab(root: Path, page: Page, home: Path, store: obj
     with jupyter_lab(root, tmp_path / "first", home) as lab:
         open_notebook(page, lab, "quickstart.ipynb")
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-item:not(.lm-mod-hidden) .lm-Menu-itemLabel",
-                     has_text="Run All Cells").first.click()
+        page.locator(
+            ".lm-Menu-item:not(.lm-mod-hidden) .lm-Menu-itemLabel", has_text="Run All Cells"
+        ).first.click()
         expect(cell_output(page, "%ipfs_lineage top")).to_contain_text(
-            "2 runs, back to", timeout=RUN_ALL * 1000)  # the last cell
+            "2 runs, back to", timeout=RUN_ALL * 1000
+        )  # the last cell
         expect(cell_output(page, "%ipfs_verify top")).to_contain_text("✓ reproducible")
 
         counts = cell_output(page, "%%ipfs_execute $busybox $data -o counts")
@@ -187,8 +220,11 @@ def test_quickstart_in_jupyterlab(root: Path, page: Page, home: Path, store: obj
         files.filter(has_text="total.txt").click()
         expect(widget).to_contain_text("total.txt (3 B)")
         expect(widget.locator("pre").last).to_have_text("34\n")
-        expect(cell_output(page, "%%ipfs_execute $busybox $counts -o top")
-               .locator(".widget-vbox button.jupyter-button")).to_have_text(["top.txt"])
+        expect(
+            cell_output(page, "%%ipfs_execute $busybox $counts -o top").locator(
+                ".widget-vbox button.jupyter-button"
+            )
+        ).to_have_text(["top.txt"])
         widget.scroll_into_view_if_needed()
         page.wait_for_timeout(500)  # let the scrolled page paint
         page.screenshot(path=str(ARTIFACTS / "quickstart-widget.png"))

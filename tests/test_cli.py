@@ -43,17 +43,28 @@ def test_original_session_blabla(home: Path, busybox_cid: str, empty_cid: str, k
     assert result.returncode == 0, result.stderr
     cid = result.stdout.strip()
     assert len(cid.splitlines()) == 1  # only the CID on stdout
-    cat = subprocess.run(["ipfs", "cat", f"{cid}/test"], env=kubo_env, capture_output=True,
-                         text=True, check=True)
+    cat = subprocess.run(
+        ["ipfs", "cat", f"{cid}/test"], env=kubo_env, capture_output=True, text=True, check=True
+    )
     assert cat.stdout == "blabla\n"
     assert leftovers(home) == []
 
 
 def test_payload_output_goes_to_stderr_and_options_after_input_are_verbatim(
-        home: Path, busybox_cid: str, empty_cid: str) -> None:
-    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
-                          'echo out; echo err >&2; echo "$@" > /output/args', "sh",
-                          "--timeout", "1", "--json")
+    home: Path, busybox_cid: str, empty_cid: str
+) -> None:
+    result = ipfs_execute(
+        home,
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        'echo out; echo err >&2; echo "$@" > /output/args',
+        "sh",
+        "--timeout",
+        "1",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     assert "out\n" in result.stderr and "err\n" in result.stderr
     assert "out" not in result.stdout
@@ -65,17 +76,28 @@ def test_payload_output_goes_to_stderr_and_options_after_input_are_verbatim(
         assert store.cat(f"{cid}/args") == b"--timeout 1 --json\n"
 
 
-def test_exit_status_passthrough_keeps_output(home: Path, busybox_cid: str, empty_cid: str,
-                                              store) -> None:
-    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
-                          "echo partial > /output/p; exit 3")
+def test_exit_status_passthrough_keeps_output(
+    home: Path, busybox_cid: str, empty_cid: str, store
+) -> None:
+    result = ipfs_execute(
+        home, busybox_cid, empty_cid, "sh", "-c", "echo partial > /output/p; exit 3"
+    )
     assert result.returncode == 3
     assert store.cat(f"{result.stdout.strip()}/p") == b"partial\n"
 
 
 def test_json_record(home: Path, busybox_cid: str, empty_cid: str) -> None:
-    result = ipfs_execute(home, "--json", "--timeout", "30", busybox_cid, empty_cid,
-                          "sh", "-c", "echo 1 > /output/one")
+    result = ipfs_execute(
+        home,
+        "--json",
+        "--timeout",
+        "30",
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        "echo 1 > /output/one",
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["rootfs"] == busybox_cid and record["input"] == empty_cid
@@ -88,20 +110,33 @@ def test_json_record(home: Path, busybox_cid: str, empty_cid: str) -> None:
     assert record["versions"]["kubo"] == "0.43.1"
 
 
-def test_chaining_an_output_rootfs(home: Path, busybox_cid: str, busybox_tarball: Path,
-                                   store) -> None:
+def test_chaining_an_output_rootfs(
+    home: Path, busybox_cid: str, busybox_tarball: Path, store
+) -> None:
     # A run whose output is a new image: the busybox image plus /etc/motd.
     data = world_traversable_tmpdir("iex-chain-")
     (data / "rootfs.tar.gz").write_bytes(busybox_tarball.read_bytes())
     input_cid = store.add_path(data)
-    build = ipfs_execute(home, busybox_cid, input_cid, "sh", "-c",
-                         "mkdir /tmp/r && tar xzf /input/rootfs.tar.gz -C /tmp/r && "
-                         "echo chained > /tmp/r/etc/motd && "
-                         "tar czf /output/rootfs.tar.gz -C /tmp/r .")
+    build = ipfs_execute(
+        home,
+        busybox_cid,
+        input_cid,
+        "sh",
+        "-c",
+        "mkdir /tmp/r && tar xzf /input/rootfs.tar.gz -C /tmp/r && "
+        "echo chained > /tmp/r/etc/motd && "
+        "tar czf /output/rootfs.tar.gz -C /tmp/r .",
+    )
     assert build.returncode == 0, build.stderr
     image = build.stdout.strip()
-    use = ipfs_execute(home, f"{image}/rootfs.tar.gz", store.empty_directory(),
-                       "sh", "-c", "cat /etc/motd > /output/motd")
+    use = ipfs_execute(
+        home,
+        f"{image}/rootfs.tar.gz",
+        store.empty_directory(),
+        "sh",
+        "-c",
+        "cat /etc/motd > /output/motd",
+    )
     assert use.returncode == 0, use.stderr
     assert store.cat(f"{use.stdout.strip()}/motd") == b"chained\n"
 
@@ -110,14 +145,16 @@ def test_input_is_read_only_and_root_is_read_only(home: Path, busybox_cid: str, 
     data = world_traversable_tmpdir("iex-ro-")
     (data / "in.txt").write_text("data\n")
     input_cid = store.add_path(data)
-    script = ("cat /input/in.txt > /output/copy; "
-              "(echo x > /input/in.txt) 2>/dev/null && echo input-writable >> /output/bad; "
-              "(echo x > /etc/x) 2>/dev/null && echo root-writable >> /output/bad; "
-              "(echo 1 > /proc/sys/kernel/hostname) 2>/dev/null && echo sys-writable >> /output/bad; "
-              "grep CapEff /proc/self/status > /output/caps; "
-              "(wget -q -T 2 -O- http://1.1.1.1/ || nc -w 2 1.1.1.1 80 </dev/null) "
-              ">/dev/null 2>&1 && echo network >> /output/bad; "
-              "hostname > /output/hostname; true")
+    script = (
+        "cat /input/in.txt > /output/copy; "
+        "(echo x > /input/in.txt) 2>/dev/null && echo input-writable >> /output/bad; "
+        "(echo x > /etc/x) 2>/dev/null && echo root-writable >> /output/bad; "
+        "(echo 1 > /proc/sys/kernel/hostname) 2>/dev/null && echo sys-writable >> /output/bad; "
+        "grep CapEff /proc/self/status > /output/caps; "
+        "(wget -q -T 2 -O- http://1.1.1.1/ || nc -w 2 1.1.1.1 80 </dev/null) "
+        ">/dev/null 2>&1 && echo network >> /output/bad; "
+        "hostname > /output/hostname; true"
+    )
     result = ipfs_execute(home, busybox_cid, input_cid, "sh", "-c", script)
     assert result.returncode == 0, result.stderr
     out = result.stdout.strip()
@@ -131,9 +168,16 @@ def test_input_is_read_only_and_root_is_read_only(home: Path, busybox_cid: str, 
 def test_timeout_kills_everything(home: Path, busybox_cid: str, empty_cid: str, store) -> None:
     marker = f"iex-timeout-{os.getpid()}-{time.monotonic_ns()}"
     started = time.monotonic()
-    result = ipfs_execute(home, "--timeout", "2", busybox_cid, empty_cid, "sh", "-c",
-                          f"echo before > /output/b; setsid sh -c 'sleep 1000 # {marker}' & "
-                          f"sleep 1000 # {marker}")
+    result = ipfs_execute(
+        home,
+        "--timeout",
+        "2",
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        f"echo before > /output/b; setsid sh -c 'sleep 1000 # {marker}' & sleep 1000 # {marker}",
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == EXIT_TIMEOUT, result.stderr
     assert elapsed < 15
@@ -157,8 +201,9 @@ def test_usage_errors_exit_2(home: Path, busybox_cid: str) -> None:
     assert input_file.returncode == EXIT_USAGE and "not a directory" in input_file.stderr
 
 
-def test_tool_failures_exit_125_with_one_line(home: Path, busybox_cid: str, empty_cid: str,
-                                              store) -> None:
+def test_tool_failures_exit_125_with_one_line(
+    home: Path, busybox_cid: str, empty_cid: str, store
+) -> None:
     not_archive = store.add_bytes(b"this is not an archive at all\n" * 10)
     result = ipfs_execute(home, not_archive, empty_cid, "true")
     assert result.returncode == EXIT_TOOL_FAILURE
@@ -183,7 +228,8 @@ def test_tool_failures_exit_125_with_one_line(home: Path, busybox_cid: str, empt
 
 
 def test_malicious_archive_names_member_and_leaves_host_untouched(
-        home: Path, empty_cid: str, store) -> None:
+    home: Path, empty_cid: str, store
+) -> None:
     victim = world_traversable_tmpdir("iex-victim-")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
@@ -214,8 +260,15 @@ def test_eight_concurrent_runs_share_a_cold_cache(busybox_cid: str, store, setti
         inputs.append(store.add_path(folder))
 
     def one(index: int) -> tuple[int, subprocess.CompletedProcess]:
-        return index, ipfs_execute(home, busybox_cid, inputs[index], "sh", "-c",
-                                   "cat /input/n > /output/n; echo done >> /output/n", env=env)
+        return index, ipfs_execute(
+            home,
+            busybox_cid,
+            inputs[index],
+            "sh",
+            "-c",
+            "cat /input/n > /output/n; echo done >> /output/n",
+            env=env,
+        )
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, range(8)))
@@ -228,9 +281,14 @@ def test_eight_concurrent_runs_share_a_cold_cache(busybox_cid: str, store, setti
 
 def test_interactive_terminal_stdin(home: Path, busybox_cid: str, empty_cid: str, store) -> None:
     primary, secondary = pty.openpty()
-    process = subprocess.Popen([str(BIN / "ipfs-execute"), busybox_cid, empty_cid, "sh"],
-                               stdin=secondary, stdout=subprocess.PIPE, stderr=secondary,
-                               env=cli_env(home), text=True)
+    process = subprocess.Popen(
+        [str(BIN / "ipfs-execute"), busybox_cid, empty_cid, "sh"],
+        stdin=secondary,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env=cli_env(home),
+        text=True,
+    )
     os.close(secondary)
     os.write(primary, b"echo typed > /output/typed\nexit 0\n")
     # Drain the terminal so the sandbox never blocks writing to it.
@@ -259,25 +317,38 @@ def test_ipfs_mkdir_composes_like_the_original(home: Path, store, kubo_env) -> N
     (folder / "a.txt").write_text("A\n")
     file_cid = store.add_path(folder / "a.txt")
     dir_cid = store.add_path(folder)
-    result = subprocess.run([str(BIN / "ipfs-mkdir"), "a.txt", file_cid, "sub/dir", dir_cid],
-                            env=cli_env(home), capture_output=True, text=True)
+    result = subprocess.run(
+        [str(BIN / "ipfs-mkdir"), "a.txt", file_cid, "sub/dir", dir_cid],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     cid = result.stdout.strip()
     assert store.cat(f"{cid}/a.txt") == b"A\n"
     assert store.cat(f"{cid}/sub/dir/a.txt") == b"A\n"
-    odd = subprocess.run([str(BIN / "ipfs-mkdir"), "a.txt"], env=cli_env(home),
-                         capture_output=True, text=True)
+    odd = subprocess.run(
+        [str(BIN / "ipfs-mkdir"), "a.txt"], env=cli_env(home), capture_output=True, text=True
+    )
     assert odd.returncode == EXIT_USAGE
 
 
 def test_help_is_complete() -> None:
     result = subprocess.run([str(BIN / "ipfs-execute"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for word in ("ROOTFS", "INPUT", "--timeout", "--api", "--json", "--memory", "124", "125",
-                 "node status"):
+    for word in (
+        "ROOTFS",
+        "INPUT",
+        "--timeout",
+        "--api",
+        "--json",
+        "--memory",
+        "124",
+        "125",
+        "node status",
+    ):
         assert word in result.stdout
-    mkdir_help = subprocess.run([str(BIN / "ipfs-mkdir"), "--help"], capture_output=True,
-                                text=True)
+    mkdir_help = subprocess.run([str(BIN / "ipfs-mkdir"), "--help"], capture_output=True, text=True)
     assert mkdir_help.returncode == 0 and "NAME PATH" in mkdir_help.stdout
 
 
@@ -286,14 +357,29 @@ def test_daemon_dying_mid_run_keeps_the_output(busybox_tarball: Path) -> None:
     # Its own embedded node, so killing it does not disturb the other tests.
     home = world_traversable_tmpdir("iex-dying-")
     env = cli_env(home)
-    add = subprocess.run([str(BIN / "ipfs-execute"), "add", str(busybox_tarball)], env=env,
-                         capture_output=True, text=True, check=True)
+    add = subprocess.run(
+        [str(BIN / "ipfs-execute"), "add", str(busybox_tarball)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     busybox = add.stdout.strip()
     process = subprocess.Popen(
-        [str(BIN / "ipfs-execute"), busybox, "/ipfs/bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
-         "sh", "-c", "echo precious > /output/result; sleep 3"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        stdin=subprocess.DEVNULL)
+        [
+            str(BIN / "ipfs-execute"),
+            busybox,
+            "/ipfs/bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
+            "sh",
+            "-c",
+            "echo precious > /output/result; sleep 3",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
     time.sleep(1.5)
     pid = int((home / "node.pid").read_text())
     os.kill(pid, 9)
@@ -305,15 +391,18 @@ def test_daemon_dying_mid_run_keeps_the_output(busybox_tarball: Path) -> None:
     kept_path = Path(kept[0].rstrip(";)"))
     assert (kept_path / "result").read_text() == "precious\n"
     # A retry adds it (the node restarts on demand).
-    retry = subprocess.run([str(BIN / "ipfs-execute"), "add", str(kept_path)], env=env,
-                           capture_output=True, text=True)
+    retry = subprocess.run(
+        [str(BIN / "ipfs-execute"), "add", str(kept_path)], env=env, capture_output=True, text=True
+    )
     assert retry.returncode == 0, retry.stderr
-    subprocess.run([str(BIN / "ipfs-execute"), "node", "stop"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(BIN / "ipfs-execute"), "node", "stop"], env=env, check=True, capture_output=True
+    )
 
 
-def test_bwrap_missing_says_how_to_fix(home: Path, busybox_cid: str, empty_cid: str,
-                                       tmp_path: Path) -> None:
+def test_bwrap_missing_says_how_to_fix(
+    home: Path, busybox_cid: str, empty_cid: str, tmp_path: Path
+) -> None:
     # A PATH with everything the tool needs except bwrap.
     fake_bin = world_traversable_tmpdir("iex-nobwrap-")
     env = cli_env(home, PATH=f"{BIN}:{fake_bin}")
@@ -322,8 +411,9 @@ def test_bwrap_missing_says_how_to_fix(home: Path, busybox_cid: str, empty_cid: 
     assert "bubblewrap" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_user_namespaces_disabled_says_how_to_fix(home: Path, busybox_cid: str,
-                                                  empty_cid: str) -> None:
+def test_user_namespaces_disabled_says_how_to_fix(
+    home: Path, busybox_cid: str, empty_cid: str
+) -> None:
     """With user.max_user_namespaces=0, bwrap cannot start: the tool says which sysctl to set.
 
     The host's sysctl is not writable from here (nor should a test flip it for the whole
@@ -332,12 +422,19 @@ def test_user_namespaces_disabled_says_how_to_fix(home: Path, busybox_cid: str,
     """
     # Once the uid map is written, exec again: the new program starts as uid 0 of the
     # namespace, with its capabilities (the first exec happened while still unmapped).
-    inner = (f'echo 0 > /proc/sys/user/max_user_namespaces && '
-             f'exec {BIN / "ipfs-execute"} {busybox_cid} {empty_cid} true')
+    inner = (
+        f"echo 0 > /proc/sys/user/max_user_namespaces && "
+        f"exec {BIN / 'ipfs-execute'} {busybox_cid} {empty_cid} true"
+    )
     script = f'read go && exec sh -c "{inner}"'
-    child = subprocess.Popen(["unshare", "--user", "--", "sh", "-c", script],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=cli_env(home))
+    child = subprocess.Popen(
+        ["unshare", "--user", "--", "sh", "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(home),
+    )
     own_namespace = os.readlink("/proc/self/ns/user")
     deadline = time.monotonic() + 10
     while os.readlink(f"/proc/{child.pid}/ns/user") == own_namespace:
@@ -351,13 +448,13 @@ def test_user_namespaces_disabled_says_how_to_fix(home: Path, busybox_cid: str,
     assert "max_user_namespaces" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_rootfs_formats_tar_zst_and_directory(home: Path, busybox_tarball: Path,
-                                              empty_cid: str, store) -> None:
+def test_rootfs_formats_tar_zst_and_directory(
+    home: Path, busybox_tarball: Path, empty_cid: str, store
+) -> None:
     scratch = world_traversable_tmpdir("iex-formats-")
     raw_tar = scratch / "busybox.tar"
     raw_tar.write_bytes(gzip.decompress(busybox_tarball.read_bytes()))
-    subprocess.run(["zstd", "-q", "-o", str(scratch / "busybox.tar.zst"), str(raw_tar)],
-                   check=True)
+    subprocess.run(["zstd", "-q", "-o", str(scratch / "busybox.tar.zst"), str(raw_tar)], check=True)
     unpacked = scratch / "root"
     unpacked.mkdir()
     subprocess.run(["tar", "xf", str(raw_tar), "-C", str(unpacked)], check=True)
@@ -367,14 +464,12 @@ def test_rootfs_formats_tar_zst_and_directory(home: Path, busybox_tarball: Path,
         "dir": store.add_path(unpacked),  # a directory CID used as the root itself
     }
     for kind, rootfs in rootfs_cids.items():
-        result = ipfs_execute(home, rootfs, empty_cid, "sh", "-c",
-                              f"echo {kind} > /output/kind")
+        result = ipfs_execute(home, rootfs, empty_cid, "sh", "-c", f"echo {kind} > /output/kind")
         assert result.returncode == 0, (kind, result.stderr)
         assert store.cat(f"{result.stdout.strip()}/kind") == f"{kind}\n".encode()
 
 
-def test_rootfs_with_a_symlinked_mount_point_is_refused(home: Path, empty_cid: str,
-                                                        store) -> None:
+def test_rootfs_with_a_symlinked_mount_point_is_refused(home: Path, empty_cid: str, store) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for name in ("sbin/", "input/", "output/"):
@@ -394,15 +489,20 @@ def test_rootfs_with_a_symlinked_mount_point_is_refused(home: Path, empty_cid: s
     assert leftovers(home) == []
 
 
-def test_failed_payload_leaves_nothing_behind(home: Path, busybox_cid: str,
-                                              empty_cid: str) -> None:
-    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
-                          "mkdir -p /output/ro/sub && chmod 0500 /output/ro/sub /output/ro; "
-                          "exit 7")
+def test_failed_payload_leaves_nothing_behind(home: Path, busybox_cid: str, empty_cid: str) -> None:
+    result = ipfs_execute(
+        home,
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        "mkdir -p /output/ro/sub && chmod 0500 /output/ro/sub /output/ro; exit 7",
+    )
     assert result.returncode == 7
     assert leftovers(home) == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_unretrievable_cid_fails_within_the_fetch_timeout() -> None:
     # An online node (no bootstrap peers: nobody has the CID) waits for providers; the fetch
@@ -416,8 +516,7 @@ def test_unretrievable_cid_fails_within_the_fetch_timeout() -> None:
     try:
         unknown = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
         started = time.monotonic()
-        result = ipfs_execute(home, "--api", api, "--fetch-timeout", "3", unknown,
-                              unknown, "true")
+        result = ipfs_execute(home, "--api", api, "--fetch-timeout", "3", unknown, unknown, "true")
         elapsed = time.monotonic() - started
         assert result.returncode == EXIT_TOOL_FAILURE
         assert unknown in result.stderr and "3 s" in result.stderr, result.stderr
@@ -432,10 +531,25 @@ def test_version_and_no_stdin(home: Path, busybox_cid: str, empty_cid: str) -> N
     # With a terminal on stdin a run is interactive, hence never cached; --no-stdin keeps it pure.
     primary, secondary = pty.openpty()
     try:
-        results = [subprocess.run([str(BIN / "ipfs-execute"), "--no-stdin", busybox_cid,
-                                   empty_cid, "sh", "-c", f"echo {os.getpid()} > /output/p"],
-                                  stdin=secondary, capture_output=True, text=True,
-                                  env=cli_env(home), timeout=60) for _ in range(2)]
+        results = [
+            subprocess.run(
+                [
+                    str(BIN / "ipfs-execute"),
+                    "--no-stdin",
+                    busybox_cid,
+                    empty_cid,
+                    "sh",
+                    "-c",
+                    f"echo {os.getpid()} > /output/p",
+                ],
+                stdin=secondary,
+                capture_output=True,
+                text=True,
+                env=cli_env(home),
+                timeout=60,
+            )
+            for _ in range(2)
+        ]
     finally:
         os.close(primary)
         os.close(secondary)
@@ -443,11 +557,17 @@ def test_version_and_no_stdin(home: Path, busybox_cid: str, empty_cid: str) -> N
     assert "cache hit" in results[1].stderr
 
 
-def test_an_unreadable_output_is_still_added(home: Path, busybox_cid: str, empty_cid: str,
-                                             store) -> None:
-    result = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
-                          "mkdir /output/d && echo secret > /output/d/f && "
-                          "chmod 000 /output/d/f /output/d")
+def test_an_unreadable_output_is_still_added(
+    home: Path, busybox_cid: str, empty_cid: str, store
+) -> None:
+    result = ipfs_execute(
+        home,
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        "mkdir /output/d && echo secret > /output/d/f && chmod 000 /output/d/f /output/d",
+    )
     assert result.returncode == 0, result.stderr
     assert store.cat(f"{result.stdout.strip()}/d/f") == b"secret\n"
 
@@ -475,20 +595,31 @@ def test_make_readable_gives_the_owner_access_without_following_links() -> None:
 def test_concurrent_first_uses_share_one_embedded_daemon(busybox_tarball: Path) -> None:
     home = world_traversable_tmpdir("iex-share-")
     env = cli_env(home)
-    starters = [subprocess.Popen([str(BIN / "ipfs-execute"), "node", "start"], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for _ in range(4)]
+    starters = [
+        subprocess.Popen(
+            [str(BIN / "ipfs-execute"), "node", "start"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     try:
         apis = {process.communicate(timeout=90)[0].strip() for process in starters}
         assert all(process.returncode == 0 for process in starters)
         assert len(apis) == 1  # every process got the same daemon
         repo = str(home / "kubo")
-        daemons = [pid for pid in os.listdir("/proc") if pid.isdigit()
-                   and _cmdline(pid)[:2] == ["ipfs", "daemon"] and _env_has(pid, repo)]
+        daemons = [
+            pid
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and _cmdline(pid)[:2] == ["ipfs", "daemon"] and _env_has(pid, repo)
+        ]
         assert len(daemons) == 1, daemons
     finally:
-        subprocess.run([str(BIN / "ipfs-execute"), "node", "stop"], env=env, check=False,
-                       capture_output=True)
+        subprocess.run(
+            [str(BIN / "ipfs-execute"), "node", "stop"], env=env, check=False, capture_output=True
+        )
 
 
 def _cmdline(pid: str) -> list[str]:

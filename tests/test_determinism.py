@@ -20,7 +20,6 @@ import pytest
 from helpers import cli_env, ipfs_execute, world_traversable_tmpdir
 
 from ipfs_execute_magic import sandbox
-from ipfs_execute_magic.staging_cache import StagingCache
 from ipfs_execute_magic.sandbox import SOURCE_DATE_EPOCH, SandboxSpec, run_sandbox
 from ipfs_execute_magic.settings import Limits
 from ipfs_execute_magic.staging import (
@@ -28,11 +27,13 @@ from ipfs_execute_magic.staging import (
     shuffled_view,
     shuffled_view_problem,
 )
+from ipfs_execute_magic.staging_cache import StagingCache
 
 PROBES = Path(__file__).resolve().parent.parent / "examples" / "determinism"
 
 
 # --- fixtures -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def python_cid(store, image_dir: Path) -> str:
@@ -88,24 +89,30 @@ def explain_difference(store, first: str, second: str) -> str:
     lines = [f"{first} != {second}"]
     for name in sorted(set(a) | set(b)):
         if a.get(name) != b.get(name):
-            lines.append(f"--- {name}\n{a.get(name, b'(missing)').decode(errors='replace')}"
-                         f"+++ {name}\n{b.get(name, b'(missing)').decode(errors='replace')}")
+            lines.append(
+                f"--- {name}\n{a.get(name, b'(missing)').decode(errors='replace')}"
+                f"+++ {name}\n{b.get(name, b'(missing)').decode(errors='replace')}"
+            )
     return "\n".join(lines)
 
 
 # --- fixed sources: one CID -------------------------------------------------------------------
 
+
 def test_fixed_sources_give_one_output_across_runs_and_staging_locations(
-        store, python_cid: str, probe_input: str, two_homes: tuple[Path, Path]) -> None:
+    store, python_cid: str, probe_input: str, two_homes: tuple[Path, Path]
+) -> None:
     # Clocks are fixed only where a time namespace can be made (root); elsewhere the uptime
     # would differ, so it is left out there.
     args = ["sh", "/input/fixed.sh"]
     if sandbox.time_namespace_problem() is None:
         args.append("clocks")
     home_a, home_b = two_homes
-    outputs = [run_output(home_a, store.api, python_cid, probe_input, *args),
-               run_output(home_a, store.api, python_cid, probe_input, *args),
-               run_output(home_b, store.api, python_cid, probe_input, *args)]
+    outputs = [
+        run_output(home_a, store.api, python_cid, probe_input, *args),
+        run_output(home_a, store.api, python_cid, probe_input, *args),
+        run_output(home_b, store.api, python_cid, probe_input, *args),
+    ]
     assert outputs[1] == outputs[0], explain_difference(store, outputs[0], outputs[1])
     assert outputs[2] == outputs[0], explain_difference(store, outputs[0], outputs[2])
 
@@ -134,15 +141,18 @@ def test_fixed_sources_give_one_output_across_runs_and_staging_locations(
 
 # --- impure payloads: a new CID every run ----------------------------------------------------
 
+
 @pytest.mark.parametrize("probe", ["clock.sh", "random.sh"])
 def test_wall_clock_and_random_bytes_give_new_outputs(
-        store, busybox_cid: str, probe_input: str, home: Path, probe: str) -> None:
+    store, busybox_cid: str, probe_input: str, home: Path, probe: str
+) -> None:
     first = run_output(home, store.api, busybox_cid, probe_input, "sh", f"/input/{probe}")
     second = run_output(home, store.api, busybox_cid, probe_input, "sh", f"/input/{probe}")
     assert first != second
 
 
 # --- staging: fixed times ------------------------------------------------------------------------
+
 
 def _tree_times(root: Path) -> dict[str, tuple[int, int]]:
     """relative path -> (mode, mtime) of every entry, symlinks themselves included."""
@@ -158,14 +168,19 @@ def _tree_times(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_staged_trees_have_fixed_times_and_modes_wherever_staged(
-        store, probe_input: str, busybox_cid: str) -> None:
+    store, probe_input: str, busybox_cid: str
+) -> None:
     caches = [world_traversable_tmpdir("iex-det-cache-") for _ in range(2)]
     try:
         staged = []
         for cache_root in caches:
             stager = Stager(store, StagingCache(cache_root))
-            staged.append((_tree_times(stager.stage_input(probe_input).path),
-                           _tree_times(stager.stage_rootfs(busybox_cid).path)))
+            staged.append(
+                (
+                    _tree_times(stager.stage_input(probe_input).path),
+                    _tree_times(stager.stage_rootfs(busybox_cid).path),
+                )
+            )
         (input_a, rootfs_a), (input_b, rootfs_b) = staged
         assert input_a == input_b and rootfs_a == rootfs_b
         for tree in (input_a, rootfs_a):
@@ -180,6 +195,7 @@ def test_staged_trees_have_fixed_times_and_modes_wherever_staged(
 
 # --- the shuffled view ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def fifty_files() -> Iterator[Path]:
     directory = world_traversable_tmpdir("iex-det-shuffle-")
@@ -190,7 +206,9 @@ def fifty_files() -> Iterator[Path]:
 
 
 def test_shuffled_view_lists_the_same_names_in_another_order(fifty_files: Path) -> None:
-    assert shuffled_view_problem() is None  # ./run setup installs disorderfs (with its FUSE dependency)
+    assert (
+        shuffled_view_problem() is None
+    )  # ./run setup installs disorderfs (with its FUSE dependency)
     plain = os.listdir(fifty_files)
     mounts_before = Path("/proc/self/mountinfo").read_text()
     with shuffled_view(fifty_files) as view:
@@ -206,8 +224,9 @@ def test_shuffled_view_lists_the_same_names_in_another_order(fifty_files: Path) 
     assert Path("/proc/self/mountinfo").read_text() == mounts_before
 
 
-def test_the_sandbox_reads_through_a_shuffled_view(fifty_files: Path,
-                                                   busybox_tarball: Path) -> None:
+def test_the_sandbox_reads_through_a_shuffled_view(
+    fifty_files: Path, busybox_tarball: Path
+) -> None:
     root = world_traversable_tmpdir("iex-det-root-")
     output = world_traversable_tmpdir("iex-det-out-")
     try:
@@ -215,8 +234,13 @@ def test_the_sandbox_reads_through_a_shuffled_view(fifty_files: Path,
         out = bytearray()
         with shuffled_view(root) as root_view, shuffled_view(fifty_files) as input_view:
             script = "find /input -type f; cat /input/file-42"
-            spec = SandboxSpec(root_view, input_view, output, ("/sbin/init", "sh", "-c", script),
-                               Limits(timeout=30))
+            spec = SandboxSpec(
+                root_view,
+                input_view,
+                output,
+                ("/sbin/init", "sh", "-c", script),
+                Limits(timeout=30),
+            )
             result = run_sandbox(spec, on_stdout=out.extend)
         assert result.exit_status == 0
         *names, content = out.decode().splitlines()

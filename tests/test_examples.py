@@ -21,6 +21,9 @@ from pathlib import Path
 
 import pytest
 
+# Builds images (fetching pinned .debs once) and runs them in real sandboxes.
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -31,10 +34,14 @@ di = images.di  # examples/pkg-install/debinstall.py, put on sys.path by images
 EPOCH = 315532800
 SANDBOX_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "HOME": "/tmp", "LANG": "C.UTF-8", "TZ": "UTC", "SOURCE_DATE_EPOCH": str(EPOCH),
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    "TZ": "UTC",
+    "SOURCE_DATE_EPOCH": str(EPOCH),
 }
 NOBODY = 65534
 TARBALL_IMAGES = ("busybox", "python", "pkg-install")
+
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -75,13 +82,30 @@ def extract(tarball: Path, root: Path) -> Path:
     return root
 
 
-def sandbox(root: Path, *argv: str, input_dir: Path | None = None,
-            output_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def sandbox(
+    root: Path, *argv: str, input_dir: Path | None = None, output_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run /sbin/init ARGV in ROOT the way ipfs-execute does: uid 0 in a user namespace."""
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session",
-           "--unshare-user", "--uid", "0", "--gid", "0",
-           "--ro-bind", str(root), "/", "--proc", "/proc", "--dev", "/dev",
-           "--tmpfs", "/tmp"]
+    cmd = [
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-user",
+        "--uid",
+        "0",
+        "--gid",
+        "0",
+        "--ro-bind",
+        str(root),
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+    ]
     if input_dir is not None:
         cmd += ["--ro-bind", str(input_dir), "/input", "--chdir", "/input"]
     if output_dir is not None:
@@ -101,6 +125,7 @@ def writable_output(path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- reproducibility, layout
+
 
 @pytest.mark.parametrize("name", TARBALL_IMAGES)
 def test_building_twice_gives_identical_bytes(built: dict[str, list[Path]], name: str) -> None:
@@ -161,8 +186,10 @@ def test_empty_is_an_empty_directory(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- running in bwrap
 
-def test_busybox_runs_shell_commands_and_scripts(built: dict[str, list[Path]],
-                                                  world_dir: Path) -> None:
+
+def test_busybox_runs_shell_commands_and_scripts(
+    built: dict[str, list[Path]], world_dir: Path
+) -> None:
     root = extract(built["busybox"][0], world_dir / "root")
     inp = world_dir / "input"
     inp.mkdir(mode=0o755)
@@ -183,8 +210,7 @@ def test_busybox_runs_shell_commands_and_scripts(built: dict[str, list[Path]],
 
 def test_python_image_runs_an_analysis(built: dict[str, list[Path]], world_dir: Path) -> None:
     root = extract(built["python"][0], world_dir / "root")
-    run = sandbox(root, "python3", "-c",
-                  "import csv, json, statistics, sqlite3, zlib; print('ok')")
+    run = sandbox(root, "python3", "-c", "import csv, json, statistics, sqlite3, zlib; print('ok')")
     assert (run.returncode, run.stdout) == (0, "ok\n"), run.stderr
     inp = world_dir / "input"
     inp.mkdir(mode=0o755)
@@ -202,7 +228,8 @@ def test_python_image_runs_an_analysis(built: dict[str, list[Path]], world_dir: 
         "          'epoch': datetime.datetime.fromtimestamp(315532800, datetime.timezone.utc)"
         ".year, 'sha': hashlib.sha256(b'x').hexdigest()[:8],\n"
         "          'xz': len(lzma.compress(b'abc')) > 0, 'dec': str(decimal.Decimal('1.10'))}\n"
-        "pathlib.Path('/output/result.json').write_text(json.dumps(result, sort_keys=True))\n")
+        "pathlib.Path('/output/result.json').write_text(json.dumps(result, sort_keys=True))\n"
+    )
     for path in inp.iterdir():
         path.chmod(0o644)
     out = writable_output(world_dir / "output")
@@ -210,7 +237,8 @@ def test_python_image_runs_an_analysis(built: dict[str, list[Path]], world_dir: 
     assert run.returncode == 0, run.stderr
     assert (out / "result.json").read_text() == (
         '{"crc": 2363233923, "dec": "1.10", "epoch": 1980, "mean": 4.333333333333333, '
-        '"sha": "2d711642", "sqrt2": 1.414214, "sum": 13.0, "xz": true}')
+        '"sha": "2d711642", "sqrt2": 1.414214, "sum": 13.0, "xz": true}'
+    )
 
 
 def _build_deb(src: Path, dest: Path, name: str, compression: str, mtime: int) -> Path:
@@ -218,7 +246,8 @@ def _build_deb(src: Path, dest: Path, name: str, compression: str, mtime: int) -
     (src / "DEBIAN").mkdir(parents=True)
     (src / "DEBIAN" / "control").write_text(
         f"Package: {name}\nVersion: 1.0\nArchitecture: all\n"
-        "Maintainer: Example <example@example.invalid>\nDescription: prints a greeting\n")
+        "Maintainer: Example <example@example.invalid>\nDescription: prints a greeting\n"
+    )
     tool = src / "usr" / "bin" / name
     tool.parent.mkdir(parents=True)
     tool.write_text(f"#!/bin/sh\necho hello from {name}\n")
@@ -227,8 +256,11 @@ def _build_deb(src: Path, dest: Path, name: str, compression: str, mtime: int) -
     (src / "usr" / "share" / name / "motd").write_text("hi\n")
     for path in src.rglob("*"):
         os.utime(path, (mtime, mtime))
-    subprocess.run(["dpkg-deb", f"-Z{compression}", "--root-owner-group", "--build", str(src),
-                    str(dest)], check=True, capture_output=True)
+    subprocess.run(
+        ["dpkg-deb", f"-Z{compression}", "--root-owner-group", "--build", str(src), str(dest)],
+        check=True,
+        capture_output=True,
+    )
     return dest
 
 
@@ -238,28 +270,33 @@ def _pkg_input(world: Path, name: str, base: Path, mtime: int) -> Path:
     (inp / "packages").mkdir(parents=True)
     shutil.copy(base, inp / "rootfs.tar.gz")
     for package, compression in (("greet", "xz"), ("other", "gzip")):
-        _build_deb(world / f"{name}-{package}", inp / "packages" / f"{package}_1.0_all.deb",
-                   package, compression, mtime)
+        _build_deb(
+            world / f"{name}-{package}",
+            inp / "packages" / f"{package}_1.0_all.deb",
+            package,
+            compression,
+            mtime,
+        )
     for path in [inp, *inp.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     return inp
 
 
-def test_pkg_install_image_installs_debs_reproducibly(built: dict[str, list[Path]],
-                                                      world_dir: Path) -> None:
+def test_pkg_install_image_installs_debs_reproducibly(
+    built: dict[str, list[Path]], world_dir: Path
+) -> None:
     root = extract(built["pkg-install"][0], world_dir / "root")
     base = built["busybox"][0]
     results = []
     # Runs 1 and 2: the same input; run 3: packages rebuilt with other file mtimes.
-    for run_no, (input_name, mtime) in enumerate((("in1", 1_600_000_000),
-                                                  ("in1", 1_600_000_000),
-                                                  ("in2", 1_700_000_000))):
+    for run_no, (input_name, mtime) in enumerate(
+        (("in1", 1_600_000_000), ("in1", 1_600_000_000), ("in2", 1_700_000_000))
+    ):
         inp = world_dir / input_name
         if not inp.exists():
             inp = _pkg_input(world_dir, input_name, base, mtime)
         out = writable_output(world_dir / f"out{run_no}")
-        run = sandbox(root, *(["install"] if run_no == 1 else []),
-                      input_dir=inp, output_dir=out)
+        run = sandbox(root, *(["install"] if run_no == 1 else []), input_dir=inp, output_dir=out)
         assert run.returncode == 0, run.stderr
         assert "unpacking greet 1.0" in run.stderr and "unpacking other 1.0" in run.stderr
         assert sorted(p.name for p in out.iterdir()) == ["rootfs.tar.gz"]
@@ -284,13 +321,16 @@ def test_pkg_install_image_installs_debs_reproducibly(built: dict[str, list[Path
     run = sandbox(root, "python3", "-c", "print(6 * 7)")
     assert (run.returncode, run.stdout) == (0, "42\n"), run.stderr
     run = sandbox(root, "list", input_dir=world_dir / "in1")
-    assert run.stdout.split("\n")[:2] == ["greet=1.0 all greet_1.0_all.deb",
-                                         "other=1.0 all other_1.0_all.deb"], run.stderr
+    assert run.stdout.split("\n")[:2] == [
+        "greet=1.0 all greet_1.0_all.deb",
+        "other=1.0 all other_1.0_all.deb",
+    ], run.stderr
     run = sandbox(root, input_dir=world_dir / "in1" / "packages")
     assert run.returncode == 1 and "no base image" in run.stderr
 
 
 # ---------------------------------------------------------------- the installer, unit level
+
 
 def _tar_bytes(entries: list[tarfile.TarInfo], data: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
@@ -303,8 +343,9 @@ def _tar_bytes(entries: list[tarfile.TarInfo], data: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _info(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
-          link: str = "") -> tarfile.TarInfo:
+def _info(
+    name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, link: str = ""
+) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type, info.mode, info.linkname, info.mtime = kind, mode, link, 1_234_567_890
     return info
@@ -312,18 +353,27 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644,
 
 def _deb(name: str, members: list[tarfile.TarInfo], data: dict[str, bytes]) -> di.Deb:
     control = f"Package: {name}\nVersion: 1\nArchitecture: all\n"
-    return di.Deb(name, control, di.parse_control(control),
-                  di.read_tar(_tar_bytes(members, data), name))
+    return di.Deb(
+        name, control, di.parse_control(control), di.read_tar(_tar_bytes(members, data), name)
+    )
 
 
 def test_install_follows_merged_usr_and_copies_hard_links() -> None:
-    tree: di.Tree = {"usr/bin": di.dir_entry(), "bin": di.symlink_entry("usr/bin"),
-                     "lib": di.symlink_entry("/usr/lib")}
-    deb = _deb("tool", [_info("./bin", tarfile.DIRTYPE, 0o755),
-                        _info("./bin/tool", mode=0o6755),
-                        _info("./lib/x/data"),
-                        _info("./bin/tool2", tarfile.LNKTYPE, link="./bin/tool")],
-               {"./bin/tool": b"#!/bin/sh\n", "./lib/x/data": b"d"})
+    tree: di.Tree = {
+        "usr/bin": di.dir_entry(),
+        "bin": di.symlink_entry("usr/bin"),
+        "lib": di.symlink_entry("/usr/lib"),
+    }
+    deb = _deb(
+        "tool",
+        [
+            _info("./bin", tarfile.DIRTYPE, 0o755),
+            _info("./bin/tool", mode=0o6755),
+            _info("./lib/x/data"),
+            _info("./bin/tool2", tarfile.LNKTYPE, link="./bin/tool"),
+        ],
+        {"./bin/tool": b"#!/bin/sh\n", "./lib/x/data": b"d"},
+    )
     di.install(tree, [deb])
     assert tree["bin"].kind == "symlink"  # a directory in a package keeps the base's symlink
     assert tree["usr/bin/tool"] == di.Entry("file", 0o755, b"#!/bin/sh\n")
@@ -348,11 +398,13 @@ def test_install_refuses_conflicts_and_escapes() -> None:
 
 
 def test_write_tar_ignores_insertion_order_and_epoch_is_honoured(tmp_path: Path) -> None:
-    entries = {"b/file": di.file_entry(b"x"), "a": di.symlink_entry("/b/file"),
-               "b-c": di.file_entry(b"y", executable=True)}
+    entries = {
+        "b/file": di.file_entry(b"x"),
+        "a": di.symlink_entry("/b/file"),
+        "b-c": di.file_entry(b"y", executable=True),
+    }
     one = di.write_tar(dict(entries), tmp_path / "one.tar.gz", epoch=EPOCH)
-    two = di.write_tar(dict(reversed(list(entries.items()))), tmp_path / "two.tar.gz",
-                       epoch=EPOCH)
+    two = di.write_tar(dict(reversed(list(entries.items()))), tmp_path / "two.tar.gz", epoch=EPOCH)
     assert one.read_bytes() == two.read_bytes()
     with tarfile.open(one) as tar:
         assert tar.getnames() == ["a", "b", "b-c", "b/file"]
@@ -378,13 +430,21 @@ def test_lock_round_trip_and_sha256_is_enforced(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the build command
 
-def _build_cli(tmp_path: Path, *args: str, cli: str | None = None) -> subprocess.CompletedProcess[str]:
+
+def _build_cli(
+    tmp_path: Path, *args: str, cli: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
     env["IPFS_EXECUTE_BUILD_DIR"] = str(tmp_path / "build")
     if cli is not None:
         env["IPFS_EXECUTE_CLI"] = cli
-    return subprocess.run([sys.executable, str(EXAMPLES / "build"), *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / "build"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_build_command_prints_path_or_cid(tmp_path: Path, built: dict[str, list[Path]]) -> None:
@@ -395,7 +455,7 @@ def test_build_command_prints_path_or_cid(tmp_path: Path, built: dict[str, list[
     assert sha256(path) == sha256(built["busybox"][0])
 
     fake = tmp_path / "fake-ipfs-execute"
-    fake.write_text("#!/bin/sh\n[ \"$1\" = add ] && [ -e \"$2\" ] && echo bafyfakecid\n")
+    fake.write_text('#!/bin/sh\n[ "$1" = add ] && [ -e "$2" ] && echo bafyfakecid\n')
     fake.chmod(0o755)
     run = _build_cli(tmp_path, "empty", cli=str(fake))
     assert (run.returncode, run.stdout) == (0, "bafyfakecid\n"), run.stderr

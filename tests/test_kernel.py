@@ -51,11 +51,13 @@ def kernel(home: Path, store, busybox_cid: str) -> Iterator[Kernel]:
         manager.shutdown_kernel(now=True)
 
 
-def execute(client: BlockingKernelClient, code: str, timeout: float = 60,
-            on_iopub: Any = None) -> dict[str, Any]:
+def execute(
+    client: BlockingKernelClient, code: str, timeout: float = 60, on_iopub: Any = None
+) -> dict[str, Any]:
     """Run code; pass every iopub message of it to `on_iopub`; return the execute_reply."""
-    return client.execute_interactive(code, timeout=timeout,
-                                      output_hook=on_iopub or (lambda _message: None))
+    return client.execute_interactive(
+        code, timeout=timeout, output_hook=on_iopub or (lambda _message: None)
+    )
 
 
 def sent_at(message: dict[str, Any]) -> dt.datetime:
@@ -74,12 +76,17 @@ def test_output_streams_while_the_payload_runs(kernel: Kernel) -> None:
         if message["msg_type"] == "stream":
             streams.append(message)
 
-    reply = execute(kernel.client, "%%ipfs_execute $busybox -o slow\n"
-                            "echo first; sleep 2; echo second >&2; echo done > /output/d",
-                    on_iopub=collect)
+    reply = execute(
+        kernel.client,
+        "%%ipfs_execute $busybox -o slow\n"
+        "echo first; sleep 2; echo second >&2; echo done > /output/d",
+        on_iopub=collect,
+    )
     assert reply["content"]["status"] == "ok", reply["content"]
-    text = {name: "".join(m["content"]["text"] for m in streams
-                          if m["content"]["name"] == name) for name in ("stdout", "stderr")}
+    text = {
+        name: "".join(m["content"]["text"] for m in streams if m["content"]["name"] == name)
+        for name in ("stdout", "stderr")
+    }
     assert text["stdout"] == "first\n" and text["stderr"] == "second\n"
     lead = (sent_at(reply) - sent_at(streams[0])).total_seconds()
     assert lead > 1.0, f"the first line arrived only {lead:.2f} s before the end"
@@ -95,15 +102,23 @@ def python_cid(store, image_dir: Path) -> str:
 
 
 def test_python_payload_streams_unbuffered_and_progress_is_replaced(
-        kernel: Kernel, python_cid: str) -> None:
+    kernel: Kernel, python_cid: str
+) -> None:
     messages: list[dict[str, Any]] = []
-    setup = execute(kernel.client, "from ipfs_execute_magic.jupyter import magics\n"
-                                   f"magics.PROGRESS_DELAY = 0\npyimage = {python_cid!r}")
+    setup = execute(
+        kernel.client,
+        "from ipfs_execute_magic.jupyter import magics\n"
+        f"magics.PROGRESS_DELAY = 0\npyimage = {python_cid!r}",
+    )
     assert setup["content"]["status"] == "ok", setup["content"]
-    reply = execute(kernel.client, "%%ipfs_execute $pyimage --interpreter python3 -o py\n"
-                                   "import time\nprint('first')\ntime.sleep(2)\n"
-                                   "print('second')",
-                    timeout=120, on_iopub=messages.append)
+    reply = execute(
+        kernel.client,
+        "%%ipfs_execute $pyimage --interpreter python3 -o py\n"
+        "import time\nprint('first')\ntime.sleep(2)\n"
+        "print('second')",
+        timeout=120,
+        on_iopub=messages.append,
+    )
     assert reply["content"]["status"] == "ok", reply["content"]
     streams = [m for m in messages if m["msg_type"] == "stream"]
     assert "".join(m["content"]["text"] for m in streams) == "first\nsecond\n"
@@ -112,12 +127,20 @@ def test_python_payload_streams_unbuffered_and_progress_is_replaced(
 
     # Fetching the python image showed progress under one display id, and its last update
     # is a static line: nothing of a widget is left to save.
-    shown = [m for m in messages if m["msg_type"] == "display_data"
-             and m["content"]["data"].get("text/plain", "").startswith("fetching rootfs")]
+    shown = [
+        m
+        for m in messages
+        if m["msg_type"] == "display_data"
+        and m["content"]["data"].get("text/plain", "").startswith("fetching rootfs")
+    ]
     assert len(shown) == 1
     display_id = shown[0]["content"]["transient"]["display_id"]
-    updates = [m for m in messages if m["msg_type"] == "update_display_data"
-               and m["content"]["transient"]["display_id"] == display_id]
+    updates = [
+        m
+        for m in messages
+        if m["msg_type"] == "update_display_data"
+        and m["content"]["transient"]["display_id"] == display_id
+    ]
     assert updates and updates[-1]["content"]["data"]["text/plain"].startswith("fetched rootfs")
     assert set(updates[-1]["content"]["data"]) == {"text/plain", "text/html"}
 
@@ -175,18 +198,21 @@ def test_interrupt_kills_the_sandbox_and_the_kernel_goes_on(kernel: Kernel) -> N
     assert reply["content"]["status"] == "ok", reply["content"]
 
 
-def test_executed_notebook_validates_and_keeps_fallbacks(home: Path, store, busybox_cid: str,
-                                                        monkeypatch) -> None:
+def test_executed_notebook_validates_and_keeps_fallbacks(
+    home: Path, store, busybox_cid: str, monkeypatch
+) -> None:
     monkeypatch.delenv("IPFS_EXECUTE_API", raising=False)
     monkeypatch.setenv("IPFS_EXECUTE_HOME", str(home))
-    nb = execute_notebook([
-        "%load_ext ipfs_execute_magic",
-        f"busybox = {busybox_cid!r}",
-        "%%ipfs_execute $busybox -o table\n"
-        "printf 'word,count\\npear,3\\n' > /output/table.csv; echo made",
-        "%%ipfs_execute $busybox $table -o copy\ncp /input/table.csv /output/again.csv",
-        "assert copy.read_text('again.csv').startswith('word,count')",
-    ])
+    nb = execute_notebook(
+        [
+            "%load_ext ipfs_execute_magic",
+            f"busybox = {busybox_cid!r}",
+            "%%ipfs_execute $busybox -o table\n"
+            "printf 'word,count\\npear,3\\n' > /output/table.csv; echo made",
+            "%%ipfs_execute $busybox $table -o copy\ncp /input/table.csv /output/again.csv",
+            "assert copy.read_text('again.csv').startswith('word,count')",
+        ]
+    )
     nbformat.validate(nb)
     nb = nbformat.reads(nbformat.writes(nb), as_version=4)  # what is saved is what we check
 

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,20 @@ import ipfs_execute_magic as ie
 from ipfs_execute_magic.errors import IpfsExecuteError
 from ipfs_execute_magic.errors import UsageError as CoreUsageError
 from ipfs_execute_magic.jupyter import magics
-from ipfs_execute_magic.jupyter.display import (HTML_PREVIEWS, OutputBrowser, ResultView,
-                                                StagingProgress, human_size, preview_html)
-from ipfs_execute_magic.jupyter.magics import (INTERRUPTED_LINE, IpfsExecuteMagics,
-                                               PayloadFailedError, split_payload_args)
+from ipfs_execute_magic.jupyter.display import (
+    HTML_PREVIEWS,
+    OutputBrowser,
+    ResultView,
+    StagingProgress,
+    human_size,
+    preview_html,
+)
+from ipfs_execute_magic.jupyter.magics import (
+    INTERRUPTED_LINE,
+    IpfsExecuteMagics,
+    PayloadFailedError,
+    split_payload_args,
+)
 from ipfs_execute_magic.record import SCRIPT_DIR, RunRequest
 from ipfs_execute_magic.result import IpfsRef, RunResult
 
@@ -49,11 +58,14 @@ def data(ip: InteractiveShell, data_dir: Path) -> IpfsRef:
 
 @pytest.fixture(scope="module")
 def counts(ip: InteractiveShell, data: IpfsRef) -> RunResult:
-    ok(ip, "%%ipfs_execute $busybox $data -o counts\n"
-           "sort /input/words.txt | uniq -c | awk '{print $2\",\"$1}' > /output/counts.csv\n"
-           "mkdir -p /output/deep/er && echo nested > /output/deep/er/note.txt\n"
-           "echo '<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"4\" height=\"4\"/>'"
-           " > /output/dot.svg\n")
+    ok(
+        ip,
+        "%%ipfs_execute $busybox $data -o counts\n"
+        "sort /input/words.txt | uniq -c | awk '{print $2\",\"$1}' > /output/counts.csv\n"
+        "mkdir -p /output/deep/er && echo nested > /output/deep/er/note.txt\n"
+        'echo \'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>\''
+        " > /output/dot.svg\n",
+    )
     return ip.user_ns["counts"]
 
 
@@ -75,48 +87,72 @@ def error_of(ip: InteractiveShell, source: str) -> BaseException:
 
 # -- argument parsing (no runs) ------------------------------------------------------------
 
+
 def test_split_payload_args_keeps_options_after_double_dash() -> None:
     assert split_payload_args("A B -o x -- sh -c 'echo 1 > /output/a' --timeout 3") == (
-        ["A", "B", "-o", "x"], ["sh", "-c", "echo 1 > /output/a", "--timeout", "3"])
+        ["A", "B", "-o", "x"],
+        ["sh", "-c", "echo 1 > /output/a", "--timeout", "3"],
+    )
     assert split_payload_args("A") == (["A"], [])
     with pytest.raises(UsageError):
         split_payload_args("A 'unclosed")
 
 
 def test_interpreter_and_script_make_the_command_line() -> None:
-    request = RunRequest(rootfs="x", script="print(1)", interpreter="python3 -X utf8",
-                         args=("a",))
-    assert request.argv() == ("/sbin/init", "python3", "-X", "utf8",
-                              "/input/.ipfs-execute/script", "a")
+    request = RunRequest(rootfs="x", script="print(1)", interpreter="python3 -X utf8", args=("a",))
+    assert request.argv() == (
+        "/sbin/init",
+        "python3",
+        "-X",
+        "utf8",
+        "/input/.ipfs-execute/script",
+        "a",
+    )
 
 
 def test_help_documents_every_option(ip: InteractiveShell) -> None:
     doc = IpfsExecuteMagics.ipfs_execute.__doc__
-    for option in ("ROOTFS", "INPUT", "--out", "--interpreter", "--timeout", "--memory",
-                   "--pids", "--tmp-size", "--no-cache", "--no-raise-error", "--quiet",
-                   "-- ARG",
-                   ".ipfs-execute/script", "%config IpfsExecuteMagics"):
+    for option in (
+        "ROOTFS",
+        "INPUT",
+        "--out",
+        "--interpreter",
+        "--timeout",
+        "--memory",
+        "--pids",
+        "--tmp-size",
+        "--no-cache",
+        "--no-raise-error",
+        "--quiet",
+        "-- ARG",
+        ".ipfs-execute/script",
+        "%config IpfsExecuteMagics",
+    ):
         assert option in doc, option
     assert ip.find_cell_magic("ipfs_execute") is not None
     assert ip.find_line_magic("ipfs_execute") is not None
     assert "NAME=PATH" in IpfsExecuteMagics.ipfs_mkdir.__doc__
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ("", "ROOTFS"),
-    ("$busybox --timeout soon", "seconds"),
-    ("$busybox --memory lots", "size"),
-    ("$busybox --pids 0", "positive"),
-    ("$busybox -o 2bad", "variable name"),
-    ("$busybox -o class", "variable name"),
-    ("$busybox --bogus", "unrecognized"),
-    ("$busybox $empty extra words", "after --"),
-    ("not-a-cid", "not a CID"),
-    ("$busybox bafy-not-a-cid", "INPUT"),
-    ("$busybox /ipfs/$busybox/../x", "'..'"),
-])
-def test_bad_arguments_are_one_line_usage_errors(ip: InteractiveShell, line: str,
-                                                 fragment: str) -> None:
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("", "ROOTFS"),
+        ("$busybox --timeout soon", "seconds"),
+        ("$busybox --memory lots", "size"),
+        ("$busybox --pids 0", "positive"),
+        ("$busybox -o 2bad", "variable name"),
+        ("$busybox -o class", "variable name"),
+        ("$busybox --bogus", "unrecognized"),
+        ("$busybox $empty extra words", "after --"),
+        ("not-a-cid", "not a CID"),
+        ("$busybox bafy-not-a-cid", "INPUT"),
+        ("$busybox /ipfs/$busybox/../x", "'..'"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(
+    ip: InteractiveShell, line: str, fragment: str
+) -> None:
     error = error_of(ip, f"%%ipfs_execute {line}\necho hi > /output/x")
     assert type(error) is UsageError  # exactly: IPython prints one line only for this type
     assert fragment in str(error)
@@ -136,8 +172,10 @@ def test_empty_cell_and_line_form_interpreter_are_refused(ip: InteractiveShell) 
 
 # -- running, binding, expansion -----------------------------------------------------------
 
-def test_cell_binds_result_and_underscore(ip: InteractiveShell, counts: RunResult,
-                                          data: IpfsRef) -> None:
+
+def test_cell_binds_result_and_underscore(
+    ip: InteractiveShell, counts: RunResult, data: IpfsRef
+) -> None:
     assert isinstance(counts, RunResult) and counts.ok
     assert counts.read_text("counts.csv") == "apple,1\nfig,1\npear,3\n"
     assert str(counts) == counts.record.output and f"{counts}" == str(counts)
@@ -163,8 +201,11 @@ def test_expansion_of_results_refs_and_sub_paths(ip: InteractiveShell, counts: R
     imgs = ip.user_ns["imgs"]
     # A rootfs as a sub path of a bound ref, in both spellings; a result's sub path as input.
     for rootfs in ("{imgs}/images/busybox.tar.gz", '{imgs / "images/busybox.tar.gz"}'):
-        result = ok(ip, f"%%ipfs_execute {rootfs} {{counts / 'deep'}} -o sub_run\n"
-                        "cat /input/er/note.txt > /output/copy.txt")
+        result = ok(
+            ip,
+            f"%%ipfs_execute {rootfs} {{counts / 'deep'}} -o sub_run\n"
+            "cat /input/er/note.txt > /output/copy.txt",
+        )
         assert result.read_text("copy.txt") == "nested\n"
         assert result.rootfs == ip.user_ns["busybox"]
     result = ok(ip, "%%ipfs_execute $busybox {counts}/deep/er\nls /input > /output/ls.txt")
@@ -173,9 +214,12 @@ def test_expansion_of_results_refs_and_sub_paths(ip: InteractiveShell, counts: R
 
 
 def test_line_form_runs_a_command_without_script(ip: InteractiveShell, data: IpfsRef) -> None:
-    result = ok(ip, "%ipfs_execute $busybox $data -o listed -- "
-                    "sh -c 'wc -l < /input/words.txt > /output/n; echo \"$@\" > /output/a' "
-                    "sh --not-an-option x")
+    result = ok(
+        ip,
+        "%ipfs_execute $busybox $data -o listed -- "
+        "sh -c 'wc -l < /input/words.txt > /output/n; echo \"$@\" > /output/a' "
+        "sh --not-an-option x",
+    )
     assert result is ip.user_ns["listed"]
     assert result.read_text("n").strip() == "5"
     assert result.read_text("a") == "--not-an-option x\n"
@@ -183,8 +227,7 @@ def test_line_form_runs_a_command_without_script(ip: InteractiveShell, data: Ipf
 
 
 def test_script_arguments_after_double_dash(ip: InteractiveShell) -> None:
-    result = ok(ip, '%%ipfs_execute $busybox -- one "two words"\n'
-                    'printf "%s|" "$@" > /output/args')
+    result = ok(ip, '%%ipfs_execute $busybox -- one "two words"\nprintf "%s|" "$@" > /output/args')
     assert result.read_text("args") == "one|two words|"
 
 
@@ -197,7 +240,8 @@ def test_reserved_script_name_in_input_is_refused(ip: InteractiveShell, busybox_
 
 
 def test_identical_run_comes_from_the_record_and_replays_its_output(
-        ip: InteractiveShell, capsys) -> None:
+    ip: InteractiveShell, capsys
+) -> None:
     token = secrets.token_hex(4)
     body = f"echo printed-{token}; echo warned-{token} >&2; echo x > /output/x"
     first = ok(ip, f"%%ipfs_execute $busybox -o first\n{body}")
@@ -219,10 +263,14 @@ def test_identical_run_comes_from_the_record_and_replays_its_output(
 
 # -- failures ------------------------------------------------------------------------------
 
+
 def test_failing_payload_raises_short_error_and_binds(ip: InteractiveShell) -> None:
-    error = error_of(ip, "%%ipfs_execute $busybox -o failed\n"
-                         "echo partial > /output/p\nfor i in 1 2 3; do echo line$i >&2; done\n"
-                         "exit 3")
+    error = error_of(
+        ip,
+        "%%ipfs_execute $busybox -o failed\n"
+        "echo partial > /output/p\nfor i in 1 2 3; do echo line$i >&2; done\n"
+        "exit 3",
+    )
     assert isinstance(error, PayloadFailedError)
     lines = error._render_traceback_()
     assert "exited with status 3" in lines[0] and "`failed`" in lines[0]
@@ -248,8 +296,9 @@ def test_no_raise_error_returns_the_failed_result(ip: InteractiveShell) -> None:
 
 def test_timeout_kills_and_says_so(ip: InteractiveShell) -> None:
     started = time.monotonic()
-    error = error_of(ip, "%%ipfs_execute $busybox --timeout 1 -o slow\n"
-                         "echo before > /output/b; sleep 30")
+    error = error_of(
+        ip, "%%ipfs_execute $busybox --timeout 1 -o slow\necho before > /output/b; sleep 30"
+    )
     assert time.monotonic() - started < 15
     assert isinstance(error, PayloadFailedError) and "1 s timeout" in str(error)
     assert ip.user_ns["slow"].record.timed_out
@@ -303,6 +352,7 @@ def sandbox_processes(marker: str) -> list[str]:
 
 # -- display -------------------------------------------------------------------------------
 
+
 def test_mimebundle_has_widget_html_and_text(ip: InteractiveShell, counts: RunResult) -> None:
     bundle, _ = ip.display_formatter.format(counts)
     assert {WIDGET_MIME, "text/html", "text/plain"} <= set(bundle)
@@ -345,8 +395,10 @@ def test_widget_tree_and_previews(ip: InteractiveShell, counts: RunResult) -> No
 
 
 def test_image_and_binary_previews() -> None:
-    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
-                           "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+        "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
     snippet = preview_html("plot.png", png, len(png), HTML_PREVIEWS)
     assert snippet is not None and "data:image/png;base64," in snippet
     assert preview_html("big.jpg", b"x" * 10, 10**9, HTML_PREVIEWS) is None
@@ -372,8 +424,9 @@ def test_empty_output_and_refs_display(ip: InteractiveShell, data: IpfsRef) -> N
     assert bundle["text/plain"] == repr(data)
 
 
-def test_staging_progress_is_replaced_by_a_static_line(ip: InteractiveShell, store,
-                                                      monkeypatch) -> None:
+def test_staging_progress_is_replaced_by_a_static_line(
+    ip: InteractiveShell, store, monkeypatch
+) -> None:
     monkeypatch.setattr(magics, "PROGRESS_DELAY", 0.0)
     fresh = store.compose({"noise.bin": store.add_bytes(secrets.token_bytes(4096))})
     ip.user_ns["fresh"] = fresh  # never staged before: its input is fetched now
@@ -397,39 +450,54 @@ def test_progress_is_silent_for_quick_staging() -> None:
 
 # -- %ipfs_add, %ipfs_mkdir, the Python API ------------------------------------------------
 
-def test_ipfs_add_file_and_folder_match_the_api(ip: InteractiveShell, data_dir: Path,
-                                                data: IpfsRef, kubo_env) -> None:
+
+def test_ipfs_add_file_and_folder_match_the_api(
+    ip: InteractiveShell, data_dir: Path, data: IpfsRef, kubo_env
+) -> None:
     assert isinstance(data, IpfsRef) and str(data) == ie.add(data_dir)
     single = ok(ip, f"%ipfs_add {data_dir / 'words.txt'} -o words")
     assert single is ip.user_ns["words"] and single.read_text().startswith("pear")
-    expected = subprocess.run(["ipfs", "add", "-Q", "--cid-version=1", "--raw-leaves",
-                               str(data_dir / "words.txt")], env=kubo_env, capture_output=True,
-                              text=True, check=True).stdout.strip()
+    expected = subprocess.run(
+        ["ipfs", "add", "-Q", "--cid-version=1", "--raw-leaves", str(data_dir / "words.txt")],
+        env=kubo_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert str(single) == expected
     error = error_of(ip, "%ipfs_add /no/such/path -o nothing")
     assert type(error) is UsageError and "nothing" not in ip.user_ns
 
 
-def test_ipfs_mkdir_composes_and_matches_the_api(ip: InteractiveShell, data: IpfsRef,
-                                                 counts: RunResult) -> None:
-    made = ok(ip, "%ipfs_mkdir words=$data counts.csv={counts}/counts.csv "
-                  "nested/deep={counts / 'deep'} -o bundle")
+def test_ipfs_mkdir_composes_and_matches_the_api(
+    ip: InteractiveShell, data: IpfsRef, counts: RunResult
+) -> None:
+    made = ok(
+        ip,
+        "%ipfs_mkdir words=$data counts.csv={counts}/counts.csv "
+        "nested/deep={counts / 'deep'} -o bundle",
+    )
     assert made is ip.user_ns["bundle"] and isinstance(made, IpfsRef)
-    assert str(made) == ie.mkdir({"words": data, "counts.csv": counts / "counts.csv",
-                                  "nested/deep": counts / "deep"})
+    assert str(made) == ie.mkdir(
+        {"words": data, "counts.csv": counts / "counts.csv", "nested/deep": counts / "deep"}
+    )
     assert {e.name for e in made.ls()} == {"words", "counts.csv", "nested"}
     assert made.read_text("nested/deep/er/note.txt") == "nested\n"
-    for line, fragment in (("justaname", "NAME=PATH"), ("a=$data a=$data", "twice"),
-                           ("a=not-a-cid", "not a CID")):
+    for line, fragment in (
+        ("justaname", "NAME=PATH"),
+        ("a=$data a=$data", "twice"),
+        ("a=not-a-cid", "not a CID"),
+    ):
         error = error_of(ip, f"%ipfs_mkdir {line}")
         assert type(error) is UsageError and fragment in str(error)
 
 
 # -- configuration -------------------------------------------------------------------------
 
-def test_config_changes_gateway_limits_and_rebuilds_the_runner(ip: InteractiveShell,
-                                                               counts: RunResult,
-                                                               home: Path) -> None:
+
+def test_config_changes_gateway_limits_and_rebuilds_the_runner(
+    ip: InteractiveShell, counts: RunResult, home: Path
+) -> None:
     magics_object = ip.magics_manager.registry["IpfsExecuteMagics"]
     assert magics_object in ip.configurables
     before = ie.default_runner()

@@ -31,9 +31,11 @@ import demo  # noqa: E402  (scripts/demo.py: the headless executor of `./run dem
 # The files each result's listing must name: notebook -> id of the cell -> names in /output.
 EXPECTED: dict[str, dict[str, list[str]]] = {
     "quickstart.ipynb": {"counts": ["counts.txt", "total.txt"], "top": ["top.txt"]},
-    "python-analysis.ipynb": {"clean": ["checks.json", "daily.csv"],
-                              "monthly": ["monthly.csv", "normals.csv"],
-                              "report": ["climate.png", "report.md"]},
+    "python-analysis.ipynb": {
+        "clean": ["checks.json", "daily.csv"],
+        "monthly": ["monthly.csv", "normals.csv"],
+        "report": ["climate.png", "report.md"],
+    },
     "build-image.ipynb": {"install": ["rootfs.tar.gz"], "hello": ["greeting.txt"]},
 }
 
@@ -66,9 +68,12 @@ def code_cells(notebook: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNo
 
 def results(cell: nbformat.NotebookNode) -> list[dict[str, Any]]:
     """The mimebundles of a cell's RunResult displays."""
-    return [output.data for output in cell.outputs
-            if output.output_type in ("execute_result", "display_data")
-            and output.data.get("text/plain", "").startswith("RunResult")]
+    return [
+        output.data
+        for output in cell.outputs
+        if output.output_type in ("execute_result", "display_data")
+        and output.data.get("text/plain", "").startswith("RunResult")
+    ]
 
 
 def test_every_notebook_is_checked() -> None:
@@ -88,12 +93,16 @@ def test_notebooks_are_kept_without_outputs(name: str) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_executes_and_saves_what_readers_need(
-        name: str, executed: Callable[[str], nbformat.NotebookNode]) -> None:
+    name: str, executed: Callable[[str], nbformat.NotebookNode]
+) -> None:
     notebook = executed(name)
     nbformat.validate(notebook)
     cells = code_cells(notebook)
-    errors = [cell.id for cell in cells.values()
-              if any(output.output_type == "error" for output in cell.outputs)]
+    errors = [
+        cell.id
+        for cell in cells.values()
+        if any(output.output_type == "error" for output in cell.outputs)
+    ]
     assert not errors, f"cells with errors: {errors}"
 
     # Every rich output (results and bound CIDs) has the two fallbacks; results have a widget
@@ -120,16 +129,18 @@ def test_notebook_executes_and_saves_what_readers_need(
         assert len(shown) == 1, f"{name}:{cell_id}: expected one displayed result"
         bundle = shown[0]
         assert WIDGET_MIME in bundle and "✓ exit 0" in bundle["text/plain"]
-        listing = [line.split()[2] for line in bundle["text/plain"].splitlines()
-                   if line.split()[1:2] in (["B"], ["KiB"], ["MiB"])]
+        listing = [
+            line.split()[2]
+            for line in bundle["text/plain"].splitlines()
+            if line.split()[1:2] in (["B"], ["KiB"], ["MiB"])
+        ]
         assert listing == files, f"{name}:{cell_id}: the listing shows {listing}"
         for file in files:
             assert f">{file}</a>" in bundle["text/html"], f"{name}:{cell_id}: {file} not in HTML"
 
 
 @pytest.mark.integration
-def test_python_analysis_report_and_chart(
-        executed: Callable[[str], nbformat.NotebookNode]) -> None:
+def test_python_analysis_report_and_chart(executed: Callable[[str], nbformat.NotebookNode]) -> None:
     """The saved report step shows its PNG inline and its report in the static HTML."""
     notebook = executed("python-analysis.ipynb")
     html = results(code_cells(notebook)["report"])[0]["text/html"]
@@ -140,13 +151,17 @@ def test_python_analysis_report_and_chart(
 
 
 @pytest.mark.integration
-def test_demo_writes_the_executed_notebook_and_html(home: Path, store: Any,
-                                                    tmp_path: Path) -> None:
+def test_demo_writes_the_executed_notebook_and_html(home: Path, store: Any, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPFS_EXECUTE_")}
     env["IPFS_EXECUTE_HOME"] = str(home)
-    proc = subprocess.run([sys.executable, str(PROJECT / "scripts" / "demo.py"),
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=240, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT / "scripts" / "demo.py"), "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "%%ipfs_execute $busybox $data -o counts" in proc.stdout  # cells echoed as they run
     assert "counts.txt" in proc.stdout and "ran in" in proc.stdout

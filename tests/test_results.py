@@ -44,7 +44,9 @@ def test_record_is_readable_json_in_ipfs(runner: Runner, busybox_cid: str, store
 
 
 def test_identical_run_is_a_hit_through_the_api(runner: Runner, busybox_cid: str) -> None:
-    request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique("echo once > /output/x; echo said")))
+    request = RunRequest(
+        rootfs=busybox_cid, args=("sh", "-c", unique("echo once > /output/x; echo said"))
+    )
     first = runner.run(request)
     again = runner.run(request)
     assert again.cache_hit and not first.cache_hit
@@ -70,8 +72,9 @@ def test_cli_hit_does_not_run_the_payload(home: Path, busybox_cid: str, empty_ci
     assert forced.stdout == first.stdout and "differs" not in forced.stderr
 
 
-def test_forced_run_that_disagrees_is_reported(home: Path, busybox_cid: str,
-                                               empty_cid: str) -> None:
+def test_forced_run_that_disagrees_is_reported(
+    home: Path, busybox_cid: str, empty_cid: str
+) -> None:
     script = unique("head -c 16 /dev/urandom > /output/noise")
     first = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", script)
     forced = ipfs_execute(home, "--no-cache", busybox_cid, empty_cid, "sh", "-c", script)
@@ -83,12 +86,16 @@ def test_forced_run_that_disagrees_is_reported(home: Path, busybox_cid: str,
     assert again.stdout == first.stdout and "cache hit" in again.stderr  # the first one stays
 
 
-@pytest.mark.parametrize("payload, limits", [
-    ("exit 3", Limits()),
-    ("sleep 30", Limits(timeout=1)),
-])
-def test_failed_and_timed_out_runs_are_never_cached(runner: Runner, busybox_cid: str,
-                                                    payload: str, limits: Limits) -> None:
+@pytest.mark.parametrize(
+    "payload, limits",
+    [
+        ("exit 3", Limits()),
+        ("sleep 30", Limits(timeout=1)),
+    ],
+)
+def test_failed_and_timed_out_runs_are_never_cached(
+    runner: Runner, busybox_cid: str, payload: str, limits: Limits
+) -> None:
     request = RunRequest(rootfs=busybox_cid, args=("sh", "-c", unique(payload)), limits=limits)
     first = runner.run(request)
     assert not first.ok
@@ -124,13 +131,22 @@ def test_the_cache_survives_a_daemon_restart(busybox_tarball: Path) -> None:
 
 
 def test_cache_key_covers_what_matters_and_nothing_else() -> None:
-    base = dict(rootfs="bafyroot", input="bafyinput", argv=("/sbin/init", "true"),
-                env={"PATH": "/bin"}, sandbox={"hostname": "sandbox"})
+    base = dict(
+        rootfs="bafyroot",
+        input="bafyinput",
+        argv=("/sbin/init", "true"),
+        env={"PATH": "/bin"},
+        sandbox={"hostname": "sandbox"},
+    )
     key = cache_key(**base)
     assert cache_key(**base) == key
-    for change in ({"rootfs": "bafyother"}, {"input": "bafyother"},
-                   {"argv": ("/sbin/init", "false")}, {"env": {"PATH": "/usr/bin"}},
-                   {"sandbox": {"hostname": "other"}}):
+    for change in (
+        {"rootfs": "bafyother"},
+        {"input": "bafyother"},
+        {"argv": ("/sbin/init", "false")},
+        {"env": {"PATH": "/usr/bin"}},
+        {"sandbox": {"hostname": "other"}},
+    ):
         assert cache_key(**{**base, **change}) != key
     request = RunRequest(rootfs="x", limits=Limits(timeout=5))
     longer = RunRequest(rootfs="x", limits=Limits(timeout=500))
@@ -139,61 +155,127 @@ def test_cache_key_covers_what_matters_and_nothing_else() -> None:
     assert sandbox_profile(request) == sandbox_profile(longer)  # timeouts are not in the key
 
 
-def test_verify_reproducible_and_not(home: Path, busybox_cid: str, empty_cid: str,
-                                     store) -> None:
-    stable = ipfs_execute(home, "--json", busybox_cid, empty_cid, "sh", "-c",
-                          unique("mkdir /output/d; echo same > /output/d/f"))
+def test_verify_reproducible_and_not(home: Path, busybox_cid: str, empty_cid: str, store) -> None:
+    stable = ipfs_execute(
+        home,
+        "--json",
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        unique("mkdir /output/d; echo same > /output/d/f"),
+    )
     record = json.loads(stable.stdout)["record_cid"]
-    verified = subprocess.run([str(BIN / "ipfs-execute"), "verify", record, "--runs", "3"],
-                              env=cli_env(home), capture_output=True, text=True)
+    verified = subprocess.run(
+        [str(BIN / "ipfs-execute"), "verify", record, "--runs", "3"],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+    )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "verdict: reproducible" in verified.stdout
     assert "another staging location" in verified.stdout
 
-    noisy = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c",
-                         unique("echo fixed > /output/same; head -c 16 /dev/urandom > /output/rand;"
-                                " touch /output/extra-$(head -c 4 /dev/urandom | od -An -tx1 |"
-                                " tr -d ' \\n')"))
+    noisy = ipfs_execute(
+        home,
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        unique(
+            "echo fixed > /output/same; head -c 16 /dev/urandom > /output/rand;"
+            " touch /output/extra-$(head -c 4 /dev/urandom | od -An -tx1 |"
+            " tr -d ' \\n')"
+        ),
+    )
     output = noisy.stdout.strip()
-    checked = subprocess.run([str(BIN / "ipfs-execute"), "verify", output],  # by output CID
-                             env=cli_env(home), capture_output=True, text=True)
+    checked = subprocess.run(
+        [str(BIN / "ipfs-execute"), "verify", output],  # by output CID
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+    )
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "NOT reproducible" in checked.stdout
     assert "~ rand (16 -> 16 bytes)" in checked.stdout
     assert "+ extra-" in checked.stdout and "- extra-" in checked.stdout
     diff_lines = [line.strip() for line in checked.stdout.splitlines()]
-    assert not any(line[:2] in ("~ ", "+ ", "- ") and line[2:].startswith("same ")
-                   for line in diff_lines)  # the unchanged file is not listed
+    assert not any(
+        line[:2] in ("~ ", "+ ", "- ") and line[2:].startswith("same ") for line in diff_lines
+    )  # the unchanged file is not listed
 
 
-def test_verify_an_executed_notebook(home: Path, busybox_cid: str, empty_cid: str,
-                                     store) -> None:
+def test_verify_an_executed_notebook(home: Path, busybox_cid: str, empty_cid: str, store) -> None:
     """Every recorded run is checked; a record shown twice runs once and is reported for both
     cells; a record this node does not know is reported in its cell and the others go on."""
-    runs = [json.loads(ipfs_execute(home, "--json", busybox_cid, empty_cid, "sh", "-c",
-                                    unique(f"echo {n} > /output/n")).stdout)["record_cid"]
-            for n in range(2)]
+    runs = [
+        json.loads(
+            ipfs_execute(
+                home, "--json", busybox_cid, empty_cid, "sh", "-c", unique(f"echo {n} > /output/n")
+            ).stdout
+        )["record_cid"]
+        for n in range(2)
+    ]
     not_a_record = store.add_bytes(unique("not a record").encode())
 
     def shown(count: int, output: dict) -> dict:
-        return {"cell_type": "code", "source": "", "metadata": {}, "execution_count": count,
-                "outputs": [output]}
+        return {
+            "cell_type": "code",
+            "source": "",
+            "metadata": {},
+            "execution_count": count,
+            "outputs": [output],
+        }
 
-    notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [
-        shown(1, {"output_type": "display_data", "data": {"text/plain": "result"},
-                  "metadata": {"ipfs_execute": {"record": runs[0]}}}),
-        {"cell_type": "markdown", "source": "text", "metadata": {}},
-        shown(2, {"output_type": "execute_result", "execution_count": 2, "metadata": {},
-                  "data": {"text/plain": f"exit 0, record: {runs[1]}"}}),
-        shown(3, {"output_type": "display_data", "data": {"text/plain": "unknown"},
-                  "metadata": {"ipfs_execute": {"record": not_a_record}}}),
-        shown(4, {"output_type": "display_data", "data": {"text/plain": "again"},
-                  "metadata": {"ipfs_execute": {"record": runs[0]}}}),
-    ]}
+    notebook = {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {},
+        "cells": [
+            shown(
+                1,
+                {
+                    "output_type": "display_data",
+                    "data": {"text/plain": "result"},
+                    "metadata": {"ipfs_execute": {"record": runs[0]}},
+                },
+            ),
+            {"cell_type": "markdown", "source": "text", "metadata": {}},
+            shown(
+                2,
+                {
+                    "output_type": "execute_result",
+                    "execution_count": 2,
+                    "metadata": {},
+                    "data": {"text/plain": f"exit 0, record: {runs[1]}"},
+                },
+            ),
+            shown(
+                3,
+                {
+                    "output_type": "display_data",
+                    "data": {"text/plain": "unknown"},
+                    "metadata": {"ipfs_execute": {"record": not_a_record}},
+                },
+            ),
+            shown(
+                4,
+                {
+                    "output_type": "display_data",
+                    "data": {"text/plain": "again"},
+                    "metadata": {"ipfs_execute": {"record": runs[0]}},
+                },
+            ),
+        ],
+    }
     path = world_traversable_tmpdir("iex-nb-") / "done.ipynb"
     path.write_text(json.dumps(notebook))
-    checked = subprocess.run([str(BIN / "ipfs-execute"), "verify", str(path)],
-                             env=cli_env(home), capture_output=True, text=True)
+    checked = subprocess.run(
+        [str(BIN / "ipfs-execute"), "verify", str(path)],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+    )
     assert checked.returncode == 1, checked.stdout + checked.stderr  # one could not be verified
     assert f"cell 0 (In [1]): record {runs[0]}" in checked.stdout
     assert f"cell 2 (In [2]): record {runs[1]}" in checked.stdout
@@ -203,17 +285,29 @@ def test_verify_an_executed_notebook(home: Path, busybox_cid: str, empty_cid: st
     assert checked.stdout.count("re-run, same staging") == 3  # each cell's copy of its verdict
 
 
-def test_lineage_walks_back_to_the_data(home: Path, busybox_cid: str, busybox_tarball: Path,
-                                        store) -> None:
+def test_lineage_walks_back_to_the_data(
+    home: Path, busybox_cid: str, busybox_tarball: Path, store
+) -> None:
     data = world_traversable_tmpdir("iex-lineage-")
     (data / "words.txt").write_text(unique("b\na\nb") + "\n")
     data_cid = store.add_path(data)
-    counted = ipfs_execute(home, busybox_cid, data_cid, "sh", "-c",
-                           "sort /input/words.txt | uniq -c > /output/counts.txt").stdout.strip()
-    top = ipfs_execute(home, busybox_cid, f"{counted}", "sh", "-c",
-                       "head -n 1 /input/counts.txt > /output/top.txt").stdout.strip()
-    shown = subprocess.run([str(BIN / "ipfs-execute"), "lineage", top], env=cli_env(home),
-                           capture_output=True, text=True)
+    counted = ipfs_execute(
+        home,
+        busybox_cid,
+        data_cid,
+        "sh",
+        "-c",
+        "sort /input/words.txt | uniq -c > /output/counts.txt",
+    ).stdout.strip()
+    top = ipfs_execute(
+        home, busybox_cid, f"{counted}", "sh", "-c", "head -n 1 /input/counts.txt > /output/top.txt"
+    ).stdout.strip()
+    shown = subprocess.run(
+        [str(BIN / "ipfs-execute"), "lineage", top],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+    )
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0].startswith(f"/ipfs/{top}  <- run")
@@ -235,30 +329,66 @@ def test_a_second_node_gets_a_hit_from_an_imported_cache(busybox_tarball: Path) 
         for node in nodes:
             node.ensure_running()
         env_a, env_b = (cli_env(h, IPFS_EXECUTE_ONLINE="1") for h in homes)
-        add = subprocess.run([str(BIN / "ipfs-execute"), "add", str(busybox_tarball)],
-                             env=env_a, capture_output=True, text=True, check=True)
+        add = subprocess.run(
+            [str(BIN / "ipfs-execute"), "add", str(busybox_tarball)],
+            env=env_a,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         busybox = add.stdout.strip()
-        run_a = subprocess.run([str(BIN / "ipfs-execute"), busybox,
-                                "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
-                                "sh", "-c", "echo computed on A > /output/result"],
-                               env=env_a, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        run_a = subprocess.run(
+            [
+                str(BIN / "ipfs-execute"),
+                busybox,
+                "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
+                "sh",
+                "-c",
+                "echo computed on A > /output/result",
+            ],
+            env=env_a,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         assert run_a.returncode == 0, run_a.stderr
         output = run_a.stdout.strip()
-        export = subprocess.run([str(BIN / "ipfs-execute"), "cache", "export"], env=env_a,
-                                capture_output=True, text=True, check=True).stdout.strip()
+        export = subprocess.run(
+            [str(BIN / "ipfs-execute"), "cache", "export"],
+            env=env_a,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
-        with Store.connect(Settings(home=homes[0])) as store_a, \
-                Store.connect(Settings(home=homes[1])) as store_b:
+        with (
+            Store.connect(Settings(home=homes[0])) as store_a,
+            Store.connect(Settings(home=homes[1])) as store_b,
+        ):
             store_b.swarm_connect(store_a.peer_addresses()[0])
-        imported = subprocess.run([str(BIN / "ipfs-execute"), "cache", "import", export],
-                                  env=env_b, capture_output=True, text=True)
+        imported = subprocess.run(
+            [str(BIN / "ipfs-execute"), "cache", "import", export],
+            env=env_b,
+            capture_output=True,
+            text=True,
+        )
         assert imported.returncode == 0, imported.stderr
         assert "imported 1 cached runs" in imported.stdout
 
-        run_b = subprocess.run([str(BIN / "ipfs-execute"), busybox,
-                                "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
-                                "sh", "-c", "echo computed on A > /output/result"],
-                               env=env_b, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        run_b = subprocess.run(
+            [
+                str(BIN / "ipfs-execute"),
+                busybox,
+                "bafybeiczsscdsbs7ffqz55asqdf3smv6klcw3gofszvwlyarci47bgf354",
+                "sh",
+                "-c",
+                "echo computed on A > /output/result",
+            ],
+            env=env_b,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         assert run_b.returncode == 0, run_b.stderr
         assert run_b.stdout.strip() == output and "cache hit" in run_b.stderr
         assert not (homes[1] / "cache" / "rootfs").exists()  # B never staged, so never ran
@@ -270,22 +400,45 @@ def test_a_second_node_gets_a_hit_from_an_imported_cache(busybox_tarball: Path) 
 
 
 def test_lineage_sees_through_compositions_and_output_sub_paths(
-        home: Path, busybox_cid: str, busybox_tarball: Path, store) -> None:
-    first = ipfs_execute(home, busybox_cid, store.empty_directory(), "sh", "-c",
-                         unique("echo one > /output/one.txt")).stdout.strip()
+    home: Path, busybox_cid: str, busybox_tarball: Path, store
+) -> None:
+    first = ipfs_execute(
+        home, busybox_cid, store.empty_directory(), "sh", "-c", unique("echo one > /output/one.txt")
+    ).stdout.strip()
     # An image built by a run, then used as a rootfs through a sub path of that run's output.
     holder = world_traversable_tmpdir("iex-img-")
     (holder / "rootfs.tar.gz").write_bytes(busybox_tarball.read_bytes())
-    image = ipfs_execute(home, busybox_cid, store.add_path(holder), "sh", "-c",
-                         unique("cp /input/rootfs.tar.gz /output/")).stdout.strip()
-    composed = subprocess.run([str(BIN / "ipfs-mkdir"), "a", first, "b/one.txt",
-                               f"{first}/one.txt"], env=cli_env(home), capture_output=True,
-                              text=True, check=True).stdout.strip()
-    last = ipfs_execute(home, f"{image}/rootfs.tar.gz", composed, "sh", "-c",
-                        "cat /input/a/one.txt /input/b/one.txt > /output/both.txt")
+    image = ipfs_execute(
+        home,
+        busybox_cid,
+        store.add_path(holder),
+        "sh",
+        "-c",
+        unique("cp /input/rootfs.tar.gz /output/"),
+    ).stdout.strip()
+    composed = subprocess.run(
+        [str(BIN / "ipfs-mkdir"), "a", first, "b/one.txt", f"{first}/one.txt"],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    last = ipfs_execute(
+        home,
+        f"{image}/rootfs.tar.gz",
+        composed,
+        "sh",
+        "-c",
+        "cat /input/a/one.txt /input/b/one.txt > /output/both.txt",
+    )
     assert last.returncode == 0, last.stderr
-    shown = subprocess.run([str(BIN / "ipfs-execute"), "lineage", last.stdout.strip()],
-                           env=cli_env(home), capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [str(BIN / "ipfs-execute"), "lineage", last.stdout.strip()],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = [line.strip() for line in shown.splitlines()]
     assert any(line.startswith(f"rootfs: /ipfs/{image}/rootfs.tar.gz  <- run") for line in lines)
     assert any(line.startswith(f"input: /ipfs/{composed}  (a directory composed") for line in lines)

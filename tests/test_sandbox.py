@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from ipfs_execute_magic import sandbox
 from ipfs_execute_magic.errors import SandboxError
 from ipfs_execute_magic.sandbox import (
     DEFAULT_ENV,
@@ -41,20 +40,49 @@ from ipfs_execute_magic.sandbox import (
     cgroup_mounts,
     check_available,
     plan_rlimits,
+    rlimits,
     run_sandbox,
     time_namespace_problem,
 )
+from ipfs_execute_magic.sandbox.run import _kill_half_spawned
 from ipfs_execute_magic.settings import SANDBOX_UID, Limits
 
 BUSYBOX = Path("/bin/busybox")
-APPLETS = ("sh", "cat", "echo", "ls", "sleep", "id", "mkdir", "wget", "nc", "env", "hostname",
-           "head", "tail", "tr", "wc", "seq", "grep", "setsid", "touch", "stat", "ifconfig", "true",
-           "kill", "pwd", "unshare", "nproc", "cut")
+APPLETS = (
+    "sh",
+    "cat",
+    "echo",
+    "ls",
+    "sleep",
+    "id",
+    "mkdir",
+    "wget",
+    "nc",
+    "env",
+    "hostname",
+    "head",
+    "tail",
+    "tr",
+    "wc",
+    "seq",
+    "grep",
+    "setsid",
+    "touch",
+    "stat",
+    "ifconfig",
+    "true",
+    "kill",
+    "pwd",
+    "unshare",
+    "nproc",
+    "cut",
+)
 # Marks every payload process of this test run, so the host can be searched for leftovers.
 MARKER = f"sbxmark{secrets.token_hex(6)}"
 
 
 # --- fixtures ---------------------------------------------------------------------------------
+
 
 def _make_rootfs(root: Path, *, with_init: bool = True) -> Path:
     root.parent.chmod(0o755)
@@ -106,8 +134,9 @@ def _host_leftovers() -> list[str]:
         if MARKER.encode() in cmdline:
             found.append(f"process {pid}: {cmdline!r}")
     # Run cgroups are named after the process that made them: only ours count here.
-    found.extend(f"cgroup {path}" for path in
-                 Path("/sys/fs/cgroup").glob(f"**/*run-{os.getpid()}-*"))
+    found.extend(
+        f"cgroup {path}" for path in Path("/sys/fs/cgroup").glob(f"**/*run-{os.getpid()}-*")
+    )
     return found
 
 
@@ -136,9 +165,14 @@ def run(rootfs: Path, input_dir: Path, base_dir: Path):
     def run_script(script: str, limits: Limits | None = None, **spec_changes: object) -> Run:
         output_dir = Path(tempfile.mkdtemp(prefix="output-", dir=base_dir))
         stdout, stderr = bytearray(), bytearray()
-        spec = SandboxSpec(rootfs=rootfs, input_dir=input_dir, output_dir=output_dir,
-                           argv=("/sbin/init", "sh", "-c", script),
-                           limits=limits or Limits(timeout=20), **spec_changes)  # type: ignore[arg-type]
+        spec = SandboxSpec(
+            rootfs=rootfs,
+            input_dir=input_dir,
+            output_dir=output_dir,
+            argv=("/sbin/init", "sh", "-c", script),
+            limits=limits or Limits(timeout=20),
+            **spec_changes,
+        )  # type: ignore[arg-type]
         result = run_sandbox(spec, on_stdout=stdout.extend, on_stderr=stderr.extend)
         return Run(result, bytes(stdout), bytes(stderr), output_dir)
 
@@ -147,10 +181,15 @@ def run(rootfs: Path, input_dir: Path, base_dir: Path):
 
 # --- pure -------------------------------------------------------------------------------------
 
+
 def _spec(**changes: object) -> SandboxSpec:
-    values: dict[str, object] = dict(rootfs=Path("/r"), input_dir=Path("/in"),
-                                     output_dir=Path("/out"), argv=("/sbin/init", "true"),
-                                     limits=Limits(tmp_bytes=1234))
+    values: dict[str, object] = dict(
+        rootfs=Path("/r"),
+        input_dir=Path("/in"),
+        output_dir=Path("/out"),
+        argv=("/sbin/init", "true"),
+        limits=Limits(tmp_bytes=1234),
+    )
     values.update(changes)
     return SandboxSpec(**values)  # type: ignore[arg-type]
 
@@ -166,12 +205,25 @@ def test_bwrap_argv_isolates_everything() -> None:
     assert argv[0] == "/usr/bin/bwrap"
     assert argv[-3:] == ["--", "/sbin/init", "true"]
     options = " ".join(argv[:-3])
-    for expected in ("--unshare-all", "--die-with-parent", "--new-session", "--cap-drop ALL",
-                     "--clearenv", "--hostname sandbox", "--uid 0 --gid 0",
-                     "--ro-bind /r /", "--ro-bind /in /input", "--bind /out /output",
-                     "--size 1234 --tmpfs /tmp", "--proc /proc", "--dev /dev",
-                     "--size 1234 --tmpfs /dev/shm", "--remount-ro /dev", "--chdir /",
-                     "--json-status-fd 7"):
+    for expected in (
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop ALL",
+        "--clearenv",
+        "--hostname sandbox",
+        "--uid 0 --gid 0",
+        "--ro-bind /r /",
+        "--ro-bind /in /input",
+        "--bind /out /output",
+        "--size 1234 --tmpfs /tmp",
+        "--proc /proc",
+        "--dev /dev",
+        "--size 1234 --tmpfs /dev/shm",
+        "--remount-ro /dev",
+        "--chdir /",
+        "--json-status-fd 7",
+    ):
         assert expected in options
     assert "--share-net" not in argv
     # / first: later mounts land on top of it.
@@ -181,8 +233,13 @@ def test_bwrap_argv_isolates_everything() -> None:
 
 
 def test_bwrap_argv_binds_the_synthetic_proc_stat_over_the_fresh_proc() -> None:
-    assert RoBindData(9, "/proc/stat").args() == ("--perms", "444", "--ro-bind-data", "9",
-                                                  "/proc/stat")
+    assert RoBindData(9, "/proc/stat").args() == (
+        "--perms",
+        "444",
+        "--ro-bind-data",
+        "9",
+        "/proc/stat",
+    )
     argv = bwrap_argv(_spec(), proc_stat_fd=9)
     options = " ".join(argv)
     assert "--proc /proc --perms 444 --ro-bind-data 9 /proc/stat" in options
@@ -198,16 +255,23 @@ def test_spec_rejects_an_impossible_clock_start() -> None:
 
 
 def _rlimit_table(plan) -> dict[str, tuple[int, int]]:
-    names = {getattr(resource, name): name for name in dir(resource)
-             if name.startswith("RLIMIT_") and name != "RLIMIT_OFILE"}  # OFILE: NOFILE's alias
+    names = {
+        getattr(resource, name): name
+        for name in dir(resource)
+        if name.startswith("RLIMIT_") and name != "RLIMIT_OFILE"
+    }  # OFILE: NOFILE's alias
     names[10] = "RLIMIT_LOCKS"  # not in Python's resource module
     return {names[which]: (soft, hard) for which, soft, hard in plan.rlimits}
 
 
 def test_plan_rlimits_sets_every_rlimit(monkeypatch) -> None:
-    monkeypatch.setattr(sandbox, "_can_raise_hard_limits", lambda: True)
-    plan = plan_rlimits(Limits(file_bytes=None, cpu_seconds=7, open_files=512),
-                        have_memory_cgroup=True, have_pids_cgroup=True, running_as_root=True)
+    monkeypatch.setattr(rlimits, "_can_raise_hard_limits", lambda: True)
+    plan = plan_rlimits(
+        Limits(file_bytes=None, cpu_seconds=7, open_files=512),
+        have_memory_cgroup=True,
+        have_pids_cgroup=True,
+        running_as_root=True,
+    )
     table = _rlimit_table(plan)
     # Linux has 16 rlimits (RLIM_NLIMITS): none is left at the host's value.
     assert sorted(which for which, _soft, _hard in plan.rlimits) == list(range(16))
@@ -222,7 +286,7 @@ def test_plan_rlimits_sets_every_rlimit(monkeypatch) -> None:
 
 
 def test_plan_rlimits_reports_what_an_unprivileged_caller_cannot_reach(monkeypatch) -> None:
-    monkeypatch.setattr(sandbox, "_can_raise_hard_limits", lambda: False)
+    monkeypatch.setattr(rlimits, "_can_raise_hard_limits", lambda: False)
     real_getrlimit = resource.getrlimit
     low_memlock = 64 * 1024  # the kernel's default before 5.16
 
@@ -231,9 +295,10 @@ def test_plan_rlimits_reports_what_an_unprivileged_caller_cannot_reach(monkeypat
             return low_memlock, low_memlock
         return real_getrlimit(which)
 
-    monkeypatch.setattr(sandbox.resource, "getrlimit", fake_getrlimit)
-    plan = plan_rlimits(Limits(), have_memory_cgroup=True, have_pids_cgroup=True,
-                        running_as_root=False)
+    monkeypatch.setattr(rlimits.resource, "getrlimit", fake_getrlimit)
+    plan = plan_rlimits(
+        Limits(), have_memory_cgroup=True, have_pids_cgroup=True, running_as_root=False
+    )
     assert _rlimit_table(plan)["RLIMIT_MEMLOCK"] == (low_memlock, low_memlock)
     assert "caller's hard limit is lower" in plan.not_fixed["RLIMIT_MEMLOCK"]
     # Lowering is always allowed: the fixed pending-signals value is always reached.
@@ -261,12 +326,16 @@ def test_cgroup_mounts_parses_v1_and_v2() -> None:
         """)
     mounts = cgroup_mounts(mountinfo)
     assert [(str(m.path), m.version) for m in mounts] == [
-        ("/sys/fs/cgroup/memory", 1), ("/sys/fs/cgroup/pids", 1), ("/nonexistent/unified", 2)]
+        ("/sys/fs/cgroup/memory", 1),
+        ("/sys/fs/cgroup/pids", 1),
+        ("/nonexistent/unified", 2),
+    ]
     assert "memory" in mounts[0].controllers
     assert mounts[2].controllers == frozenset()
 
 
 # --- availability -----------------------------------------------------------------------------
+
 
 def test_bwrap_is_available_here() -> None:
     check_available()
@@ -274,6 +343,7 @@ def test_bwrap_is_available_here() -> None:
 
 
 # --- behaviour ----------------------------------------------------------------------------------
+
 
 def test_hello_world_writes_output(run) -> None:
     done = run("echo hello > /output/greeting; cat /input/data.txt")
@@ -295,11 +365,14 @@ def test_stdout_and_stderr_stream_separately_while_running(rootfs, input_dir, ba
     arrivals: list[tuple[str, bytes, float]] = []
     output_dir = Path(tempfile.mkdtemp(dir=base_dir))
     script = "echo first; echo oops >&2; sleep 1; echo second"
-    spec = SandboxSpec(rootfs, input_dir, output_dir, ("/sbin/init", "sh", "-c", script),
-                       Limits(timeout=20))
+    spec = SandboxSpec(
+        rootfs, input_dir, output_dir, ("/sbin/init", "sh", "-c", script), Limits(timeout=20)
+    )
     result = run_sandbox(
-        spec, on_stdout=lambda data: arrivals.append(("out", data, time.monotonic())),
-        on_stderr=lambda data: arrivals.append(("err", data, time.monotonic())))
+        spec,
+        on_stdout=lambda data: arrivals.append(("out", data, time.monotonic())),
+        on_stderr=lambda data: arrivals.append(("err", data, time.monotonic())),
+    )
     finished = time.monotonic()
     assert result.exit_status == 0
     out = b"".join(data for kind, data, _ in arrivals if kind == "out")
@@ -310,9 +383,11 @@ def test_stdout_and_stderr_stream_separately_while_running(rootfs, input_dir, ba
 
 
 def test_no_network(run) -> None:
-    done = run("tail -n +3 /proc/net/dev; "
-               "if wget -T 2 -q -O- http://1.1.1.1/ ; then echo CONNECTED; fi; "
-               "if echo x | nc -w 1 10.0.2.2 80; then echo CONNECTED; fi")
+    done = run(
+        "tail -n +3 /proc/net/dev; "
+        "if wget -T 2 -q -O- http://1.1.1.1/ ; then echo CONNECTED; fi; "
+        "if echo x | nc -w 1 10.0.2.2 80; then echo CONNECTED; fi"
+    )
     interfaces = [line.split(":")[0].strip() for line in done.stdout.decode().splitlines()]
     assert interfaces == ["lo"]
     assert b"CONNECTED" not in done.stdout
@@ -320,30 +395,44 @@ def test_no_network(run) -> None:
 
 
 def test_only_output_and_tmp_are_writable(run) -> None:
-    done = run("for path in /x /input/x /bin/x /dev/x /output/x /tmp/x /dev/shm/x; do "
-               "  if touch $path 2>/dev/null; then echo writable $path; fi; done; "
-               "if echo sandbox > /proc/sys/kernel/hostname; then echo writable sysctl; fi; "
-               "if echo 1 > /proc/sysrq-trigger; then echo writable sysrq; fi")
+    done = run(
+        "for path in /x /input/x /bin/x /dev/x /output/x /tmp/x /dev/shm/x; do "
+        "  if touch $path 2>/dev/null; then echo writable $path; fi; done; "
+        "if echo sandbox > /proc/sys/kernel/hostname; then echo writable sysctl; fi; "
+        "if echo 1 > /proc/sysrq-trigger; then echo writable sysrq; fi"
+    )
     assert done.stdout.decode().split("\n") == [
-        "writable /output/x", "writable /tmp/x", "writable /dev/shm/x", ""]
+        "writable /output/x",
+        "writable /tmp/x",
+        "writable /dev/shm/x",
+        "",
+    ]
     assert not (done.output_dir.parent / "x").exists()
 
 
 def test_identity_capabilities_and_determinism_knobs(run) -> None:
-    done = run("grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status; id -u; id -g; hostname; umask; "
-               "cat /proc/self/personality; pwd")
+    done = run(
+        "grep -E '^Cap(Eff|Prm|Bnd)' /proc/self/status; id -u; id -g; hostname; umask; "
+        "cat /proc/self/personality; pwd"
+    )
     lines = done.stdout.decode().split("\n")
-    assert lines[:3] == ["CapPrm:\t0000000000000000", "CapEff:\t0000000000000000",
-                         "CapBnd:\t0000000000000000"]
+    assert lines[:3] == [
+        "CapPrm:\t0000000000000000",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+    ]
     assert lines[3:9] == ["0", "0", "sandbox", "0022", "00040000", "/"]
 
 
 def test_cpu_count_clocks_and_rlimits_are_fixed_inside(run) -> None:
-    done = run("nproc; grep -c '^cpu[0-9]' /proc/stat; cut -d' ' -f1 /proc/uptime; "
-               "ulimit -i; ulimit -l; ulimit -s; stat -c '%a %Y' /output; "
-               "grep Cpus_allowed_list /proc/self/status")
+    done = run(
+        "nproc; grep -c '^cpu[0-9]' /proc/stat; cut -d' ' -f1 /proc/uptime; "
+        "ulimit -i; ulimit -l; ulimit -s; stat -c '%a %Y' /output; "
+        "grep Cpus_allowed_list /proc/self/status"
+    )
     nproc, stat_cpus, uptime, sigpending, memlock, stack, output_dir, allowed = (
-        done.stdout.decode().splitlines())
+        done.stdout.decode().splitlines()
+    )
     assert (nproc, stat_cpus) == ("1", "1")
     assert len(allowed.split()[1].split(",")) == 1 and "-" not in allowed.split()[1]
     assert sigpending == "1024"
@@ -386,8 +475,9 @@ def test_no_host_paths_in_cmdline_no_stray_fds_no_nested_user_namespaces(run, ba
 
 def test_environment_is_exactly_the_fixed_one(rootfs, input_dir, base_dir) -> None:
     output = bytearray()
-    spec = SandboxSpec(rootfs, input_dir, Path(tempfile.mkdtemp(dir=base_dir)), ("/bin/env",),
-                       Limits(timeout=20))
+    spec = SandboxSpec(
+        rootfs, input_dir, Path(tempfile.mkdtemp(dir=base_dir)), ("/bin/env",), Limits(timeout=20)
+    )
     assert run_sandbox(spec, on_stdout=output.extend).exit_status == 0
     environment = dict(line.split("=", 1) for line in output.decode().splitlines())
     # bwrap itself exports PWD after --chdir; it is fixed too.
@@ -395,8 +485,14 @@ def test_environment_is_exactly_the_fixed_one(rootfs, input_dir, base_dir) -> No
 
 
 def test_limits_enforced_reports_what_this_machine_enforces(run) -> None:
-    limits = Limits(timeout=20, memory_bytes=128 * 1024**2, pids=64, tmp_bytes=1024**2,
-                    file_bytes=10**6, cpu_seconds=30)
+    limits = Limits(
+        timeout=20,
+        memory_bytes=128 * 1024**2,
+        pids=64,
+        tmp_bytes=1024**2,
+        file_bytes=10**6,
+        cpu_seconds=30,
+    )
     enforced = run("true", limits).result.limits_enforced
     assert enforced["timeout"].startswith("20 s")
     assert enforced["tmp"].startswith("tmpfs 1048576 bytes")
@@ -409,8 +505,10 @@ def test_limits_enforced_reports_what_this_machine_enforces(run) -> None:
 
 
 def test_timeout_kills_double_forked_escapees(run) -> None:
-    escape = (f"setsid sh -c '(sh -c \"sleep 1000; : {MARKER}\" &); sleep 1000; : {MARKER}' & "
-              f"sh -c 'sleep 1000; : {MARKER}' & echo started; sleep 1000")
+    escape = (
+        f"setsid sh -c '(sh -c \"sleep 1000; : {MARKER}\" &); sleep 1000; : {MARKER}' & "
+        f"sh -c 'sleep 1000; : {MARKER}' & echo started; sleep 1000"
+    )
     started = time.monotonic()
     done = run(escape, Limits(timeout=1.0))
     assert done.result.timed_out
@@ -423,8 +521,10 @@ def test_timeout_kills_double_forked_escapees(run) -> None:
 def test_fork_bomb_is_contained_by_the_pids_limit(run) -> None:
     # A subshell starts sleepers until fork fails (which ends it); then the outer shell counts
     # the processes with builtins only, since it cannot fork any more either.
-    bomb = (f"(for i in $(seq 100); do sh -c 'sleep 30; : {MARKER}' & done) 2>/dev/null; "
-            "set -- /proc/[0-9]*; echo $#")
+    bomb = (
+        f"(for i in $(seq 100); do sh -c 'sleep 30; : {MARKER}' & done) 2>/dev/null; "
+        "set -- /proc/[0-9]*; echo $#"
+    )
     done = run(bomb, Limits(timeout=20, pids=32))
     assert done.result.exit_status == 0
     assert 5 < int(done.stdout) <= 32
@@ -440,8 +540,10 @@ def test_memory_hog_is_killed_by_the_memory_limit(run) -> None:
 
 
 def test_tmp_is_size_limited(run) -> None:
-    done = run("head -c 3000000 /dev/zero > /tmp/big; echo $?; wc -c < /tmp/big",
-               Limits(timeout=20, tmp_bytes=1024**2))
+    done = run(
+        "head -c 3000000 /dev/zero > /tmp/big; echo $?; wc -c < /tmp/big",
+        Limits(timeout=20, tmp_bytes=1024**2),
+    )
     status, size = done.stdout.split()
     assert status != b"0"
     assert int(size) <= 1024**2
@@ -455,20 +557,31 @@ def test_file_size_limit(run) -> None:
 
 def test_missing_init_is_a_set_up_failure(base_dir: Path, input_dir: Path) -> None:
     bare = _make_rootfs(Path(tempfile.mkdtemp(dir=base_dir)) / "rootfs", with_init=False)
-    spec = SandboxSpec(bare, input_dir, Path(tempfile.mkdtemp(dir=base_dir)),
-                       ("/sbin/init", "true"), Limits(timeout=20))
+    spec = SandboxSpec(
+        bare,
+        input_dir,
+        Path(tempfile.mkdtemp(dir=base_dir)),
+        ("/sbin/init", "true"),
+        Limits(timeout=20),
+    )
     with pytest.raises(SandboxError) as raised:
         run_sandbox(spec)
-    assert str(raised.value) == ("sandbox set-up failed: bwrap: execvp /sbin/init: "
-                                 "No such file or directory")
+    assert str(raised.value) == (
+        "sandbox set-up failed: bwrap: execvp /sbin/init: No such file or directory"
+    )
 
 
 def test_symlinked_mount_point_is_refused(base_dir: Path, input_dir: Path) -> None:
     planted = _make_rootfs(Path(tempfile.mkdtemp(dir=base_dir)) / "rootfs")
     (planted / "tmp").rmdir()
     (planted / "tmp").symlink_to("/etc")
-    spec = SandboxSpec(planted, input_dir, Path(tempfile.mkdtemp(dir=base_dir)),
-                       ("/sbin/init", "true"), Limits(timeout=20))
+    spec = SandboxSpec(
+        planted,
+        input_dir,
+        Path(tempfile.mkdtemp(dir=base_dir)),
+        ("/sbin/init", "true"),
+        Limits(timeout=20),
+    )
     with pytest.raises(SandboxError, match="no real directory /tmp"):
         run_sandbox(spec)
 
@@ -480,9 +593,13 @@ def test_interrupt_from_a_callback_kills_the_sandbox(rootfs, input_dir, base_dir
         raised_at.append(time.monotonic())
         raise KeyboardInterrupt
 
-    spec = SandboxSpec(rootfs, input_dir, Path(tempfile.mkdtemp(dir=base_dir)),
-                       ("/sbin/init", "sh", "-c", f"echo ready; sleep 1000; : {MARKER}"),
-                       Limits(timeout=10))
+    spec = SandboxSpec(
+        rootfs,
+        input_dir,
+        Path(tempfile.mkdtemp(dir=base_dir)),
+        ("/sbin/init", "sh", "-c", f"echo ready; sleep 1000; : {MARKER}"),
+        Limits(timeout=10),
+    )
     with pytest.raises(KeyboardInterrupt):
         run_sandbox(spec, on_stdout=interrupt)
     assert time.monotonic() - raised_at[0] < 1.0
@@ -495,8 +612,13 @@ def test_sigint_while_the_payload_sleeps(rootfs, input_dir, base_dir) -> None:
         sent_at.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGINT)
 
-    spec = SandboxSpec(rootfs, input_dir, Path(tempfile.mkdtemp(dir=base_dir)),
-                       ("/sbin/init", "sh", "-c", f"sleep 1000; : {MARKER}"), Limits(timeout=10))
+    spec = SandboxSpec(
+        rootfs,
+        input_dir,
+        Path(tempfile.mkdtemp(dir=base_dir)),
+        ("/sbin/init", "sh", "-c", f"sleep 1000; : {MARKER}"),
+        Limits(timeout=10),
+    )
     # Python's own handler, even where SIGINT came in ignored (a `cmd &` background job).
     previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, send_sigint)
@@ -512,15 +634,14 @@ def test_sigint_while_the_payload_sleeps(rootfs, input_dir, base_dir) -> None:
 
 def test_a_half_spawned_bwrap_is_killed_by_the_pid_it_reported() -> None:
     # What run_sandbox does when Ctrl-C lands inside Popen (which then returns no pid).
-    from ipfs_execute_magic.sandbox import _kill_half_spawned
-
     pid_read, pid_write = os.pipe()
 
     def report_pid() -> None:
         os.write(pid_write, b"%d" % os.getpid())
 
-    child = subprocess.Popen(["sh", "-c", f"sleep 1000; : {MARKER}"], start_new_session=True,
-                             preexec_fn=report_pid)
+    child = subprocess.Popen(
+        ["sh", "-c", f"sleep 1000; : {MARKER}"], start_new_session=True, preexec_fn=report_pid
+    )
     os.close(pid_write)
     _kill_half_spawned(pid_read)
     os.close(pid_read)
@@ -542,8 +663,13 @@ def test_interactive_passes_the_callers_stdin(rootfs, input_dir, base_dir) -> No
         result = run_sandbox(spec, on_stdout=sys.stdout.buffer.write)
         sys.exit(result.exit_status)
         """)
-    completed = subprocess.run([sys.executable, "-c", script], input=b"typed words\n",
-                               capture_output=True, timeout=60, check=False)
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        input=b"typed words\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
     assert completed.stdout == b"got typed words\n", completed.stderr
     assert completed.returncode == 0
 
@@ -551,14 +677,16 @@ def test_interactive_passes_the_callers_stdin(rootfs, input_dir, base_dir) -> No
 @pytest.mark.skipif(os.geteuid() != 0, reason="starts the tool as another user")
 def test_unprivileged_caller_falls_back_to_rlimits(rootfs, input_dir, base_dir) -> None:
     # Most users' machines: not root, no writable cgroup. The venv's interpreter may live
-    # under /root, so this uses the system one; sandbox.py needs only the standard library.
+    # under /root, so this uses the system one; the sandbox package needs only the standard library.
     python = shutil.which("python3", path="/usr/bin:/bin")  # Debian's python3 (./run installs it)
     assert python is not None, "Debian's python3 is missing: run ./run setup"
     # A copy of the package where uid 1000 can read it (the checkout may be under /root).
     package_parent = Path(tempfile.mkdtemp(dir=base_dir))
-    shutil.copytree(Path(__file__).resolve().parents[1] / "ipfs_execute_magic",
-                    package_parent / "ipfs_execute_magic",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        Path(__file__).resolve().parents[1] / "ipfs_execute_magic",
+        package_parent / "ipfs_execute_magic",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     subprocess.run(["chmod", "-R", "a+rX", str(package_parent)], check=True)
     user = 1000
     output_dir = Path(tempfile.mkdtemp(dir=base_dir))
@@ -579,11 +707,14 @@ def test_unprivileged_caller_falls_back_to_rlimits(rootfs, input_dir, base_dir) 
               sep="\\n")
         """)
     completed = subprocess.run(
-        ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", python, "-c",
-         script], capture_output=True, text=True, timeout=60, check=False)
+        ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", python, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert completed.returncode == 0, completed.stderr
-    address_space_kb, max_processes, status, memory, pids, not_fixed = (
-        completed.stdout.splitlines())
+    address_space_kb, max_processes, status, memory, pids, not_fixed = completed.stdout.splitlines()
     assert address_space_kb == str(256 * 1024)
     assert int(max_processes) >= 32
     assert status == "0"

@@ -102,12 +102,15 @@ def _fill_in_process(root: str, counter: str, start: float) -> str:
     return str(StagingCache(Path(root)).fill("rootfs", CID, slow_filler))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_fill_once(tmp_path: Path) -> None:
     counter = tmp_path / "filler-calls"
     start = time.time() + 0.5  # all eight try at the same moment
     context = multiprocessing.get_context("fork")
     with context.Pool(8) as pool:
-        results = pool.starmap(_fill_in_process, [(str(tmp_path / "cache"), str(counter), start)] * 8)
+        results = pool.starmap(
+            _fill_in_process, [(str(tmp_path / "cache"), str(counter), start)] * 8
+        )
     assert len(counter.read_text().splitlines()) == 1
     assert set(results) == {str(tmp_path / "cache/rootfs" / CID)}
     assert (Path(results[0]) / "sub/file").read_text() == "content"
@@ -159,7 +162,9 @@ def test_stale_tmp_is_removed_but_live_filler_is_not(tmp_path: Path) -> None:
     live.start()
     try:
         assert inside_filler.wait(10)
-        live_dirs = [name for name in os.listdir(tmp_path / "tmp") if name.startswith("input.liveKey.")]
+        live_dirs = [
+            name for name in os.listdir(tmp_path / "tmp") if name.startswith("input.liveKey.")
+        ]
         assert len(live_dirs) == 1
         cache.fill("rootfs", CID, write_tree)
         remaining = sorted(os.listdir(tmp_path / "tmp"))

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ipfs_execute_magic.errors import (DaemonUnreachableError, InvalidPathError,
-                                       NotRetrievableError)
 from ipfs_execute_magic.cid import IpfsPath, is_cid
+from ipfs_execute_magic.errors import DaemonUnreachableError, InvalidPathError, NotRetrievableError
 from ipfs_execute_magic.store import Store, _parse_version
 
 
@@ -36,9 +35,24 @@ def make_tree(root: Path) -> Path:
 def test_tree_cid_equals_kubo_cli(store: Store, kubo_env, scratch: Path) -> None:
     tree = make_tree(scratch)
     ours = store.add_path(tree)
-    cli = subprocess.run(["ipfs", "add", "-r", "--hidden", "-Q", "--only-hash",
-                          "--cid-version=1", "--raw-leaves", "--chunker=size-1048576", str(tree)],
-                         env=kubo_env, capture_output=True, text=True, check=True)
+    cli = subprocess.run(
+        [
+            "ipfs",
+            "add",
+            "-r",
+            "--hidden",
+            "-Q",
+            "--only-hash",
+            "--cid-version=1",
+            "--raw-leaves",
+            "--chunker=size-1048576",
+            str(tree),
+        ],
+        env=kubo_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert ours == cli.stdout.strip()
     kinds = {entry.name: entry.kind for entry in store.ls(ours)}
     assert kinds["rel-link"] == kinds["abs-link"] == kinds["dir-link"] == "symlink"
@@ -48,8 +62,9 @@ def test_tree_cid_equals_kubo_cli(store: Store, kubo_env, scratch: Path) -> None
 def test_symlinks_are_not_followed(store: Store, kubo_env, scratch: Path) -> None:
     tree = make_tree(scratch)
     cid = store.add_path(tree)
-    target = subprocess.run(["ipfs", "cat", f"{cid}/rel-link"], env=kubo_env,
-                            capture_output=True, text=True, check=True)
+    target = subprocess.run(
+        ["ipfs", "cat", f"{cid}/rel-link"], env=kubo_env, capture_output=True, text=True, check=True
+    )
     # A UnixFS symlink node holds its target path, not the bytes of the file it points to.
     assert target.stdout == "a/b/c/deep.txt"
     assert store.cat(f"{cid}/abs-link") == b"/etc/passwd"
@@ -70,16 +85,30 @@ def test_resolve_forms(store: Store, scratch: Path) -> None:
 def test_ipns_resolved_once_to_immutable_cid(store: Store, kubo_env, scratch: Path) -> None:
     tree = make_tree(scratch)
     cid = store.add_path(tree)
-    published = subprocess.run(["ipfs", "name", "publish", "--allow-offline", "-Q",
-                                f"/ipfs/{cid}"], env=kubo_env, capture_output=True, text=True,
-                               check=True).stdout.strip()
+    published = subprocess.run(
+        ["ipfs", "name", "publish", "--allow-offline", "-Q", f"/ipfs/{cid}"],
+        env=kubo_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     name = published.removeprefix("/ipns/")
     assert store.resolve(f"/ipns/{name}") == cid
     assert store.resolve(f"/ipns/{name}/a/b") == store.resolve(f"{cid}/a/b")
 
 
-@pytest.mark.parametrize("bad", ["", "hello", "Qm123", "/ipfs/", "/ipfs/notacid/x",
-                                 "bafy../..", f"/ipfs/{'b' + 'a' * 58}/../etc"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "hello",
+        "Qm123",
+        "/ipfs/",
+        "/ipfs/notacid/x",
+        "bafy../..",
+        f"/ipfs/{'b' + 'a' * 58}/../etc",
+    ],
+)
 def test_malformed_paths_are_usage_errors(bad: str) -> None:
     with pytest.raises(InvalidPathError) as error:
         IpfsPath.parse(bad)
@@ -120,8 +149,13 @@ def test_ten_thousand_files_do_not_hang(store: Store, kubo_env, scratch: Path) -
         for index in range(100):
             (folder / f"f{index:03d}").write_text(f"{group}-{index}\n")
     ours = store.add_path(tree)  # pytest-timeout bounds this; the CLI takes seconds
-    cli = subprocess.run(["ipfs", "add", "-r", "--hidden", "-Q", "--only-hash", str(tree)],
-                         env=kubo_env, capture_output=True, text=True, check=True)
+    cli = subprocess.run(
+        ["ipfs", "add", "-r", "--hidden", "-Q", "--only-hash", str(tree)],
+        env=kubo_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert ours == cli.stdout.strip()
 
 
@@ -139,8 +173,11 @@ def test_add_streams_in_constant_memory(settings, scratch: Path) -> None:
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((after - before) // 1024)
     """)
-    grown_mib = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                   check=True).stdout.strip())
+    grown_mib = int(
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
     assert grown_mib < 64, f"adding a 400 MiB file grew the client by {grown_mib} MiB"
 
 

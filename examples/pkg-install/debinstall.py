@@ -101,8 +101,9 @@ def ensure_parents(tree: Tree, path: str) -> None:
         if existing is not None:
             if existing.kind != "dir":
                 # A member below a symlink or file would make extractors refuse the tarball.
-                raise InstallError(f"{path}: its parent /{parent} is a {existing.kind}, "
-                                   "not a directory")
+                raise InstallError(
+                    f"{path}: its parent /{parent} is a {existing.kind}, not a directory"
+                )
             break
         missing.append(parent)
         parent = posixpath.dirname(parent)
@@ -127,8 +128,10 @@ def _decompress_zstd(data: bytes, what: str) -> bytes:
     try:
         import zstandard  # not in the stdlib of 3.11; present on hosts with the project's deps
     except ImportError:
-        raise InstallError(f"{what} is zstd-compressed, and this Python has no zstandard "
-                           "module: recompress it with gzip or xz") from None
+        raise InstallError(
+            f"{what} is zstd-compressed, and this Python has no zstandard "
+            "module: recompress it with gzip or xz"
+        ) from None
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
@@ -157,8 +160,10 @@ def read_tar(data: bytes, what: str) -> list[tuple[str, Entry]]:
                 elif member.islnk():
                     target = seen.get(norm_path(member.linkname))
                     if target is None or target.kind != "file":
-                        raise InstallError(f"{what}: hard link {path} points to "
-                                           f"{member.linkname!r}, no earlier regular file")
+                        raise InstallError(
+                            f"{what}: hard link {path} points to "
+                            f"{member.linkname!r}, no earlier regular file"
+                        )
                     # A copy, not a link: sorted output may put the link before its target.
                     entry = Entry("file", target.mode, target.data)
                 else:
@@ -178,7 +183,7 @@ def read_ar(data: bytes, what: str) -> dict[str, bytes]:
     members: dict[str, bytes] = {}
     pos = 8
     while pos < len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         if len(header) < 60 or header[58:60] != b"`\n":
             raise InstallError(f"{what}: truncated or corrupt ar header at byte {pos}")
         name = header[:16].decode("ascii", "replace").strip().rstrip("/")
@@ -189,7 +194,7 @@ def read_ar(data: bytes, what: str) -> dict[str, bytes]:
         start = pos + 60
         if start + size > len(data):
             raise InstallError(f"{what}: member {name} runs past the end of the file")
-        members[name] = data[start:start + size]
+        members[name] = data[start : start + size]
         pos = start + size + (size & 1)  # members are 2-byte aligned
     return members
 
@@ -273,6 +278,7 @@ def read_rootfs(data: bytes, what: str) -> Tree:
 
 # ---------------------------------------------------------------- installing
 
+
 def _join_clamped(base: list[str], target: str) -> list[str]:
     """Components of `target` relative to `base`, with '..' stopping at the root (chroot-like)."""
     parts = [] if target.startswith("/") else list(base)
@@ -299,7 +305,7 @@ def resolve_parents(tree: Tree, path: str) -> str:
     hops = 0
     while todo:
         comp = todo.pop(0)
-        entry = tree.get("/".join(done + [comp]))
+        entry = tree.get("/".join([*done, comp]))
         if entry is not None and entry.kind == "symlink":
             hops += 1
             if hops > MAX_SYMLINK_HOPS:
@@ -308,7 +314,7 @@ def resolve_parents(tree: Tree, path: str) -> str:
             done = []
         else:
             done.append(comp)
-    return "/".join(done + [last])
+    return "/".join([*done, last])
 
 
 @dataclass(frozen=True)
@@ -344,16 +350,18 @@ def install(tree: Tree, debs: list[Deb], path_filter: PathFilter = PathFilter())
                 if existing is None:
                     put(tree, dest, entry)
                 elif existing.kind == "file":
-                    raise InstallError(f"{deb.source}: directory /{path} would replace a "
-                                       f"file of the same name")
+                    raise InstallError(
+                        f"{deb.source}: directory /{path} would replace a file of the same name"
+                    )
                 # An existing directory, or a symlink to one, stays as it is (like dpkg).
             else:
                 if existing is not None and existing.kind == "dir":
                     raise InstallError(f"{deb.source}: /{path} would replace a directory")
                 previous = owner.get(dest)
                 if previous and previous != deb.name and existing != entry:
-                    raise InstallError(f"{deb.source}: /{path} is also in package "
-                                       f"{previous}, with other contents")
+                    raise InstallError(
+                        f"{deb.source}: /{path} is also in package {previous}, with other contents"
+                    )
                 put(tree, dest, entry)
                 owner[dest] = deb.name
             listed.add("/" + path)
@@ -373,8 +381,11 @@ def _record(tree: Tree, deb: Deb, listed: set[str]) -> None:
                 paragraphs[key] = para.strip("\n")
     lines = deb.control.split("\n")
     # Unpacked, never configured: no maintainer script ran, and the status says so.
-    para = "\n".join(lines[:1] + ["Status: install ok unpacked"]
-                     + [ln for ln in lines[1:] if not ln.startswith("Status:")])
+    para = "\n".join(
+        lines[:1]
+        + ["Status: install ok unpacked"]
+        + [ln for ln in lines[1:] if not ln.startswith("Status:")]
+    )
     paragraphs[f"{deb.name}:{deb.arch}"] = para
     text = "\n\n".join(paragraphs[k] for k in sorted(paragraphs)) + "\n"
     put(tree, status_path, file_entry(text.encode()))
@@ -384,8 +395,8 @@ def _record(tree: Tree, deb: Deb, listed: set[str]) -> None:
 
 # ---------------------------------------------------------------- writing
 
-def write_tar(tree: Tree, dest: Path, epoch: int | None = None,
-              level: int = GZIP_LEVEL) -> Path:
+
+def write_tar(tree: Tree, dest: Path, epoch: int | None = None, level: int = GZIP_LEVEL) -> Path:
     """Write `tree` as a reproducible .tar.gz at `dest` (atomically) and return `dest`."""
     epoch = source_date_epoch() if epoch is None else epoch
     tree = dict(tree)
@@ -393,15 +404,16 @@ def write_tar(tree: Tree, dest: Path, epoch: int | None = None,
         ensure_parents(tree, path)  # every directory gets its own member
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as raw:
-            # filename="" keeps the temporary name out of the gzip header; mtime=0 the clock.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
-                               compresslevel=level) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT,
-                                  encoding=TAR_ENCODING) as tar:
-                    for path in sorted(tree, key=lambda p: p.encode(TAR_ENCODING,
-                                                                     "surrogateescape")):
-                        _add_member(tar, path, tree[path], epoch)
+        # filename="" keeps the temporary name out of the gzip header; mtime=0 the clock.
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=level) as gz,
+            tarfile.open(
+                fileobj=gz, mode="w", format=tarfile.GNU_FORMAT, encoding=TAR_ENCODING
+            ) as tar,
+        ):
+            for path in sorted(tree, key=lambda p: p.encode(TAR_ENCODING, "surrogateescape")):
+                _add_member(tar, path, tree[path], epoch)
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -451,8 +463,9 @@ def _find_debs(explicit: list[str], packages_dir: Path) -> list[Path]:
     if not packages_dir.is_dir():
         return []
     # Sorted file names: the install order must not depend on readdir order.
-    return sorted((p for p in packages_dir.iterdir() if p.name.endswith(".deb")),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in packages_dir.iterdir() if p.name.endswith(".deb")), key=lambda p: p.name
+    )
 
 
 def _find_base(option: str | None, input_dir: Path) -> Path:
@@ -461,33 +474,55 @@ def _find_base(option: str | None, input_dir: Path) -> Path:
     for name in BASE_NAMES:
         if (input_dir / name).is_file():
             return input_dir / name
-    raise InstallError(f"no base image: put one of {', '.join(BASE_NAMES)} in {input_dir} "
-                       "(or pass --base PATH, or --no-base to start from an empty root)")
+    raise InstallError(
+        f"no base image: put one of {', '.join(BASE_NAMES)} in {input_dir} "
+        "(or pass --base PATH, or --no-base to start from an empty root)"
+    )
 
 
 def _install_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="/sbin/init [install]",
         description="Install .deb packages into a base rootfs tarball and write a reproducible "
-                    "rootfs.tar.gz. No maintainer scripts run. Any other first argument is run "
-                    "as a command (e.g. `sh -c ...`, `python3 script.py`); `list` prints the "
-                    "packages found.")
-    parser.add_argument("debs", nargs="*", metavar="DEB",
-                        help="packages to install, in this order "
-                             "(default: INPUT/packages/*.deb sorted by file name)")
+        "rootfs.tar.gz. No maintainer scripts run. Any other first argument is run "
+        "as a command (e.g. `sh -c ...`, `python3 script.py`); `list` prints the "
+        "packages found.",
+    )
+    parser.add_argument(
+        "debs",
+        nargs="*",
+        metavar="DEB",
+        help="packages to install, in this order "
+        "(default: INPUT/packages/*.deb sorted by file name)",
+    )
     parser.add_argument("--input", default="/input", help="input directory (default /input)")
-    parser.add_argument("--base", help="base rootfs tarball (default: INPUT/rootfs.tar.gz, "
-                                       "then .tar.xz, .tar.bz2, .tar)")
-    parser.add_argument("--no-base", action="store_true",
-                        help="start from an empty root instead of a base image")
+    parser.add_argument(
+        "--base",
+        help="base rootfs tarball (default: INPUT/rootfs.tar.gz, then .tar.xz, .tar.bz2, .tar)",
+    )
+    parser.add_argument(
+        "--no-base", action="store_true", help="start from an empty root instead of a base image"
+    )
     parser.add_argument("--packages", help="directory of .deb files (default INPUT/packages)")
-    parser.add_argument("--output", default="/output/rootfs.tar.gz",
-                        help="where to write the result (default /output/rootfs.tar.gz)")
-    parser.add_argument("--path-exclude", action="append", default=[], metavar="GLOB",
-                        help="skip package paths matching GLOB (dpkg syntax, e.g. "
-                             "'/usr/share/doc/*'); repeatable")
-    parser.add_argument("--path-include", action="append", default=[], metavar="GLOB",
-                        help="keep paths matching GLOB even when excluded; repeatable")
+    parser.add_argument(
+        "--output",
+        default="/output/rootfs.tar.gz",
+        help="where to write the result (default /output/rootfs.tar.gz)",
+    )
+    parser.add_argument(
+        "--path-exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip package paths matching GLOB (dpkg syntax, e.g. '/usr/share/doc/*'); repeatable",
+    )
+    parser.add_argument(
+        "--path-include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep paths matching GLOB even when excluded; repeatable",
+    )
     return parser
 
 
@@ -516,8 +551,9 @@ def cmd_install(argv: list[str]) -> int:
 
 
 def cmd_list(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="/sbin/init list",
-                                     description="Print name=version arch of each package.")
+    parser = argparse.ArgumentParser(
+        prog="/sbin/init list", description="Print name=version arch of each package."
+    )
     parser.add_argument("--packages", default="/input/packages")
     parser.add_argument("debs", nargs="*", metavar="DEB")
     args = parser.parse_args(argv)

@@ -6,8 +6,7 @@ Only this package imports IPython, ipywidgets and traitlets; the core stays usab
 
 from __future__ import annotations
 
+from ..verification import NotebookVerdict
 from .magics import IpfsExecuteMagics, PayloadFailedError, load_ipython_extension
-from .provenance import NotebookVerdict
 
-__all__ = ["IpfsExecuteMagics", "NotebookVerdict", "PayloadFailedError",
-           "load_ipython_extension"]
+__all__ = ["IpfsExecuteMagics", "NotebookVerdict", "PayloadFailedError", "load_ipython_extension"]

@@ -32,8 +32,13 @@ from ..result import FileEntry, IpfsRef, RunResult
 
 PUBLIC_GATEWAY = "https://ipfs.io"
 
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-               ".gif": "image/gif", ".svg": "image/svg+xml"}
+IMAGE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".svg": "image/svg+xml",
+}
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 
@@ -50,10 +55,22 @@ class PreviewLimits:
 
 
 # The static HTML is saved in the notebook: keep it small. The widget fetches on click.
-HTML_PREVIEWS = PreviewLimits(text_bytes=4096, text_lines=60, table_rows=20,
-                              image_bytes=512 * 1024, total_bytes=1536 * 1024, files=12)
-WIDGET_PREVIEW = PreviewLimits(text_bytes=64 * 1024, text_lines=2000, table_rows=200,
-                               image_bytes=4 * 1024**2, total_bytes=4 * 1024**2, files=1)
+HTML_PREVIEWS = PreviewLimits(
+    text_bytes=4096,
+    text_lines=60,
+    table_rows=20,
+    image_bytes=512 * 1024,
+    total_bytes=1536 * 1024,
+    files=12,
+)
+WIDGET_PREVIEW = PreviewLimits(
+    text_bytes=64 * 1024,
+    text_lines=2000,
+    table_rows=200,
+    image_bytes=4 * 1024**2,
+    total_bytes=4 * 1024**2,
+    files=1,
+)
 LISTING_ROWS = 500  # rows of the static listing
 WIDGET_ROWS = 300  # rows of the widget tree (each row is two widgets)
 
@@ -93,6 +110,7 @@ def _link(href: str, text: str) -> str:
 
 # -- previews ----------------------------------------------------------------------------------
 
+
 def preview_html(path: str, data: bytes, size: int, limits: PreviewLimits) -> str | None:
     """An HTML preview of a file's first bytes, or None when it is nothing we can show."""
     suffix = PurePosixPath(path).suffix.lower()
@@ -100,8 +118,10 @@ def preview_html(path: str, data: bytes, size: int, limits: PreviewLimits) -> st
         if size > limits.image_bytes or len(data) < size:
             return None
         encoded = base64.b64encode(data).decode("ascii")
-        return (f'<img src="data:{IMAGE_TYPES[suffix]};base64,{encoded}" alt="{_e(path)}" '
-                'style="max-width:100%;max-height:480px"/>')
+        return (
+            f'<img src="data:{IMAGE_TYPES[suffix]};base64,{encoded}" alt="{_e(path)}" '
+            'style="max-width:100%;max-height:480px"/>'
+        )
     if b"\0" in data[:8192]:
         return None  # binary
     text = _decode_head(data)
@@ -111,10 +131,13 @@ def preview_html(path: str, data: bytes, size: int, limits: PreviewLimits) -> st
     if suffix in TABLE_DELIMITERS:
         return _table_html(text, TABLE_DELIMITERS[suffix], limits.table_rows, truncated)
     lines = text.splitlines(keepends=True)
-    shown = "".join(lines[:limits.text_lines])
+    shown = "".join(lines[: limits.text_lines])
     more = truncated or len(lines) > limits.text_lines
-    note = f'<div><i>… first {human_size(len(shown.encode()))} of {human_size(size)}</i></div>' \
-        if more else ""
+    note = (
+        f"<div><i>… first {human_size(len(shown.encode()))} of {human_size(size)}</i></div>"
+        if more
+        else ""
+    )
     return f'<pre style="max-height:24em;overflow:auto;margin:0">{_e(shown)}</pre>{note}'
 
 
@@ -131,16 +154,19 @@ def _table_html(text: str, delimiter: str, max_rows: int, truncated: bool) -> st
     lines = text.splitlines()
     if truncated and lines:
         lines = lines[:-1]  # the last line may be cut
-    rows = list(csv.reader(io.StringIO("\n".join(lines[:max_rows + 1])), delimiter=delimiter))
+    rows = list(csv.reader(io.StringIO("\n".join(lines[: max_rows + 1])), delimiter=delimiter))
     if not rows:
         return "<i>(empty table)</i>"
-    head, body = rows[0], rows[1:max_rows + 1]
+    head, body = rows[0], rows[1 : max_rows + 1]
     parts = ['<table style="border-collapse:collapse;font-size:90%"><thead><tr>']
     parts += [f'<th style="text-align:left;padding:0 0.6em">{_e(cell)}</th>' for cell in head]
     parts.append("</tr></thead><tbody>")
     for row in body:
-        parts.append("<tr>" + "".join(f'<td style="padding:0 0.6em">{_e(cell)}</td>'
-                                      for cell in row) + "</tr>")
+        parts.append(
+            "<tr>"
+            + "".join(f'<td style="padding:0 0.6em">{_e(cell)}</td>' for cell in row)
+            + "</tr>"
+        )
     parts.append("</tbody></table>")
     if truncated or len(lines) > max_rows + 1:
         parts.append(f"<div><i>… first {len(body)} rows</i></div>")
@@ -148,6 +174,7 @@ def _table_html(text: str, delimiter: str, max_rows: int, truncated: bool) -> st
 
 
 # -- the view ----------------------------------------------------------------------------------
+
 
 class ResultView:
     """Everything shown for one RunResult; reads /output once per rendering."""
@@ -207,8 +234,10 @@ class ResultView:
     def notes(self) -> list[str]:
         notes = []
         if self.result.cache_hit:
-            notes.append(f"cached: nothing ran, this is the recorded result of an identical run "
-                         f"({self.result.record.started_at}); --no-cache runs it again")
+            notes.append(
+                f"cached: nothing ran, this is the recorded result of an identical run "
+                f"({self.result.record.started_at}); --no-cache runs it again"
+            )
         if self.result.disagreement:
             notes.append(f"warning: {self.result.disagreement}")
         return notes
@@ -218,12 +247,16 @@ class ResultView:
         rows = []
         for label, cid in self.cids():
             shown = _link(gateway_href(self.gateway, cid), f"ipfs://{cid}") if cid else "—"
-            rows.append(f'<tr><td style="padding:0 0.8em 0 0;text-align:left">{label}</td>'
-                        f'<td style="text-align:left"><code>{shown}</code></td></tr>')
+            rows.append(
+                f'<tr><td style="padding:0 0.8em 0 0;text-align:left">{label}</td>'
+                f'<td style="text-align:left"><code>{shown}</code></td></tr>'
+            )
         notes = "".join(f"<div><i>{_e(note)}</i></div>" for note in self.notes())
-        return (f'<div><b style="color:{colour}">{_e(self.status_text())}</b> in '
-                f'{self.result.duration:.2f} s</div>{notes}'
-                f'<table style="border-collapse:collapse">{"".join(rows)}</table>')
+        return (
+            f'<div><b style="color:{colour}">{_e(self.status_text())}</b> in '
+            f"{self.result.duration:.2f} s</div>{notes}"
+            f'<table style="border-collapse:collapse">{"".join(rows)}</table>'
+        )
 
     def _directory_sizes(self) -> dict[str, int]:
         sizes: dict[str, int] = {}
@@ -260,10 +293,12 @@ class ResultView:
     def _listing_html(self, entries: list[FileEntry]) -> str:
         dir_sizes = self._directory_sizes()
         cell = "padding:0 0.8em 0 0"
-        rows = [f'<table style="border-collapse:collapse"><thead><tr>'
-                f'<th style="text-align:left;{cell}">/output</th>'
-                f'<th style="text-align:right;{cell}">size</th>'
-                f'<th style="text-align:left">CID</th></tr></thead><tbody>']
+        rows = [
+            f'<table style="border-collapse:collapse"><thead><tr>'
+            f'<th style="text-align:left;{cell}">/output</th>'
+            f'<th style="text-align:right;{cell}">size</th>'
+            f'<th style="text-align:left">CID</th></tr></thead><tbody>'
+        ]
         for entry in entries[:LISTING_ROWS]:
             depth = entry.path.count("/")
             name = entry.path.rsplit("/", 1)[-1] + ("/" if entry.kind == "directory" else "")
@@ -272,9 +307,10 @@ class ResultView:
             size = self._size_of(entry, dir_sizes)
             rows.append(
                 f'<tr><td style="text-align:left;{cell};padding-left:{depth * 1.2:g}em">'
-                f'{_link(self._entry_href(entry), name)}</td>'
+                f"{_link(self._entry_href(entry), name)}</td>"
                 f'<td style="text-align:right;{cell}" title="{size} bytes">{human_size(size)}</td>'
-                f'<td style="text-align:left"><code>{_e(entry.cid)}</code></td></tr>')
+                f'<td style="text-align:left"><code>{_e(entry.cid)}</code></td></tr>'
+            )
         rows.append("</tbody></table>")
         if len(entries) > LISTING_ROWS:
             rows.append(f"<div><i>… and {len(entries) - LISTING_ROWS} more entries</i></div>")
@@ -293,12 +329,15 @@ class ResultView:
             if snippet is None:
                 continue
             budget -= len(snippet)
-            parts.append(f'<details open><summary><code>{_e(entry.path)}</code> '
-                         f'({human_size(entry.size)})</summary>{snippet}</details>')
+            parts.append(
+                f"<details open><summary><code>{_e(entry.path)}</code> "
+                f"({human_size(entry.size)})</summary>{snippet}</details>"
+            )
         return "".join(parts)
 
-    def preview(self, entry: FileEntry, limits: PreviewLimits,
-                budget: int | None = None) -> str | None:
+    def preview(
+        self, entry: FileEntry, limits: PreviewLimits, budget: int | None = None
+    ) -> str | None:
         suffix = PurePosixPath(entry.path).suffix.lower()
         cap = limits.image_bytes if suffix in IMAGE_TYPES else limits.text_bytes
         if budget is not None:
@@ -334,7 +373,7 @@ class ResultView:
         bundle: dict[str, Any] = {}
         try:
             bundle.update(OutputBrowser(self)._repr_mimebundle_())
-        except Exception:  # noqa: BLE001 - no widget is better than no display at all
+        except Exception:
             pass
         # After the widget's bundle: its text/plain is only the widget's repr.
         bundle["text/html"] = self.to_html()
@@ -351,6 +390,7 @@ class ResultView:
 
 # -- the widget --------------------------------------------------------------------------------
 
+
 class OutputBrowser(widgets.VBox):  # type: ignore[misc]
     """Header, a collapsible tree of /output, and a preview of the file clicked."""
 
@@ -360,8 +400,10 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
         self._selected: widgets.Button | None = None
         self.preview = widgets.HTML(
             "<i>click a file to preview it</i>",
-            layout=widgets.Layout(border="1px solid #ccc", padding="4px", max_height="520px",
-                                  overflow="auto"))
+            layout=widgets.Layout(
+                border="1px solid #ccc", padding="4px", max_height="520px", overflow="auto"
+            ),
+        )
         header = widgets.HTML(view.header_html())
         entries = view.entries
         if view.listing_error or not entries:
@@ -375,17 +417,21 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
             children.setdefault(parent, []).append(entry)
         tree_rows = self._rows(children, "", 0)
         if len(entries) > WIDGET_ROWS:
-            tree_rows.append(widgets.HTML(f"<i>… and {len(entries) - WIDGET_ROWS} more "
-                                          "entries (see the gateway listing)</i>"))
-        tree = widgets.VBox(tree_rows,
-                            layout=widgets.Layout(max_height="360px", overflow="auto"))
+            tree_rows.append(
+                widgets.HTML(
+                    f"<i>… and {len(entries) - WIDGET_ROWS} more "
+                    "entries (see the gateway listing)</i>"
+                )
+            )
+        tree = widgets.VBox(tree_rows, layout=widgets.Layout(max_height="360px", overflow="auto"))
         super().__init__([header, tree, self.preview])
         first = next((e for e in entries if e.kind == "file" and e.path in self.buttons), None)
         if first is not None:
             self.show(first.path)
 
-    def _rows(self, children: dict[str, list[FileEntry]], parent: str,
-              depth: int) -> list[widgets.Widget]:
+    def _rows(
+        self, children: dict[str, list[FileEntry]], parent: str, depth: int
+    ) -> list[widgets.Widget]:
         rows: list[widgets.Widget] = []
         for entry in children.get(parent, []):
             name = entry.path.rsplit("/", 1)[-1]
@@ -393,11 +439,14 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
             size = human_size(self.view._size_of(entry, self._dir_sizes))
             button = widgets.Button(
                 description=name + ("/" if is_dir else ""),
-                icon="folder-open" if is_dir else "file", tooltip=entry.cid,
-                layout=widgets.Layout(width="auto", margin=f"0 0 0 {depth * 20}px"))
+                icon="folder-open" if is_dir else "file",
+                tooltip=entry.cid,
+                layout=widgets.Layout(width="auto", margin=f"0 0 0 {depth * 20}px"),
+            )
             info = widgets.HTML(
                 f'<span style="display:inline-block;min-width:6em;text-align:right">'
-                f'{_e(size)}</span>&nbsp; {_link(self.view._entry_href(entry), entry.cid)}')
+                f"{_e(size)}</span>&nbsp; {_link(self.view._entry_href(entry), entry.cid)}"
+            )
             rows.append(widgets.HBox([button, info]))
             self.buttons[entry.path] = button
             if is_dir:
@@ -414,6 +463,7 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
             hidden = box.layout.display == "none"
             box.layout.display = "flex" if hidden else "none"
             button.icon = "folder-open" if hidden else "folder"
+
         return toggle
 
     def show(self, path: str) -> None:
@@ -436,17 +486,21 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
 
 # -- IPython formatters ------------------------------------------------------------------------
 
+
 def result_metadata(result: RunResult) -> dict[str, Any]:
     """Output metadata naming the run: saved with the cell, so `ipfs-execute verify
     NOTEBOOK.ipynb` finds every run of an executed notebook without reading its text."""
     record = result.record
-    named = {"record": result.record_cid, "output": record.output, "rootfs": record.rootfs,
-             "input": record.input}
+    named = {
+        "record": result.record_cid,
+        "output": record.output,
+        "rootfs": record.rootfs,
+        "input": record.input,
+    }
     return {"ipfs_execute": {key: cid for key, cid in named.items() if cid}}
 
 
-def result_mimebundle(result: RunResult,
-                      gateway: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def result_mimebundle(result: RunResult, gateway: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(data, metadata), as IPython's mimebundle formatters may return."""
     view = ResultView(result, gateway)
     return view.mimebundle(), view.metadata()
@@ -457,11 +511,11 @@ def ref_mimebundle(ref: IpfsRef, gateway: str) -> dict[str, Any]:
     path = str(ref).removeprefix("/ipfs/")
     cid, _, sub = path.partition("/")
     href = gateway_href(gateway, cid, sub)
-    return {"text/plain": repr(ref),
-            "text/html": f"<code>{_link(href, f'ipfs://{path}')}</code>"}
+    return {"text/plain": repr(ref), "text/html": f"<code>{_link(href, f'ipfs://{path}')}</code>"}
 
 
 # -- staging progress --------------------------------------------------------------------------
+
 
 def progress_bundle(what: str, done: int, total: int | None) -> dict[str, str]:
     if total:
@@ -514,8 +568,10 @@ class StagingProgress:
         """Replace the progress line with a static summary (only if it was shown)."""
         if self._handle is None:
             return
-        fetched = "; ".join(f"fetched {what}: {human_size(size)} in {seconds:.1f} s"
-                            for what, (size, seconds) in self._fetched.items())
+        fetched = "; ".join(
+            f"fetched {what}: {human_size(size)} in {seconds:.1f} s"
+            for what, (size, seconds) in self._fetched.items()
+        )
         text = f"{fetched}{f' ({outcome})' if outcome else ''}"
         self._handle.update(static_line(text), raw=True)
         self._handle = None

@@ -31,13 +31,12 @@ import ipfs_execute_magic as ie
 from ..cid import IpfsPath
 from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
-from ..lineage import LineageNode, lineage
+from ..lineage_graph import LineageNode, lineage
 from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
 from ..settings import Limits, Settings, parse_count, parse_seconds, parse_size
-from ..verify import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
-from .display import (PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle,
-                      result_mimebundle)
+from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
+from .display import PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle, result_mimebundle
 from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
 
 if TYPE_CHECKING:
@@ -70,8 +69,9 @@ class PayloadFailedError(Exception):
             what = f"the payload ran past the {limit:g} s timeout and was killed"
         else:
             what = f"the payload exited with status {record.exit_status}"
-        kept = (f"the result is bound to `{bound_to}`" if bound_to
-                else "use -o NAME to keep the result")
+        kept = (
+            f"the result is bound to `{bound_to}`" if bound_to else "use -o NAME to keep the result"
+        )
         super().__init__(f"{what} (output ipfs://{record.output}; {kept})")
 
     def stderr_tail(self, lines: int = STDERR_TAIL_LINES) -> list[str]:
@@ -101,7 +101,8 @@ def core_errors() -> Iterator[None]:
     except CoreUsageError as error:
         raise UsageError(str(error)) from None
     except IpfsExecuteError as error:
-        raise _short(error, f"{type(error).__name__}: {error}")
+        _short(error, f"{type(error).__name__}: {error}")
+        raise
 
 
 def shell_words(line: str) -> list[str]:
@@ -117,7 +118,7 @@ def split_payload_args(line: str) -> tuple[list[str], list[str]]:
     words = shell_words(line)
     if "--" in words:
         cut = words.index("--")
-        return words[:cut], words[cut + 1:]
+        return words[:cut], words[cut + 1 :]
     return words, []
 
 
@@ -141,6 +142,7 @@ def check_ipfs_path(label: str, text: str) -> None:
 
 def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """A core parser (settings.parse_size, parse_seconds) as an argparse type."""
+
     def convert(text: str) -> Any:
         try:
             return parse(text)
@@ -215,8 +217,10 @@ Examples:
 """
 
 # Usages for argparse (see EXECUTE_USAGE): IPython puts "%" before the first line only.
-VERIFY_USAGE = ("ipfs_verify [-o NAME] [--runs N] NAME_OR_RECORD\n"
-                "  %%ipfs_verify [-o NAME] [--runs N] --notebook PATH.ipynb")
+VERIFY_USAGE = (
+    "ipfs_verify [-o NAME] [--runs N] NAME_OR_RECORD\n"
+    "  %%ipfs_verify [-o NAME] [--runs N] --notebook PATH.ipynb"
+)
 VERIFY_EPILOG = """\
 Every run is recorded (`ipfs cat RECORD`: rootfs, input, arguments, output, versions). A
 re-run repeats it exactly, without the result cache, and compares output CIDs. With
@@ -253,26 +257,52 @@ Examples:
 class IpfsExecuteMagics(Magics):
     """Run cells in a bubblewrap sandbox on IPFS content; bind the results."""
 
-    api = Unicode("", help="RPC API multiaddr of your own Kubo daemon "
-                  "(empty: $IPFS_EXECUTE_API, else the embedded node)").tag(config=True)
-    gateway = Unicode("", help="base URL of the HTTP gateway for links, e.g. "
-                      "https://ipfs.io (empty: the node's own gateway, else "
-                      f"{PUBLIC_GATEWAY})").tag(config=True)
-    home = Unicode("", help="data directory: embedded node, staging cache "
-                   "(empty: $IPFS_EXECUTE_HOME, else the default)").tag(config=True)
-    timeout = Float(None, allow_none=True,
-                    help="default wall-clock limit of a run, seconds (None: "
-                    f"$IPFS_EXECUTE_TIMEOUT, else {_CORE_LIMITS.timeout:g})").tag(config=True)
-    memory = Union([Int(), Unicode()], default_value=None, allow_none=True,
-                   help="default memory limit of a run: bytes or a size like '512M' (None: "
-                   f"{human_size(_CORE_LIMITS.memory_bytes or 0)})").tag(config=True)
-    pids = Int(None, allow_none=True, help="default limit on processes and threads of a run "
-               f"(None: {_CORE_LIMITS.pids})").tag(config=True)
+    api = Unicode(
+        "",
+        help="RPC API multiaddr of your own Kubo daemon "
+        "(empty: $IPFS_EXECUTE_API, else the embedded node)",
+    ).tag(config=True)
+    gateway = Unicode(
+        "",
+        help="base URL of the HTTP gateway for links, e.g. "
+        "https://ipfs.io (empty: the node's own gateway, else "
+        f"{PUBLIC_GATEWAY})",
+    ).tag(config=True)
+    home = Unicode(
+        "",
+        help="data directory: embedded node, staging cache "
+        "(empty: $IPFS_EXECUTE_HOME, else the default)",
+    ).tag(config=True)
+    timeout = Float(
+        None,
+        allow_none=True,
+        help="default wall-clock limit of a run, seconds (None: "
+        f"$IPFS_EXECUTE_TIMEOUT, else {_CORE_LIMITS.timeout:g})",
+    ).tag(config=True)
+    memory = Union(
+        [Int(), Unicode()],
+        default_value=None,
+        allow_none=True,
+        help="default memory limit of a run: bytes or a size like '512M' (None: "
+        f"{human_size(_CORE_LIMITS.memory_bytes or 0)})",
+    ).tag(config=True)
+    pids = Int(
+        None,
+        allow_none=True,
+        help=f"default limit on processes and threads of a run (None: {_CORE_LIMITS.pids})",
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         # Before super().__init__: configured values notify the observers during it.
         self._gateways: weakref.WeakKeyDictionary[Store, str] = weakref.WeakKeyDictionary()
         super().__init__(shell=shell, **kwargs)
+
+    @property
+    def user_ns(self) -> dict[str, Any]:
+        """The namespace results are bound in (a loaded extension always has a shell)."""
+        assert self.shell is not None
+        namespace: dict[str, Any] = self.shell.user_ns
+        return namespace
 
     # -- configuration -----------------------------------------------------------------------
 
@@ -286,7 +316,7 @@ class IpfsExecuteMagics(Magics):
                 raise TraitError(f"memory: {error}") from None
         if value is not None and value <= 0:
             raise TraitError("memory must be positive")
-        return value
+        return value if value is None else int(value)
 
     @validate("timeout", "pids")
     def _valid_positive(self, proposal: dict[str, Any]) -> Any:
@@ -303,9 +333,9 @@ class IpfsExecuteMagics(Magics):
         """The core's settings: the environment's, changed by this object's config."""
         with core_errors():
             limits = Settings.from_env().limits.with_overrides(
-                timeout=self.timeout, memory=self.memory, pids=self.pids)
-            return Settings.from_env(api=self.api or None, home=self.home or None,
-                                     limits=limits)
+                timeout=self.timeout, memory=self.memory, pids=self.pids
+            )
+            return Settings.from_env(api=self.api or None, home=self.home or None, limits=limits)
 
     def apply_settings(self) -> None:
         """Rebuild the process's Runner (the one the Python API uses too)."""
@@ -349,31 +379,77 @@ class IpfsExecuteMagics(Magics):
 
     @magic_arguments()
     @kwds(usage=EXECUTE_USAGE, epilog=EXECUTE_EPILOG)
-    @argument("rootfs", metavar="ROOTFS",
-              help="root filesystem: CID or IPFS path of a .tar.gz/.tar.zst/.tar file, or of a "
-                   "directory used as the root itself")
-    @argument("input", metavar="INPUT", nargs="?", default=None,
-              help="directory mounted read-only at /input (default: an empty directory)")
-    @argument("-o", "--out", metavar="NAME",
-              help="bind the result to this variable (also when the payload fails)")
-    @argument("--interpreter", metavar="COMMAND", default=None,
-              help="what runs the cell: /sbin/init COMMAND /input/SCRIPT (default: sh); "
-                   "Python runs unbuffered (the sandbox sets PYTHONUNBUFFERED=1)")
-    @argument("--timeout", metavar="SECONDS", type=_seconds, default=None,
-              help="wall-clock limit; the whole sandbox is killed after it")
-    @argument("--memory", metavar="SIZE", type=_size, default=None,
-              help="memory limit of the whole sandbox, e.g. 512M, 2G")
-    @argument("--pids", metavar="N", type=_positive_int, default=None,
-              help="limit on processes and threads")
-    @argument("--tmp-size", metavar="SIZE", type=_size, default=None,
-              help="size of the /tmp tmpfs, e.g. 64M")
-    @argument("--no-cache", action="store_true",
-              help="run even if an identical run is recorded (by default its result is "
-                   "returned and its output shown again, without running)")
-    @argument("--no-raise-error", action="store_true",
-              help="a failing payload returns its result instead of raising")
-    @argument("-q", "--quiet", action="store_true",
-              help="no live output and no progress; display the result only if it failed")
+    @argument(
+        "rootfs",
+        metavar="ROOTFS",
+        help="root filesystem: CID or IPFS path of a .tar.gz/.tar.zst/.tar file, or of a "
+        "directory used as the root itself",
+    )
+    @argument(
+        "input",
+        metavar="INPUT",
+        nargs="?",
+        default=None,
+        help="directory mounted read-only at /input (default: an empty directory)",
+    )
+    @argument(
+        "-o",
+        "--out",
+        metavar="NAME",
+        help="bind the result to this variable (also when the payload fails)",
+    )
+    @argument(
+        "--interpreter",
+        metavar="COMMAND",
+        default=None,
+        help="what runs the cell: /sbin/init COMMAND /input/SCRIPT (default: sh); "
+        "Python runs unbuffered (the sandbox sets PYTHONUNBUFFERED=1)",
+    )
+    @argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=None,
+        help="wall-clock limit; the whole sandbox is killed after it",
+    )
+    @argument(
+        "--memory",
+        metavar="SIZE",
+        type=_size,
+        default=None,
+        help="memory limit of the whole sandbox, e.g. 512M, 2G",
+    )
+    @argument(
+        "--pids",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="limit on processes and threads",
+    )
+    @argument(
+        "--tmp-size",
+        metavar="SIZE",
+        type=_size,
+        default=None,
+        help="size of the /tmp tmpfs, e.g. 64M",
+    )
+    @argument(
+        "--no-cache",
+        action="store_true",
+        help="run even if an identical run is recorded (by default its result is "
+        "returned and its output shown again, without running)",
+    )
+    @argument(
+        "--no-raise-error",
+        action="store_true",
+        help="a failing payload returns its result instead of raising",
+    )
+    @argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no live output and no progress; display the result only if it failed",
+    )
     @line_cell_magic
     def ipfs_execute(self, line: str, cell: str | None = None) -> RunResult | None:
         """Run the cell in a sandbox: ROOTFS as /, INPUT read-only at /input, an empty /output.
@@ -385,8 +461,9 @@ class IpfsExecuteMagics(Magics):
         try:
             options = self.ipfs_execute.parser.parse_args(words)
         except UsageError as error:
-            hint = " (arguments for the payload go after --)" if "unrecognized" in str(error) \
-                else ""
+            hint = (
+                " (arguments for the payload go after --)" if "unrecognized" in str(error) else ""
+            )
             raise UsageError(f"{error}{hint}") from None
         name = check_name(options.out)
         check_ipfs_path("ROOTFS", options.rootfs)
@@ -400,8 +477,10 @@ class IpfsExecuteMagics(Magics):
                 raise UsageError("--interpreter needs a cell to run (use %%ipfs_execute)")
         else:
             if not cell.strip():
-                raise UsageError("the cell is empty: write the script below the magic line, or "
-                                 "use the line form %ipfs_execute ROOTFS INPUT -- ARG...")
+                raise UsageError(
+                    "the cell is empty: write the script below the magic line, or "
+                    "use the line form %ipfs_execute ROOTFS INPUT -- ARG..."
+                )
             script = cell if cell.endswith("\n") else cell + "\n"
 
         stdout = None if options.quiet else _StreamForwarder("stdout")
@@ -418,25 +497,36 @@ class IpfsExecuteMagics(Magics):
             with core_errors():
                 # The same call as the Python API's: on a cache hit it replays what the
                 # recorded run printed, so the cell reads the same either way.
-                result = ie.run(options.rootfs, options.input, *payload_args, script=script,
-                                interpreter=interpreter, timeout=options.timeout,
-                                memory=options.memory, pids=options.pids,
-                                tmp_size=options.tmp_size, use_cache=not options.no_cache,
-                                on_stdout=stdout, on_stderr=stderr, on_progress=progress)
+                result = ie.run(
+                    options.rootfs,
+                    options.input,
+                    *payload_args,
+                    script=script,
+                    interpreter=interpreter,
+                    timeout=options.timeout,
+                    memory=options.memory,
+                    pids=options.pids,
+                    tmp_size=options.tmp_size,
+                    use_cache=not options.no_cache,
+                    on_stdout=stdout,
+                    on_stderr=stderr,
+                    on_progress=progress,
+                )
             outcome = ""
         except KeyboardInterrupt as interrupt:
             # The core has killed the sandbox already; say so once and stop Run All.
             outcome = "interrupted"
             flush_output()  # the payload's last words before the line saying it was stopped
             print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
-            raise _short(interrupt, "KeyboardInterrupt")
+            _short(interrupt, "KeyboardInterrupt")
+            raise
         finally:
             flush_output()
             if progress is not None:
                 progress.finish(outcome)
 
         if name is not None:
-            self.shell.user_ns[name] = result
+            self.user_ns[name] = result
         if not result.ok and not options.no_raise_error:
             raise PayloadFailedError(result, name)
         if options.quiet and result.ok:
@@ -444,8 +534,11 @@ class IpfsExecuteMagics(Magics):
         return result
 
     @magic_arguments()
-    @argument("path", metavar="PATH",
-              help="local file or folder (relative to the kernel's working directory)")
+    @argument(
+        "path",
+        metavar="PATH",
+        help="local file or folder (relative to the kernel's working directory)",
+    )
     @argument("-o", "--out", metavar="NAME", help="bind the CID to this variable")
     @line_magic
     def ipfs_add(self, line: str) -> IpfsRef:
@@ -459,13 +552,17 @@ class IpfsExecuteMagics(Magics):
         with core_errors():
             ref = ie.add(Path(options.path).expanduser())
         if name is not None:
-            self.shell.user_ns[name] = ref
+            self.user_ns[name] = ref
         return ref
 
     @magic_arguments()
-    @argument("entries", metavar="NAME=PATH", nargs="+",
-              help="an entry of the new directory: NAME (may be a/b) set to PATH, a CID, IPFS "
-                   "path or bound value ($data, {counts}/sub)")
+    @argument(
+        "entries",
+        metavar="NAME=PATH",
+        nargs="+",
+        help="an entry of the new directory: NAME (may be a/b) set to PATH, a CID, IPFS "
+        "path or bound value ($data, {counts}/sub)",
+    )
     @argument("-o", "--out", metavar="NAME", help="bind the CID to this variable")
     @line_magic
     def ipfs_mkdir(self, line: str) -> IpfsRef:
@@ -487,36 +584,51 @@ class IpfsExecuteMagics(Magics):
         with core_errors():
             ref = ie.mkdir(entries)
         if name is not None:
-            self.shell.user_ns[name] = ref
+            self.user_ns[name] = ref
         return ref
 
     # -- verification and lineage ------------------------------------------------------------
 
     def _target(self, word: str, option: str) -> Any:
         """A bound name's value, else the word itself, which must be a CID or IPFS path."""
-        if word.isidentifier() and word in self.shell.user_ns:
-            return self.shell.user_ns[word]
+        if word.isidentifier() and word in self.user_ns:
+            return self.user_ns[word]
         try:
             IpfsPath.parse(word)
         except CoreUsageError as error:
             if word.isidentifier():
-                raise UsageError(f"{option}: no variable {word!r} is defined, and it is not "
-                                 "a CID") from None
+                raise UsageError(
+                    f"{option}: no variable {word!r} is defined, and it is not a CID"
+                ) from None
             check_ipfs_path(option, word)  # its message, with the hint for `$name`
             raise UsageError(f"{option}: {error}") from None
         return word
 
     @magic_arguments()
     @kwds(usage=VERIFY_USAGE, epilog=VERIFY_EPILOG)
-    @argument("target", metavar="NAME_OR_RECORD", nargs="?", default=None,
-              help="a bound result (from %%%%ipfs_execute -o NAME or ie.run), or a run record "
-                   "CID, or the output CID of a recorded run ($name and {expr} work too)")
-    @argument("--notebook", metavar="PATH.ipynb", default=None,
-              help="verify every recorded run in this executed, saved notebook instead")
-    @argument("--runs", metavar="N", type=_positive_int, default=1,
-              help="re-runs per record, under varied conditions: the same staging, another "
-                   "staging location, a shuffled directory order, another start time "
-                   "(default 1)")
+    @argument(
+        "target",
+        metavar="NAME_OR_RECORD",
+        nargs="?",
+        default=None,
+        help="a bound result (from %%%%ipfs_execute -o NAME or ie.run), or a run record "
+        "CID, or the output CID of a recorded run ($name and {expr} work too)",
+    )
+    @argument(
+        "--notebook",
+        metavar="PATH.ipynb",
+        default=None,
+        help="verify every recorded run in this executed, saved notebook instead",
+    )
+    @argument(
+        "--runs",
+        metavar="N",
+        type=_positive_int,
+        default=1,
+        help="re-runs per record, under varied conditions: the same staging, another "
+        "staging location, a shuffled directory order, another start time "
+        "(default 1)",
+    )
     @argument("-o", "--out", metavar="NAME", help="bind the verdict to this variable")
     @line_magic
     def ipfs_verify(self, line: str) -> Verdict | NotebookVerdict:
@@ -538,9 +650,11 @@ class IpfsExecuteMagics(Magics):
         try:
             with core_errors():
                 if record_cid is None:
-                    result: Verdict | NotebookVerdict = self._verify_notebook(
-                        runner, Path(options.notebook).expanduser(), options.runs, progress)
-                    summary = f"verified {len(result.cells)} recorded runs"
+                    whole = self._verify_notebook(
+                        runner, Path(options.notebook).expanduser(), options.runs, progress
+                    )
+                    summary = f"verified {len(whole.cells)} recorded runs"
+                    result: Verdict | NotebookVerdict = whole
                 else:
                     result = self._verify_record(runner, record_cid, options.runs, progress)
                     summary = f"re-ran {plural(options.runs, 'time')}"
@@ -548,16 +662,18 @@ class IpfsExecuteMagics(Magics):
             # The core has killed the sandbox already; say so once and stop Run All.
             summary = "interrupted"
             print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
-            raise _short(interrupt, "KeyboardInterrupt")
+            _short(interrupt, "KeyboardInterrupt")
+            raise
         finally:
             progress.finish(summary)
         if name is not None:
-            self.shell.user_ns[name] = result
+            self.user_ns[name] = result
         return result
 
     @staticmethod
-    def _verify_record(runner: Runner, record_cid: str, runs: int,
-                       progress: VerifyProgress) -> Verdict:
+    def _verify_record(
+        runner: Runner, record_cid: str, runs: int, progress: VerifyProgress
+    ) -> Verdict:
         stored = runner.results.find(record_cid)
         done = 0
 
@@ -571,31 +687,39 @@ class IpfsExecuteMagics(Magics):
         return verify(runner, stored, runs=runs, on_rerun=report)
 
     @staticmethod
-    def _verify_notebook(runner: Runner, path: Path, runs: int,
-                         progress: VerifyProgress) -> NotebookVerdict:
+    def _verify_notebook(
+        runner: Runner, path: Path, runs: int, progress: VerifyProgress
+    ) -> NotebookVerdict:
         return verify_notebook(runner, path, runs=runs, on_progress=progress)
 
     def _record_cid_of(self, word: str) -> str:
         value = self._target(word, "NAME_OR_RECORD")
         if isinstance(value, RunResult):
             if not value.record_cid:
-                raise UsageError(f"{word}: this run has no record (it could not be stored), "
-                                 "so there is nothing to verify it against")
+                raise UsageError(
+                    f"{word}: this run has no record (it could not be stored), "
+                    "so there is nothing to verify it against"
+                )
             return value.record_cid
         text = str(value)
         try:
             IpfsPath.parse(text)
         except CoreUsageError:
-            raise UsageError(f"NAME_OR_RECORD: {word} is {type(value).__name__} "
-                             f"{text[:40]!r}, not a run result, record CID or output "
-                             "CID") from None
+            raise UsageError(
+                f"NAME_OR_RECORD: {word} is {type(value).__name__} "
+                f"{text[:40]!r}, not a run result, record CID or output "
+                "CID"
+            ) from None
         return text
 
     @magic_arguments()
     @kwds(usage=LINEAGE_USAGE, epilog=LINEAGE_EPILOG)
-    @argument("target", metavar="NAME_OR_CID",
-              help="a bound result or CID (from %%%%ipfs_execute, %%ipfs_add, ...), a CID or "
-                   "an IPFS path ($name and {expr} work too)")
+    @argument(
+        "target",
+        metavar="NAME_OR_CID",
+        help="a bound result or CID (from %%%%ipfs_execute, %%ipfs_add, ...), a CID or "
+        "an IPFS path ($name and {expr} work too)",
+    )
     @argument("-o", "--out", metavar="NAME", help="bind the lineage to this variable")
     @line_magic
     def ipfs_lineage(self, line: str) -> LineageNode:
@@ -617,7 +741,7 @@ class IpfsExecuteMagics(Magics):
         with core_errors():
             node = lineage(ie.default_runner().results, text)
         if name is not None:
-            self.shell.user_ns[name] = node
+            self.user_ns[name] = node
         return node
 
 
@@ -626,8 +750,9 @@ def load_ipython_extension(ipython: Any) -> None:
     magics = IpfsExecuteMagics(ipython)
     ipython.register_magics(magics)
     # `%config IpfsExecuteMagics...` finds configurables here; keep one (reloads).
-    ipython.configurables[:] = [c for c in ipython.configurables
-                                if not isinstance(c, IpfsExecuteMagics)] + [magics]
+    ipython.configurables[:] = [
+        c for c in ipython.configurables if not isinstance(c, IpfsExecuteMagics)
+    ] + [magics]
     formatter = ipython.display_formatter.mimebundle_formatter
     formatter.for_type(RunResult, magics.result_bundle)
     formatter.for_type(IpfsRef, magics.ref_bundle)

@@ -17,11 +17,10 @@ import time
 import urllib.parse
 from typing import Any
 
-from ..lineage import LineageNode
+from ..lineage_graph import LineageNode
 from ..record import RunRecord
-from ..verify import CellVerdict, FileDiff, NotebookVerdict, RerunResult, Verdict
-from .display import (PUBLIC_GATEWAY, _e, _link, gateway_href, human_size, record_status,
-                      static_line)
+from ..verification import CellVerdict, FileDiff, NotebookVerdict, RerunResult, Verdict
+from .display import PUBLIC_GATEWAY, _e, _link, gateway_href, human_size, record_status, static_line
 
 MAX_DIFF_ROWS = 200  # files listed per differing re-run; the rest are counted
 COMMAND_CHARS = 160  # of a command shown in HTML (the title has all of it)
@@ -31,6 +30,7 @@ CELL = "padding:0 0.8em 0 0;text-align:left;vertical-align:top"
 
 
 # -- pieces ------------------------------------------------------------------------------------
+
 
 def command_of(record: RunRecord) -> str:
     """The run's /sbin/init arguments as a shell would read them back."""
@@ -59,14 +59,16 @@ def _size(size: int | None) -> str:
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:
-    body = "".join(f'<tr><td style="{CELL}">{_e(label)}</td><td style="{CELL}">{value}</td></tr>'
-                   for label, value in rows)
+    body = "".join(
+        f'<tr><td style="{CELL}">{_e(label)}</td><td style="{CELL}">{value}</td></tr>'
+        for label, value in rows
+    )
     return f'<table style="border-collapse:collapse">{body}</table>'
 
 
 def _command_html(record: RunRecord) -> str:
     command = command_of(record)
-    shown = command if len(command) <= COMMAND_CHARS else command[:COMMAND_CHARS - 1] + "…"
+    shown = command if len(command) <= COMMAND_CHARS else command[: COMMAND_CHARS - 1] + "…"
     return f'<code title="{_e(command)}">{_e(shown)}</code>'
 
 
@@ -76,14 +78,17 @@ def view_metadata(view: str, **extra: Any) -> dict[str, Any]:
 
 # -- a verdict ---------------------------------------------------------------------------------
 
+
 def verdict_headline(verdict: Verdict) -> str:
     count = len(verdict.reruns)
     runs = f"{count} re-run{'s' if count != 1 else ''}"
     if verdict.reproducible:
         return f"✓ reproducible: {runs} without the cache gave the recorded output"
     differing = sum(not rerun.matches for rerun in verdict.reruns)
-    return (f"✗ NOT reproducible: {differing} of {runs} gave another output; it depends on "
-            "something besides rootfs, input and arguments")
+    return (
+        f"✗ NOT reproducible: {differing} of {runs} gave another output; it depends on "
+        "something besides rootfs, input and arguments"
+    )
 
 
 def rerun_outcome(verdict: Verdict, rerun: RerunResult) -> str:
@@ -112,11 +117,13 @@ class VerdictView:
 
     def to_plain(self, indent: str = "") -> str:
         verdict, record = self.verdict, self.verdict.record
-        lines = [f"Verdict {verdict_headline(verdict)}",
-                 f"record   ipfs://{verdict.record_cid}",
-                 f"output   ipfs://{record.output}",
-                 f"command  {command_of(record)}",
-                 f"ran      {started_text(record)}, {record_status(record)}"]
+        lines = [
+            f"Verdict {verdict_headline(verdict)}",
+            f"record   ipfs://{verdict.record_cid}",
+            f"output   ipfs://{record.output}",
+            f"command  {command_of(record)}",
+            f"ran      {started_text(record)}, {record_status(record)}",
+        ]
         for number, rerun in enumerate(verdict.reruns, 1):
             lines.append(f"re-run {number}, {rerun.condition}: {rerun_outcome(verdict, rerun)}")
             lines += [f"    {diff.describe()}" for diff in rerun.diffs[:MAX_DIFF_ROWS]]
@@ -129,27 +136,38 @@ class VerdictView:
     def body_html(self) -> str:
         """Everything but the headline (the notebook view puts that in its own row)."""
         verdict, record = self.verdict, self.verdict.record
-        parts = [_kv_table([
-            ("record", cid_link(self.gateway, verdict.record_cid)),
-            ("output", cid_link(self.gateway, record.output)),
-            ("command", _command_html(record)),
-            ("ran", _e(f"{started_text(record)}, {record_status(record)}")),
-        ])]
+        parts = [
+            _kv_table(
+                [
+                    ("record", cid_link(self.gateway, verdict.record_cid)),
+                    ("output", cid_link(self.gateway, record.output)),
+                    ("command", _command_html(record)),
+                    ("ran", _e(f"{started_text(record)}, {record_status(record)}")),
+                ]
+            )
+        ]
         rows = []
         for number, rerun in enumerate(verdict.reruns, 1):
             colour = GOOD if rerun.matches else BAD
             mark = "✓ same output" if rerun.matches else "✗ different"
-            exit_note = "" if rerun.exit_status == record.exit_status else \
-                f" (exit status {rerun.exit_status}, recorded {record.exit_status})"
+            exit_note = (
+                ""
+                if rerun.exit_status == record.exit_status
+                else f" (exit status {rerun.exit_status}, recorded {record.exit_status})"
+            )
             output = "" if rerun.matches else cid_link(self.gateway, rerun.output)
-            rows.append(f'<tr><td style="{CELL}">{number}</td>'
-                        f'<td style="{CELL}">{_e(rerun.condition)}</td>'
-                        f'<td style="{CELL};color:{colour}"><b>{mark}</b>{_e(exit_note)}</td>'
-                        f'<td style="{CELL}">{output}</td></tr>')
-        parts.append('<table style="border-collapse:collapse;margin-top:0.4em"><thead><tr>'
-                     f'<th style="{CELL}">re-run</th><th style="{CELL}">condition</th>'
-                     f'<th style="{CELL}">output</th><th style="{CELL}"></th></tr></thead>'
-                     f'<tbody>{"".join(rows)}</tbody></table>')
+            rows.append(
+                f'<tr><td style="{CELL}">{number}</td>'
+                f'<td style="{CELL}">{_e(rerun.condition)}</td>'
+                f'<td style="{CELL};color:{colour}"><b>{mark}</b>{_e(exit_note)}</td>'
+                f'<td style="{CELL}">{output}</td></tr>'
+            )
+        parts.append(
+            '<table style="border-collapse:collapse;margin-top:0.4em"><thead><tr>'
+            f'<th style="{CELL}">re-run</th><th style="{CELL}">condition</th>'
+            f'<th style="{CELL}">output</th><th style="{CELL}"></th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>"
+        )
         for number, rerun in enumerate(verdict.reruns, 1):
             if rerun.diffs:
                 parts.append(self._diff_html(number, rerun))
@@ -161,29 +179,47 @@ class VerdictView:
         count = len(rerun.diffs)
         rows = []
         for diff in rerun.diffs[:MAX_DIFF_ROWS]:
-            rows.append(f'<tr><td style="{CELL}">{_diff_mark(diff)}</td>'
-                        f'<td style="{CELL}"><code>{_e(diff.path or "(the output)")}</code></td>'
-                        f'{_size_cell(diff.size_before)}{_size_cell(diff.size_after)}</tr>')
-        more = f"<div><i>… and {count - MAX_DIFF_ROWS} more files</i></div>" \
-            if count > MAX_DIFF_ROWS else ""
-        head = "".join(f'<th style="{CELL}{align}">{label}</th>' for label, align in (
-            ("change", ""), ("path", ""), ("recorded size", ";text-align:right"),
-            ("re-run size", ";text-align:right")))
-        return (f'<details open style="margin-top:0.4em"><summary>re-run {number} '
-                f'({_e(rerun.condition)}): {count} file{"s" if count != 1 else ""} differ'
-                f'{"s" if count == 1 else ""}</summary>'
-                f'<table style="border-collapse:collapse"><thead><tr>{head}</tr></thead>'
-                f'<tbody>{"".join(rows)}</tbody></table>{more}</details>')
+            rows.append(
+                f'<tr><td style="{CELL}">{_diff_mark(diff)}</td>'
+                f'<td style="{CELL}"><code>{_e(diff.path or "(the output)")}</code></td>'
+                f"{_size_cell(diff.size_before)}{_size_cell(diff.size_after)}</tr>"
+            )
+        more = (
+            f"<div><i>… and {count - MAX_DIFF_ROWS} more files</i></div>"
+            if count > MAX_DIFF_ROWS
+            else ""
+        )
+        head = "".join(
+            f'<th style="{CELL}{align}">{label}</th>'
+            for label, align in (
+                ("change", ""),
+                ("path", ""),
+                ("recorded size", ";text-align:right"),
+                ("re-run size", ";text-align:right"),
+            )
+        )
+        return (
+            f'<details open style="margin-top:0.4em"><summary>re-run {number} '
+            f"({_e(rerun.condition)}): {count} file{'s' if count != 1 else ''} differ"
+            f"{'s' if count == 1 else ''}</summary>"
+            f'<table style="border-collapse:collapse"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>{more}</details>"
+        )
 
     def to_html(self) -> str:
         colour = GOOD if self.verdict.reproducible else BAD
-        return (f'<div class="ipfs-execute-verdict"><div><b style="color:{colour}">'
-                f'{_e(verdict_headline(self.verdict))}</b></div>{self.body_html()}</div>')
+        return (
+            f'<div class="ipfs-execute-verdict"><div><b style="color:{colour}">'
+            f"{_e(verdict_headline(self.verdict))}</b></div>{self.body_html()}</div>"
+        )
 
     def mimebundle(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return ({"text/plain": self.to_plain(), "text/html": self.to_html()},
-                view_metadata("verdict", verified=self.verdict.record_cid,
-                              reproducible=self.verdict.reproducible))
+        return (
+            {"text/plain": self.to_plain(), "text/html": self.to_html()},
+            view_metadata(
+                "verdict", verified=self.verdict.record_cid, reproducible=self.verdict.reproducible
+            ),
+        )
 
 
 def _diff_mark(diff: FileDiff) -> str:
@@ -228,36 +264,51 @@ class NotebookVerdictView:
 
     def to_html(self) -> str:
         colour = GOOD if self.result.reproducible else BAD
-        parts = [f'<div class="ipfs-execute-notebook-verdict"><div><code>{_e(self.result.path)}'
-                 f'</code>: <b style="color:{colour}">{_e(notebook_headline(self.result))}</b>'
-                 "</div>"]
+        parts = [
+            f'<div class="ipfs-execute-notebook-verdict"><div><code>{_e(self.result.path)}'
+            f'</code>: <b style="color:{colour}">{_e(notebook_headline(self.result))}</b>'
+            "</div>"
+        ]
         for cell in self.result.cells:
             colour = GOOD if cell.reproducible else BAD
-            summary = (f"{_e(cell.label)} · <b style=\"color:{colour}\">"
-                       f"{_e(cell_outcome(cell))}</b> · record "
-                       f"{cid_link(self.gateway, cell.record_cid)}")
-            body = VerdictView(cell.verdict, self.gateway).body_html() \
-                if cell.verdict is not None else ""
+            summary = (
+                f'{_e(cell.label)} · <b style="color:{colour}">'
+                f"{_e(cell_outcome(cell))}</b> · record "
+                f"{cid_link(self.gateway, cell.record_cid)}"
+            )
+            body = (
+                VerdictView(cell.verdict, self.gateway).body_html()
+                if cell.verdict is not None
+                else ""
+            )
             opened = "" if cell.reproducible else " open"
-            parts.append(f'<details{opened} style="margin:0.3em 0"><summary>{summary}</summary>'
-                         f'<div style="margin-left:1.2em">{body}</div></details>')
+            parts.append(
+                f'<details{opened} style="margin:0.3em 0"><summary>{summary}</summary>'
+                f'<div style="margin-left:1.2em">{body}</div></details>'
+            )
         parts.append("</div>")
         return "".join(parts)
 
     def mimebundle(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return ({"text/plain": self.to_plain(), "text/html": self.to_html()},
-                view_metadata("notebook verdict", notebook=self.result.path,
-                              reproducible=self.result.reproducible))
+        return (
+            {"text/plain": self.to_plain(), "text/html": self.to_html()},
+            view_metadata(
+                "notebook verdict", notebook=self.result.path, reproducible=self.result.reproducible
+            ),
+        )
 
 
 # -- lineage -----------------------------------------------------------------------------------
 
-BOX = ("display:inline-block;border:1px solid #8c959f;border-radius:4px;padding:2px 8px;"
-       "margin:2px 0;vertical-align:top")
+BOX = (
+    "display:inline-block;border:1px solid #8c959f;border-radius:4px;padding:2px 8px;"
+    "margin:2px 0;vertical-align:top"
+)
 DATA_BOX = BOX.replace("solid #8c959f", "dashed #8c959f")
 BRANCH = "margin-left:1.2em;padding-left:0.8em;border-left:2px solid #d0d7de"
-EDGE = (f"display:inline-block;min-width:3.6em;font-size:85%;{MUTED};padding-top:6px;"
-        "vertical-align:top")
+EDGE = (
+    f"display:inline-block;min-width:3.6em;font-size:85%;{MUTED};padding-top:6px;vertical-align:top"
+)
 
 
 class LineageView:
@@ -278,19 +329,23 @@ class LineageView:
 
     def to_html(self) -> str:
         runs, data = self.counts()
-        header = (f"<div>lineage of <code>{path_link(self.gateway, self.node.path)}</code>: "
-                  f"{runs} run{'s' if runs != 1 else ''}, back to {data} piece"
-                  f"{'s' if data != 1 else ''} of data</div>")
+        header = (
+            f"<div>lineage of <code>{path_link(self.gateway, self.node.path)}</code>: "
+            f"{runs} run{'s' if runs != 1 else ''}, back to {data} piece"
+            f"{'s' if data != 1 else ''} of data</div>"
+        )
         return f'<div class="ipfs-execute-lineage">{header}{self._node_html(self.node)}</div>'
 
     def _node_html(self, node: LineageNode) -> str:
         box = self._run_box(node) if node.is_run else self._data_box(node)
         if not node.parents:
             return f"<div>{box}</div>"
-        edges = "".join(f'<div><span style="{EDGE}">{_e(role)}</span>'
-                        '<div style="display:inline-block;vertical-align:top">'
-                        f'{self._node_html(parent)}</div></div>'
-                        for role, parent in node.parents)
+        edges = "".join(
+            f'<div><span style="{EDGE}">{_e(role)}</span>'
+            '<div style="display:inline-block;vertical-align:top">'
+            f"{self._node_html(parent)}</div></div>"
+            for role, parent in node.parents
+        )
         return f'<div>{box}</div><div style="{BRANCH}">{edges}</div>'
 
     def _content(self, node: LineageNode) -> str:
@@ -305,23 +360,30 @@ class LineageView:
         colour = GOOD if record.succeeded else BAD
         duration = record.durations.get("total")
         took = f" in {duration:.2f} s" if duration is not None else ""
-        return (f'<div style="{BOX}"><div><b>run</b> {_command_html(record)}</div>'
-                f'<div style="{MUTED}">{_e(started_text(record))}{_e(took)} · '
-                f'<b style="color:{colour}">{_e(record_status(record))}</b></div>'
-                f"<div>output {self._content(node)}</div>"
-                f"<div>record {cid_link(self.gateway, node.record_cid)}</div></div>")
+        return (
+            f'<div style="{BOX}"><div><b>run</b> {_command_html(record)}</div>'
+            f'<div style="{MUTED}">{_e(started_text(record))}{_e(took)} · '
+            f'<b style="color:{colour}">{_e(record_status(record))}</b></div>'
+            f"<div>output {self._content(node)}</div>"
+            f"<div>record {cid_link(self.gateway, node.record_cid)}</div></div>"
+        )
 
     def _data_box(self, node: LineageNode) -> str:
         note = node.note or "data: no recorded run produced it"
-        return (f'<div style="{DATA_BOX}"><div><b>data</b> {self._content(node)}</div>'
-                f'<div style="{MUTED}"><i>{_e(note)}</i></div></div>')
+        return (
+            f'<div style="{DATA_BOX}"><div><b>data</b> {self._content(node)}</div>'
+            f'<div style="{MUTED}"><i>{_e(note)}</i></div></div>'
+        )
 
     def mimebundle(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return ({"text/plain": self.to_plain(), "text/html": self.to_html()},
-                view_metadata("lineage", cid=self.node.cid))
+        return (
+            {"text/plain": self.to_plain(), "text/html": self.to_html()},
+            view_metadata("lineage", cid=self.node.cid),
+        )
 
 
 # -- progress ----------------------------------------------------------------------------------
+
 
 class VerifyProgress:
     """One line under a display id while re-runs go on; a static summary at the end."""

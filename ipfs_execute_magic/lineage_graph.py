@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .cid import IpfsPath
 from .record import RunRecord
 from .result_cache import ResultCache
-from .cid import IpfsPath
 
 
 @dataclass
@@ -33,8 +33,10 @@ class LineageNode:
         command = " ".join(self.record.args)
         if len(command) > 60:
             command = command[:57] + "..."
-        return (f"{self.path}  <- run {self.record.started_at[:19]}Z, exit "
-                f"{self.record.exit_status}: {command}  [record {self.record_cid}]")
+        return (
+            f"{self.path}  <- run {self.record.started_at[:19]}Z, exit "
+            f"{self.record.exit_status}: {command}  [record {self.record_cid}]"
+        )
 
     def walk(self) -> list[tuple[int, str, LineageNode]]:
         """(depth, role, node) depth first, for displays."""
@@ -65,8 +67,11 @@ def lineage(results: ResultCache, cid_or_path: str, *, max_depth: int = 64) -> L
 
 def _node(results: ResultCache, path: IpfsPath, depth_left: int, seen: set[str]) -> LineageNode:
     store = results.store
-    root = store.resolve(IpfsPath(path.namespace, path.root, "")) if path.namespace == "ipns" \
+    root = (
+        store.resolve(IpfsPath(path.namespace, path.root, ""))
+        if path.namespace == "ipns"
         else path.root
+    )
     cid = store.resolve(path) if path.sub else root
     node = LineageNode(cid=cid, path=str(path))
     if depth_left <= 0 or root in seen:
@@ -79,8 +84,9 @@ def _node(results: ResultCache, path: IpfsPath, depth_left: int, seen: set[str])
             node.note = "a directory composed with ipfs-mkdir"
             for name, source in sorted(composed.items()):
                 role = name or "base"
-                node.parents.append((role, _node(results, IpfsPath.parse(source),
-                                                 depth_left - 1, seen | {root})))
+                node.parents.append(
+                    (role, _node(results, IpfsPath.parse(source), depth_left - 1, seen | {root}))
+                )
         return node
     node.record, node.record_cid = stored.record, stored.cid
     record = stored.record
@@ -90,7 +96,12 @@ def _node(results: ResultCache, path: IpfsPath, depth_left: int, seen: set[str])
     given = record.input_path or record.given_input or record.input
     node.parents.append(("input", _node(results, IpfsPath.parse(given), depth_left - 1, seen)))
     if record.script:
-        node.parents.append(("script", LineageNode(cid=record.script,
-                                                   path=f"/ipfs/{record.script}",
-                                                   note="the cell's script")))
+        node.parents.append(
+            (
+                "script",
+                LineageNode(
+                    cid=record.script, path=f"/ipfs/{record.script}", note="the cell's script"
+                ),
+            )
+        )
     return node

@@ -15,20 +15,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .staging_cache import remove_tree
+from .cid import is_cid
 from .errors import IpfsExecuteError, UsageError
 from .record import RunRecord, RunRequest
 from .result_cache import StoredRecord
 from .runner import RunConditions, Runner
 from .settings import Limits
-from .cid import is_cid
+from .staging_cache import remove_tree
 from .store import Store
 
 # The verifier's "another start time": the payload's monotonic clock starts here instead of at
 # sandbox.CLOCK_START_S (and the wall clock has moved on).
 ANOTHER_CLOCK_START_S = 1000.0
-CONDITIONS = ("same staging", "another staging location", "shuffled directory order",
-              "another start time")
+CONDITIONS = (
+    "same staging",
+    "another staging location",
+    "shuffled directory order",
+    "another start time",
+)
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,18 @@ class Verdict:
                 verdict += f" (exit status {rerun.exit_status})"
             lines.append(f"  re-run, {rerun.condition}: {verdict}")
             lines.extend(f"    {diff.describe()}" for diff in rerun.diffs)
-        lines.append("verdict: reproducible" if self.reproducible else
-                     "verdict: NOT reproducible: the output depends on something outside "
-                     "(rootfs, input, arguments)")
+        lines.append(
+            "verdict: reproducible"
+            if self.reproducible
+            else "verdict: NOT reproducible: the output depends on something outside "
+            "(rootfs, input, arguments)"
+        )
         return "\n".join(lines)
 
 
 def diff_trees(store: Store, before: str, after: str) -> list[FileDiff]:
     """The files that differ between two directory CIDs (or two file CIDs)."""
+
     def listing(cid: str) -> dict[str, tuple[str, int, str]]:
         if store.stat(cid).kind != "directory":
             return {"": (cid, store.stat(cid).size, "file")}
@@ -101,12 +109,18 @@ def diff_trees(store: Store, before: str, after: str) -> list[FileDiff]:
 def request_of(record: RunRecord) -> RunRequest:
     """The request that repeats a recorded run exactly (its input already holds the script)."""
     limits = Limits(**{k: v for k, v in record.limits.items() if k in Limits.__dataclass_fields__})
-    return RunRequest(rootfs=record.rootfs, input=record.input, args=tuple(record.args),
-                      limits=limits)
+    return RunRequest(
+        rootfs=record.rootfs, input=record.input, args=tuple(record.args), limits=limits
+    )
 
 
-def verify(runner: Runner, stored: StoredRecord, *, runs: int = 1,
-           on_rerun: Callable[[RerunResult], None] | None = None) -> Verdict:
+def verify(
+    runner: Runner,
+    stored: StoredRecord,
+    *,
+    runs: int = 1,
+    on_rerun: Callable[[RerunResult], None] | None = None,
+) -> Verdict:
     """Re-run a recorded computation `runs` times without the cache and compare outputs."""
     if runs < 1:
         raise UsageError("--runs must be at least 1")
@@ -119,10 +133,14 @@ def verify(runner: Runner, stored: StoredRecord, *, runs: int = 1,
         condition = CONDITIONS[index % len(CONDITIONS)] if runs > 1 else CONDITIONS[0]
         rerun_record = _rerun(runner, request, condition)
         matches = rerun_record.output == record.output
-        diffs = () if matches or rerun_record.output is None else tuple(
-            diff_trees(runner.store, record.output, rerun_record.output))
-        rerun = RerunResult(condition, rerun_record.output, rerun_record.exit_status,
-                            matches, diffs)
+        diffs = (
+            ()
+            if matches or rerun_record.output is None
+            else tuple(diff_trees(runner.store, record.output, rerun_record.output))
+        )
+        rerun = RerunResult(
+            condition, rerun_record.output, rerun_record.exit_status, matches, diffs
+        )
         reruns.append(rerun)
         if on_rerun is not None:
             on_rerun(rerun)
@@ -177,8 +195,8 @@ def records_in_notebook(path: Path) -> list[tuple[int, str]]:
     return found
 
 
-
 # -- a whole notebook --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CellVerdict:
@@ -229,13 +247,21 @@ def execution_counts(path: Path) -> dict[int, int | None]:
         cells = json.loads(path.read_text()).get("cells", [])
     except (OSError, ValueError, AttributeError):
         return {}
-    return {index: cell.get("execution_count") for index, cell in enumerate(cells)
-            if isinstance(cell, dict)}
+    return {
+        index: cell.get("execution_count")
+        for index, cell in enumerate(cells)
+        if isinstance(cell, dict)
+    }
 
 
-def verify_notebook(runner: Runner, path: Path, *, runs: int = 1,
-                    on_progress: Callable[[str], None] | None = None,
-                    on_cell: Callable[[CellVerdict], None] | None = None) -> NotebookVerdict:
+def verify_notebook(
+    runner: Runner,
+    path: Path,
+    *,
+    runs: int = 1,
+    on_progress: Callable[[str], None] | None = None,
+    on_cell: Callable[[CellVerdict], None] | None = None,
+) -> NotebookVerdict:
     """Re-run every run recorded in an executed notebook; a record shown twice runs once.
 
     A run that cannot be verified (its record is not on this node, ...) is reported in its
@@ -249,12 +275,15 @@ def verify_notebook(runner: Runner, path: Path, *, runs: int = 1,
     cells: list[CellVerdict] = []
     for number, (index, record_cid) in enumerate(found, 1):
         if on_progress is not None:
-            on_progress(f"verifying cell {index} ({number} of {len(found)} recorded runs): "
-                        f"record {record_cid}")
+            on_progress(
+                f"verifying cell {index} ({number} of {len(found)} recorded runs): "
+                f"record {record_cid}"
+            )
         if record_cid in done:
             earlier = done[record_cid]
-            outcome = CellVerdict(index, counts.get(index), record_cid, earlier.verdict,
-                                  earlier.error)
+            outcome = CellVerdict(
+                index, counts.get(index), record_cid, earlier.verdict, earlier.error
+            )
         else:
             try:
                 verdict = verify(runner, runner.results.find(record_cid), runs=runs)

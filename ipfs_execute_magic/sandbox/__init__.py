@@ -1,0 +1,147 @@
+"""Run one pure computation in a bubblewrap sandbox.
+
+The payload sees a read-only root, read-only /input, writable /output, a size-limited /tmp,
+no network, no capabilities, a fixed environment and hostname: all of it is one PayloadView
+(view.py), which makes both the bwrap options of a run and the profile that keys the result
+cache. Limits come from `settings.Limits`; each run reports which of them were really
+enforced and how, because that depends on the machine (cgroup v1 or v2, root or not).
+
+Determinism: beyond the environment and hostname, every run fixes its umask, ids, cwd, every
+rlimit, ASLR (off), the CPU count (one) and, where the caller may create a time namespace,
+the monotonic and boot clocks. Each run reports which sources it fixed and which it could not
+(`SandboxResult.determinism`, `.determinism_not_fixed`); `UNFIXABLE_SOURCES` lists what no run
+can fix.
+
+This package knows nothing of IPFS or notebooks: it takes staged directories and an argv.
+
+    options      bwrap options as typed values, and their argv
+    view         what the payload sees (PayloadView), mount points and the rootfs check
+    spec         one run's SandboxSpec, its bwrap argv, its SandboxResult
+    probe        finding bwrap, whether it works here, what its errors mean
+    cgroups      per-run cgroups (v1 and v2) for the memory and pids limits
+    rlimits      every rlimit of the payload, fixed
+    child        what runs between fork and exec (ids, rlimits, CPU pinning, clocks, ASLR)
+    determinism  the fixed values, and which sources a run fixes here
+    run          run_sandbox: plan, spawn, collect
+"""
+
+from __future__ import annotations
+
+from .cgroups import CgroupMount, RunCgroup, cgroup_mounts, create_run_cgroups, remove_run_cgroups
+from .child import ChildSetup, aslr_problem, die_with_parent, time_namespace_problem
+from .determinism import (
+    CLOCK_START_S,
+    PROC_STAT,
+    SANDBOX_CPUS,
+    SOURCE_DATE_EPOCH,
+    UNFIXABLE_SOURCES,
+    plan_determinism,
+    synthetic_proc_stat,
+)
+from .options import (
+    CLEAR_ENV,
+    DIE_WITH_PARENT,
+    DISABLE_USERNS,
+    NEW_SESSION,
+    UNSHARE_ALL,
+    UNSHARE_USER,
+    Bind,
+    BwrapOption,
+    CapDrop,
+    Chdir,
+    Dev,
+    Flag,
+    Gid,
+    Hostname,
+    JsonStatusFd,
+    Proc,
+    RemountRo,
+    RoBind,
+    RoBindData,
+    SetEnv,
+    Tmpfs,
+    Uid,
+    option_args,
+)
+from .probe import bwrap_version, check_available
+from .rlimits import FIXED_RLIMITS, RlimitPlan, plan_rlimits
+from .run import run_sandbox
+from .spec import SandboxResult, SandboxSpec, bwrap_argv, sandbox_options
+from .view import (
+    DEFAULT_ENV,
+    HOSTNAME,
+    LAYOUT,
+    MOUNT_POINTS,
+    SANDBOX_UMASK,
+    PayloadView,
+    ProcStat,
+    RunDir,
+    SizedTmpfs,
+    mount_point_problem,
+    mount_points,
+    payload_view,
+)
+
+__all__ = [
+    "CLEAR_ENV",
+    "CLOCK_START_S",
+    "DEFAULT_ENV",
+    "DIE_WITH_PARENT",
+    "DISABLE_USERNS",
+    "FIXED_RLIMITS",
+    "HOSTNAME",
+    "LAYOUT",
+    "MOUNT_POINTS",
+    "NEW_SESSION",
+    "PROC_STAT",
+    "SANDBOX_CPUS",
+    "SANDBOX_UMASK",
+    "SOURCE_DATE_EPOCH",
+    "UNFIXABLE_SOURCES",
+    "UNSHARE_ALL",
+    "UNSHARE_USER",
+    "Bind",
+    "BwrapOption",
+    "CapDrop",
+    "CgroupMount",
+    "Chdir",
+    "ChildSetup",
+    "Dev",
+    "Flag",
+    "Gid",
+    "Hostname",
+    "JsonStatusFd",
+    "PayloadView",
+    "Proc",
+    "ProcStat",
+    "RemountRo",
+    "RlimitPlan",
+    "RoBind",
+    "RoBindData",
+    "RunCgroup",
+    "RunDir",
+    "SandboxResult",
+    "SandboxSpec",
+    "SetEnv",
+    "SizedTmpfs",
+    "Tmpfs",
+    "Uid",
+    "aslr_problem",
+    "bwrap_argv",
+    "bwrap_version",
+    "cgroup_mounts",
+    "check_available",
+    "create_run_cgroups",
+    "die_with_parent",
+    "mount_point_problem",
+    "mount_points",
+    "option_args",
+    "payload_view",
+    "plan_determinism",
+    "plan_rlimits",
+    "remove_run_cgroups",
+    "run_sandbox",
+    "sandbox_options",
+    "synthetic_proc_stat",
+    "time_namespace_problem",
+]
