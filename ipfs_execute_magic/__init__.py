@@ -66,7 +66,10 @@ def run(
     timeout: float | str | None = None,
     memory: int | str | None = None,
     pids: int | None = None,
+    cpus: float | str | None = None,
     tmp_size: int | str | None = None,
+    output_size: int | str | None = None,
+    output_files: int | str | None = None,
     use_cache: bool = True,
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
@@ -76,7 +79,9 @@ def run(
 
     With `script`, the text is written into the input tree and run as
     `/sbin/init INTERPRETER /input/.ipfs-execute/script ARGS...`. Limits override the
-    configured ones: `timeout` in seconds, `memory` and `tmp_size` in bytes or as "512M".
+    configured ones: `timeout` in seconds, `memory`, `tmp_size` and `output_size` (the disk
+    space /output may take) in bytes or as "512M", `output_files` a count, `cpus` the CPU
+    time per second of wall clock in CPUs (0.5: half of its one CPU).
     The result's `str()` is the output CID; `.record` has everything else. An identical
     earlier run is not repeated: its recorded result comes back with `.cache_hit` set, and
     what it printed is passed to the callbacks again (`use_cache=False` runs anyway).
@@ -86,7 +91,13 @@ def run(
 
     runner = default_runner()
     limits = runner.settings.limits.with_overrides(
-        timeout=timeout, memory=memory, pids=pids, tmp_size=tmp_size
+        timeout=timeout,
+        memory=memory,
+        pids=pids,
+        cpus=cpus,
+        tmp_size=tmp_size,
+        output_size=output_size,
+        output_files=output_files,
     )
     request = RunRequest(
         rootfs=str(rootfs),
@@ -130,10 +141,15 @@ def lineage(target: object) -> LineageNode:
 
 def add(path: str | Path) -> IpfsRef:
     """Add a local file or directory to IPFS (pinned); return its CID."""
+    import warnings
+
     from .result import IpfsRef
 
     store = default_runner().store
-    return IpfsRef(store.add_path(Path(path)), store)
+    added = store.add_tree(Path(path))
+    for entry in added.left_out:  # FIFOs, sockets, devices: shown, not silently dropped
+        warnings.warn(f"{path}/{entry}", stacklevel=2)
+    return IpfsRef(added.cid, store)
 
 
 def mkdir(entries: Mapping[str, str]) -> IpfsRef:

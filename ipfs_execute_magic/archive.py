@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from .errors import BadRootfsError, StagingError, UnsafeArchiveError
+from .errors import BadRootfsError, StagingError, TruncatedStreamError, UnsafeArchiveError
 
 __all__ = ["ArchiveLimits", "ExtractStats", "extract", "sniff_compression"]
 
@@ -137,7 +137,7 @@ def extract(
         )
     head = _read_head(source, BLOCK)
     if not head and require_end_marker:
-        raise StagingError(
+        raise TruncatedStreamError(
             f"the download of {name} was truncated (no data arrived); retry the fetch"
         )
     kind = sniff_compression(head) if compression == "auto" else compression
@@ -706,14 +706,14 @@ class _Extraction:
         if error is not None:
             self._fail_decode(error)
         if self._require_end_marker:
-            raise StagingError(
+            raise TruncatedStreamError(
                 f"the download of {self._name} was truncated ({detail}); retry the fetch"
             )
         self._fail_corrupt(detail)
 
     def _fail_decode(self, error: _DecodeError) -> NoReturn:
         if error.truncated and self._require_end_marker:
-            raise StagingError(
+            raise TruncatedStreamError(
                 f"the download of {self._name} was truncated ({error.detail}); retry the fetch"
             )
         self._fail_corrupt(error.detail)

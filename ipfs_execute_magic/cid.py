@@ -52,6 +52,62 @@ def is_cid(text: str) -> bool:
     return bool(_CIDV1_OTHER.match(text))
 
 
+# Multicodec codes (github.com/multiformats/multicodec, table.csv) a user is likely to meet.
+_CODEC_NAMES = {
+    0x55: "raw",
+    0x70: "dag-pb",
+    0x71: "dag-cbor",
+    0x72: "libp2p-key",
+    0x0129: "dag-json",
+    0x0200: "json",
+    0x51: "cbor",
+}
+
+
+def _varint(data: bytes, start: int) -> tuple[int, int]:
+    """An unsigned LEB128 varint at `start`: (value, index after it)."""
+    value = shift = 0
+    for index in range(start, min(len(data), start + 9)):
+        value |= (data[index] & 0x7F) << shift
+        if not data[index] & 0x80:
+            return value, index + 1
+        shift += 7
+    raise ValueError("truncated varint")
+
+
+def _base_decode(text: str, alphabet: str) -> bytes:
+    number = 0
+    for char in text:
+        number = number * len(alphabet) + alphabet.index(char)
+    return number.to_bytes((number.bit_length() + 7) // 8, "big")
+
+
+def cid_codec(cid: str) -> str | None:
+    """The codec of a CID: "dag-pb" (UnixFS files and directories), "raw" (a file of one block),
+    "dag-cbor", "dag-json", ... or "codec 0x..." for others; None if `cid` is not a CID."""
+    if not is_cid(cid):
+        return None
+    if _CIDV0.match(cid):
+        return "dag-pb"
+    try:
+        body = cid[1:]
+        if cid[0] == "b":
+            binary = base64.b32decode(body.upper() + "=" * (-len(body) % 8))
+        elif cid[0] == "f":
+            binary = bytes.fromhex(body)
+        elif cid[0] == "z":
+            binary = _base_decode(body, _BASE58)
+        else:  # "k": base36
+            binary = _base_decode(body, "0123456789abcdefghijklmnopqrstuvwxyz")
+        version, after = _varint(binary, 0)
+        code, _ = _varint(binary, after)
+    except ValueError:
+        return None
+    if version != 1:
+        return None
+    return _CODEC_NAMES.get(code, f"codec {code:#x}")
+
+
 @dataclass(frozen=True)
 class IpfsPath:
     """A parsed user path: `CID`, `CID/sub`, `/ipfs/CID/sub` or `/ipns/NAME/sub`."""
@@ -95,4 +151,11 @@ class IpfsPath:
         return f"/{self.namespace}/{self.root}" + (f"/{self.sub}" if self.sub else "")
 
 
-__all__ = ["EMPTY_DIRECTORY_CID", "EMPTY_FILE_CID", "IpfsPath", "is_cid", "raw_leaf_cid"]
+__all__ = [
+    "EMPTY_DIRECTORY_CID",
+    "EMPTY_FILE_CID",
+    "IpfsPath",
+    "cid_codec",
+    "is_cid",
+    "raw_leaf_cid",
+]

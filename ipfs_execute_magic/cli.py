@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from . import arguments
 from .errors import (
     EXIT_INTERRUPTED,
     EXIT_TIMEOUT,
@@ -24,7 +24,7 @@ from .errors import (
     IpfsExecuteError,
     UsageError,
 )
-from .settings import Limits, Settings, parse_count, parse_seconds, parse_size
+from .settings import Limits, Settings, check_home
 
 DESCRIPTION = """\
 Run /sbin/init ARG... of the root filesystem ROOTFS in a bubblewrap sandbox, with the directory
@@ -58,11 +58,13 @@ other commands (each has --help):
 
 environment:
   IPFS_EXECUTE_API      use this Kubo RPC API (multiaddr) instead of the embedded node
+  IPFS_EXECUTE_API_AUTH its credentials: bearer:TOKEN or basic:USER:PASSWORD
   IPFS_EXECUTE_HOME     data directory (embedded node repo, staging cache)
   IPFS_EXECUTE_TIMEOUT  default --timeout
   IPFS_EXECUTE_ONLINE   1: the embedded node joins the network (to share with other nodes)
   IPFS_EXECUTE_FETCH_TIMEOUT  default --fetch-timeout
   IPFS_EXECUTE_KUBO     the ipfs binary of the embedded node
+  IPFS_EXECUTE_UID_RANGE  run as root: host uids for sandboxes, one per run (default 60578-61183)
   IPFS_EXECUTE_DEBUG    1: show the traceback of an internal error
 
 example:
@@ -70,22 +72,9 @@ example:
 """
 
 
-def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A core parser (settings.parse_size, ...) as an argparse type: its message on error."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except UsageError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
-_size = _argument_type(parse_size)
-_seconds = _argument_type(parse_seconds)
-_count = _argument_type(parse_count)
+_size = arguments.size
+_seconds = arguments.seconds
+_count = arguments.count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"limit on processes and threads (default {defaults.pids})",
     )
     parser.add_argument(
+        "--cpus",
+        type=arguments.cpus,
+        default=None,
+        metavar="N",
+        help="CPU time per second of wall clock, in CPUs, e.g. 0.5 (default: its one CPU)",
+    )
+    parser.add_argument(
         "--tmp-size",
         type=_size,
         default=None,
@@ -134,10 +130,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the /tmp tmpfs (default 256M)",
     )
     parser.add_argument(
+        "--output-size",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="disk space the payload may fill in /output (default 10G)",
+    )
+    parser.add_argument(
+        "--output-files",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="files and directories the payload may make in /output "
+        f"(default {defaults.output_files})",
+    )
+    parser.add_argument(
         "--api",
         metavar="MULTIADDR",
         help="use your own Kubo daemon at this RPC API address "
         "(default: $IPFS_EXECUTE_API, else the embedded node)",
+    )
+    parser.add_argument(
+        "--api-auth",
+        metavar="SECRET",
+        help="credentials of that daemon, as in its API.Authorizations: bearer:TOKEN or "
+        "basic:USER:PASSWORD (default: $IPFS_EXECUTE_API_AUTH, which other users cannot "
+        "see in the process list)",
     )
     parser.add_argument(
         "--home",
@@ -216,10 +234,20 @@ def split_leading_options(
 def _settings(options: argparse.Namespace) -> Settings:
     base = Settings.from_env()
     limits = base.limits.with_overrides(
-        timeout=options.timeout, memory=options.memory, pids=options.pids, tmp_size=options.tmp_size
+        timeout=options.timeout,
+        memory=options.memory,
+        pids=options.pids,
+        cpus=options.cpus,
+        tmp_size=options.tmp_size,
+        output_size=options.output_size,
+        output_files=options.output_files,
     )
     return Settings.from_env(
-        api=options.api, home=options.home, limits=limits, fetch_timeout=options.fetch_timeout
+        api=options.api,
+        api_auth=options.api_auth,
+        home=options.home,
+        limits=limits,
+        fetch_timeout=options.fetch_timeout,
     )
 
 
@@ -315,6 +343,8 @@ def _main(argv: list[str]) -> int:
         )
     if result.disagreement:
         print(f"ipfs-execute: warning: {result.disagreement}", file=sys.stderr)
+    for warning in record.output_warnings:
+        print(f"ipfs-execute: warning: {warning}", file=sys.stderr)
     if options.json:
         document = json.loads(record.to_json())
         document.update(record_cid=result.record_cid, cache_hit=result.cache_hit)
@@ -328,17 +358,37 @@ def _main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_TIMEOUT
+    if record.killed_by == "memory":
+        print(
+            f"ipfs-execute: {record.killed_text()}, exit status {record.exit_status}: the "
+            f"sandbox reached its memory limit (raise --memory); its partial output is "
+            f"{record.output}",
+            file=sys.stderr,
+        )
+    if record.killed_by in ("output_bytes", "output_files"):
+        option = "--output-size" if record.killed_by == "output_bytes" else "--output-files"
+        print(
+            f"ipfs-execute: {record.killed_text()}, exit status {record.exit_status}: the "
+            f"payload wrote more than /output may hold (raise {option}); what it wrote until "
+            f"then is {record.output}",
+            file=sys.stderr,
+        )
+        # A payload that stopped by itself at a full /output may exit 0: still a failure.
+        return record.exit_status or EXIT_TOOL_FAILURE
     return record.exit_status if record.exit_status is not None else EXIT_TOOL_FAILURE
 
 
 def _subcommand(name: str, option_words: list[str], words: list[str]) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--api", metavar="MULTIADDR")
+    common.add_argument("--api-auth", metavar="SECRET")
     common.add_argument("--home", type=Path)
     options, unknown = common.parse_known_args(option_words)
     if unknown:
         raise UsageError(f"unknown option(s) before {name}: {' '.join(unknown)}")
-    settings = Settings.from_env(api=options.api, home=options.home)
+    settings = Settings.from_env(api=options.api, api_auth=options.api_auth, home=options.home)
+    if settings.api is None:
+        check_home(settings)  # the embedded node's repo is there
     return SUBCOMMANDS[name].handler(settings, words)
 
 
@@ -355,7 +405,10 @@ def _add(settings: Settings, words: list[str]) -> int:
 
     with Store.connect(settings) as store:
         for path in options.paths:
-            print(store.add_path(path, pin=True), flush=True)
+            added = store.add_tree(path, pin=True)
+            for entry in added.left_out:
+                print(f"ipfs-execute add: warning: {path}/{entry}", file=sys.stderr)
+            print(added.cid, flush=True)
     return 0
 
 
@@ -518,6 +571,12 @@ def _mkdir_main(argv: list[str]) -> int:
         help="use your own Kubo daemon (default: $IPFS_EXECUTE_API, else the embedded node)",
     )
     parser.add_argument(
+        "--api-auth",
+        metavar="SECRET",
+        help="that daemon's credentials: bearer:TOKEN or basic:USER:PASSWORD "
+        "(default: $IPFS_EXECUTE_API_AUTH)",
+    )
+    parser.add_argument(
         "--home",
         type=Path,
         metavar="DIR",
@@ -533,7 +592,9 @@ def _mkdir_main(argv: list[str]) -> int:
     from .result_cache import ResultCache
     from .store import Store
 
-    settings = Settings.from_env(api=options.api, home=options.home)
+    settings = Settings.from_env(api=options.api, api_auth=options.api_auth, home=options.home)
+    if settings.api is None:
+        check_home(settings)
     pairs = list(zip(words[0::2], words[1::2], strict=True))
     for _name, path in pairs:
         IpfsPath.parse(path)  # a malformed path is a usage error before any daemon contact

@@ -39,6 +39,10 @@ class DaemonUnreachableError(IpfsError):
     """No daemon answers at the configured API address."""
 
 
+class DaemonAuthError(IpfsError):
+    """The daemon refused the request: its credentials are missing or wrong."""
+
+
 class DaemonVersionError(IpfsError):
     """The daemon is too old (or not Kubo)."""
 
@@ -53,6 +57,10 @@ class NodeError(IpfsError):
 
 class StagingError(IpfsExecuteError):
     """A rootfs or input could not be made ready for the sandbox."""
+
+
+class TruncatedStreamError(StagingError):
+    """A fetched stream ended before its archive did: a cut download, or a cut archive."""
 
 
 class BadRootfsError(StagingError):

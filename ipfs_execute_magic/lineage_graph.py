@@ -9,9 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .cid import IpfsPath
+from .cid import EMPTY_DIRECTORY_CID, EMPTY_FILE_CID, IpfsPath
 from .record import RunRecord
 from .result_cache import ResultCache
+
+# Content that countless runs (and people) produce: the output index names only the last run
+# that did, which says nothing about where a given copy came from, so none is credited.
+PRODUCED_BY_MANY = {
+    EMPTY_DIRECTORY_CID: "the empty directory: produced by many runs, so no run is credited",
+    EMPTY_FILE_CID: "the empty file: produced by many runs, so no run is credited",
+}
 
 
 @dataclass
@@ -74,6 +81,9 @@ def _node(results: ResultCache, path: IpfsPath, depth_left: int, seen: set[str])
     )
     cid = store.resolve(path) if path.sub else root
     node = LineageNode(cid=cid, path=str(path))
+    if root in PRODUCED_BY_MANY:
+        node.note = PRODUCED_BY_MANY[root]
+        return node
     if depth_left <= 0 or root in seen:
         return node
     stored = results.record_for_output(root)

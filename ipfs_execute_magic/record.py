@@ -105,11 +105,40 @@ class RunRecord:
     stderr: str | None = None
     output_truncated: bool = False  # stdout/stderr longer than what was kept
     pure: bool = True  # False when the payload could see the outside (an interactive stdin)
+    # The limit that ended a failed run: "timeout" or "memory" (the memory cgroup killed a
+    # process), "output_bytes" or "output_files" (/output passed its limit: the run is a
+    # failure whatever its exit status); None when none is known to have (records older than
+    # this field say nothing).
+    killed_by: str | None = None
+    # What adding /output had to leave out, one line each ("/output/p: a named pipe (FIFO),
+    # left out ..."): FIFOs, sockets and devices have no form in IPFS.
+    output_warnings: list[str] = field(default_factory=list)
     format: str = RECORD_FORMAT
 
     @property
     def succeeded(self) -> bool:
-        return self.exit_status == 0 and not self.timed_out
+        return (
+            self.exit_status == 0
+            and not self.timed_out
+            and self.killed_by not in ("output_bytes", "output_files")
+        )
+
+    def killed_text(self) -> str | None:
+        """Which limit ended the run, in words ("killed: out of memory (limit 512 MiB)")."""
+        if self.killed_by == "memory":
+            limit = self.limits.get("memory_bytes")
+            within = f" (limit {_binary_size(limit)})" if isinstance(limit, int) else ""
+            return f"killed: out of memory{within}"
+        if self.killed_by == "timeout":
+            limit = self.limits.get("timeout")
+            within = f" {limit:g} s" if isinstance(limit, (int, float)) else ""
+            return f"killed: ran past the{within} timeout"
+        limit = self.limits.get(self.killed_by or "")
+        if self.killed_by == "output_bytes" and isinstance(limit, int):
+            return f"killed: output exceeded {_binary_size(limit)}"
+        if self.killed_by == "output_files" and isinstance(limit, int):
+            return f"killed: output exceeded {limit} files"
+        return None
 
     @property
     def cacheable(self) -> bool:
@@ -140,3 +169,12 @@ class RunRecord:
             env=self.env,
             sandbox=self.sandbox,
         )
+
+
+def _binary_size(size: int) -> str:
+    """512 MiB, 1.5 GiB, 100 B: the largest binary unit, exact when it divides evenly."""
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:g} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} B"

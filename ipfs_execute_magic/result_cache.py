@@ -125,7 +125,12 @@ class ResultCache:
             raise UsageError(f"{record_cid} is not an ipfs-execute run record") from None
 
     def lookup(self, key: str) -> StoredRecord | None:
-        """The record cached under `key`, or None."""
+        """The record cached under `key`, or None.
+
+        An entry counts only when its record is a cacheable run that hashes to `key`: an entry
+        naming another run's record (a forged or misfiled link) is a miss, and the run that
+        follows writes the right entry over it.
+        """
         memo = self._memo.get(key)
         if memo is not None:
             return memo
@@ -133,17 +138,26 @@ class ResultCache:
         data = self.store.mfs_read(f"{CACHE_DIR}/{key}")
         if data is None:
             return None
-        record = RunRecord.from_json(data)
+        record = _parse_record(data)
+        if record is None or not record.cacheable or record.key != key:
+            return None
+        if record.recomputed_key() != key:  # the entry names another run's record
+            return None
         stored = StoredRecord(record, raw_leaf_cid(data))  # records are one small raw block
         self._memo[key] = stored
         return stored
 
     def record_for_output(self, output_cid: str) -> StoredRecord | None:
+        """The record of the run that produced `output_cid`, or None (also when the entry
+        names a record whose output is another CID)."""
         self.flush()
         data = self.store.mfs_read(f"{OUTPUTS_DIR}/{output_cid}")
         if data is None:
             return None
-        return StoredRecord(RunRecord.from_json(data), raw_leaf_cid(data))
+        record = _parse_record(data)
+        if record is None or record.output != output_cid:
+            return None
+        return StoredRecord(record, raw_leaf_cid(data))
 
     def find(self, cid_or_path: str) -> StoredRecord:
         """A record given its own CID, or the CID of the output it produced."""
@@ -238,3 +252,11 @@ class ResultCache:
                 self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", local)
             added += 1
         return ImportReport(added, already, tuple(rejected))
+
+
+def _parse_record(data: bytes) -> RunRecord | None:
+    """A run record from an index entry's bytes, or None when they are not one."""
+    try:
+        return RunRecord.from_json(data)
+    except (ValueError, TypeError, UnicodeDecodeError):
+        return None

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import hashlib
+import json
 import os
 import platform
 import secrets
-import shutil
 import stat
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,7 +28,7 @@ from .errors import IpfsError, OutputNotSavedError, UsageError
 from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest, cache_key
 from .result import TAIL_BYTES, RunResult, StreamTail
 from .result_cache import ResultCache, StoredRecord
-from .settings import Settings
+from .settings import Limits, Settings, check_home
 from .staging import ProgressCallback, Stager
 from .staging_cache import StagingCache, remove_tree
 from .store import Store
@@ -36,7 +38,13 @@ OutputCallback = Callable[[bytes], None]
 
 def sandbox_profile(request: RunRequest) -> dict[str, Any]:
     """What the payload sees of the sandbox, beyond its files: part of the cache key."""
-    return sandbox.payload_view(request.limits).profile()
+    # A fresh dict each time (it goes into records), from one rendering per set of limits.
+    return dict(json.loads(_profile_text(request.limits)))
+
+
+@functools.lru_cache(maxsize=64)
+def _profile_text(limits: Limits) -> str:
+    return json.dumps(sandbox.payload_view(limits).profile(), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,8 @@ class Runner:
     @property
     def store(self) -> Store:
         if self._store is None:
+            if self.settings.api is None:
+                check_home(self.settings)  # the embedded node lives there
             self._store = Store.connect(self.settings)
         return self._store
 
@@ -119,6 +129,7 @@ class Runner:
         input_path = IpfsPath.parse(request.input) if request.input else None
         rootfs_cid = self.store.resolve(rootfs_path)
         given_input = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
+        staging.check_codecs(rootfs_cid, given_input)
         input_cid, script_cid = given_input, None
         if request.script is not None:
             input_cid, script_cid = self.add_script(given_input, request.script)
@@ -231,6 +242,7 @@ class Runner:
         started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         durations: dict[str, float] = {"resolve": resolve_s}
         if not self._sandbox_checked:
+            check_home(self.settings)  # before anything is staged there
             sandbox.check_available()
             self._sandbox_checked = True
 
@@ -246,10 +258,12 @@ class Runner:
         durations["stage_input"] = staged_input.seconds
 
         run_dir = self._new_run_dir()
-        output_dir = run_dir / "output"
-        output_dir.mkdir(mode=0o755)
+        output = sandbox.OutputArea(run_dir / "output")
         keep_output = False
         try:
+            # Its own size-limited file system when root may make one (sandbox/output_area.py).
+            output.create(request.limits)
+            output_dir = output.path
             with contextlib.ExitStack() as views:
                 rootfs_dir, input_dir = rootfs.path, staged_input.path
                 if conditions.shuffle_directories:
@@ -274,23 +288,38 @@ class Runner:
 
             # From here on the output exists: it is kept on disk until it is safely in IPFS.
             keep_output = True
-            if os.geteuid() != 0:  # root reads whatever the payload left, whatever its modes
-                _make_readable(output_dir)
             t_add = time.monotonic()
             try:
-                output_cid = self.store.add_path(output_dir, pin=True)
+                if os.geteuid() != 0:  # root reads whatever the payload left, whatever its modes
+                    _make_readable(output_dir)
+                added = self.store.add_tree(output_dir, pin=True)
                 stdout_cid = self._add_printed(stdout.value(), "stdout")
                 stderr_cid = self._add_printed(stderr.value(), "stderr")
             except IpfsError as error:
-                kept = self._keep(output_dir)
+                kept = self._keep(output)
                 raise OutputNotSavedError(
                     f"the run finished (exit status {result.exit_status}) "
                     f"but adding its output to IPFS failed: {error}",
                     str(kept),
                 ) from None
+            except BaseException:
+                # Ctrl-C (or anything else) during the add: the output is not lost, and the
+                # user is told where it is before the interrupt goes on.
+                kept = self._keep(output)
+                print(
+                    f"ipfs-execute: the run's output was not added to IPFS; it is kept at "
+                    f"{kept} (add it later with: ipfs-execute add {kept})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise
+            output_cid = added.cid
             durations["add_output"] = time.monotonic() - t_add
             keep_output = False
         finally:
+            if output.image is not None and keep_output:
+                self._keep(output)  # interrupted: an image cannot stay mounted, its files can
+            output.release()
             if not keep_output:
                 remove_tree(run_dir)
         durations["total"] = time.monotonic() - t0
@@ -322,6 +351,8 @@ class Runner:
             stderr=stderr_cid,
             output_truncated=stdout.truncated or stderr.truncated,
             pure=not request.interactive,
+            killed_by=result.killed_by,
+            output_warnings=[f"/output/{entry}" for entry in added.left_out],
         )
 
     def _add_printed(self, data: bytes, name: str) -> str:
@@ -335,6 +366,7 @@ class Runner:
         memo_key = (input_cid, hashlib.sha256(script.encode()).hexdigest())
         if memo_key in self._scripted_inputs:
             return self._scripted_inputs[memo_key]
+        staging.check_input_is_directory(self.store, input_cid)
         if any(entry.name == SCRIPT_DIR for entry in self.store.ls(input_cid)):
             raise UsageError(
                 f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
@@ -355,21 +387,20 @@ class Runner:
         }
 
     def _new_run_dir(self) -> Path:
-        runs = self.settings.runs_dir
-        runs.mkdir(parents=True, exist_ok=True)
-        # Traversable but not listable: the sandbox uid reaches its own run dir by name, and
-        # nobody else can find a running job's writable /output.
-        runs.chmod(0o711)
+        # Private all the way down: the sandbox reaches its directories through binds made for
+        # it (sandbox.PrivateBinds), so no other host user needs to traverse any of them.
+        _private_dir(self.settings.home)
+        runs = _private_dir(self.settings.runs_dir)
+        sandbox.release_stale_outputs(runs)
         path = runs / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
-        path.mkdir(mode=0o755)
+        path.mkdir(mode=0o700)
         return path
 
-    def _keep(self, output_dir: Path) -> Path:
-        kept_root = self.settings.kept_outputs_dir
-        kept_root.mkdir(parents=True, exist_ok=True)
-        kept = kept_root / output_dir.parent.name
-        shutil.move(str(output_dir), kept)
-        remove_tree(output_dir.parent)
+    def _keep(self, output: sandbox.OutputArea) -> Path:
+        kept_root = _private_dir(self.settings.kept_outputs_dir)
+        kept = kept_root / output.path.parent.name
+        output.keep(kept)
+        remove_tree(output.path.parent)
         return kept
 
 
@@ -387,6 +418,19 @@ class _Capture(StreamTail):
     @property
     def truncated(self) -> bool:
         return self.total > TAIL_BYTES
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner can enter, made (with its parents) if need be.
+
+    In-progress outputs and staged inputs are nobody else's business. A directory of another
+    owner is left as it is: the tool never changes what it does not own.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+        path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+    return path
 
 
 def _make_readable(root: Path) -> None:

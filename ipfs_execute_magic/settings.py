@@ -3,11 +3,13 @@
 | variable                  | meaning                                              |
 |---------------------------|------------------------------------------------------|
 | IPFS_EXECUTE_API          | multiaddr of a user's own Kubo RPC API (no embedded node) |
+| IPFS_EXECUTE_API_AUTH     | its credentials: bearer:TOKEN or basic:USER:PASSWORD      |
 | IPFS_EXECUTE_HOME         | data directory: embedded node repo, staging cache, runs   |
 | IPFS_EXECUTE_KUBO         | path of the `ipfs` binary for the embedded node           |
 | IPFS_EXECUTE_TIMEOUT      | default wall-clock timeout of a run, seconds              |
 | IPFS_EXECUTE_FETCH_TIMEOUT| how long to wait for a CID to be retrievable, seconds     |
 | IPFS_EXECUTE_ONLINE       | 1: the embedded node joins the network (sharing results)  |
+| IPFS_EXECUTE_UID_RANGE    | FIRST-LAST: host uids of sandboxes when run as root       |
 """
 
 from __future__ import annotations
@@ -23,16 +25,23 @@ KUBO_VERSION = "v0.43.1"
 # Oldest daemon whose RPC API has everything the store uses (MFS composition, add flags).
 MIN_KUBO_VERSION = (0, 40, 0)
 
-# Unprivileged identity the sandbox runs as when the tool itself runs as root: bwrap started
+# Unprivileged identity of the availability probe when the tool runs as root: bwrap started
 # by real root keeps host-uid-0 powers (host sysctls are writable from inside).
 SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 
+# Host uids (and gids of the same numbers) for sandboxes when the tool runs as root, one per
+# concurrent run (sandbox/uid_pool.py). systemd's UIDS-GIDS.md leaves 60578-61183 unassigned,
+# between the ranges it maps container users into and DynamicUser= (61184-65519); uids that
+# the user or group database names are skipped.
+DEFAULT_UID_RANGE = (60578, 61183)
+
 
 def default_home() -> Path:
     if os.geteuid() == 0:
-        # The sandbox runs as an unprivileged uid that cannot traverse /root (0700), so root's
-        # cache must live somewhere it can read.
+        # A system-wide service's state, as the FHS places it (root's own home is not needed:
+        # the sandbox reaches the run's directories through binds of its own, whatever the
+        # modes of their parents).
         return Path("/var/lib/ipfs-execute")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "ipfs-execute"
@@ -82,6 +91,37 @@ def parse_count(text: str | int) -> int:
     return value
 
 
+def parse_cpus(text: str | float) -> float:
+    """`0.5`, `2` -> CPUs' worth of CPU time. Refuses zero, negative, nan, inf and quotas
+    below the kernel's smallest (1 ms in a 100 ms period)."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise UsageError(f"{text!r} is not a number of CPUs (e.g. 0.5, 2)") from None
+    if not math.isfinite(value) or value < 0.01:
+        raise UsageError(f"{text!r}: a CPU limit must be a finite number of at least 0.01")
+    return value
+
+
+def parse_uid_range(text: str | tuple[int, int]) -> tuple[int, int]:
+    """`60578-61183` -> (60578, 61183): the host uids sandboxes may use when run by root."""
+    if isinstance(text, tuple):
+        first, last = text
+    else:
+        first_text, _, last_text = str(text).strip().partition("-")
+        try:
+            first, last = int(first_text), int(last_text)
+        except ValueError:
+            raise UsageError(f"{text!r} is not a uid range (e.g. 60578-61183)") from None
+    # 0 is root, 65534 nobody and 65535 the 16-bit "no uid": never a sandbox's.
+    if not 0 < first <= last < 2**31 or (first <= 65535 and last >= 65534):
+        raise UsageError(
+            f"uid range {first}-{last} must be FIRST-LAST with 0 < FIRST <= LAST < 2^31, "
+            "without 65534 (nobody) and 65535"
+        )
+    return first, last
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one run. None means "no limit of this kind"."""
@@ -93,6 +133,11 @@ class Limits:
     file_bytes: int | None = 4 * 1024**3  # largest single file the payload may write
     cpu_seconds: int | None = None  # CPU time (RLIMIT_CPU)
     open_files: int = 1024
+    # What the payload may leave in /output: disk space (as du counts it) and entries.
+    output_bytes: int | None = 10 * 1024**3
+    output_files: int | None = 1_000_000
+    # CPU time per wall-clock time, in CPUs (0.5: half of one); None: as much as its CPU gives.
+    cpus: float | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -103,6 +148,9 @@ class Limits:
             "file_bytes",
             "cpu_seconds",
             "open_files",
+            "output_bytes",
+            "output_files",
+            "cpus",
         ):
             value = getattr(self, name)
             if value is not None and not (
@@ -117,6 +165,9 @@ class Limits:
         memory: int | str | None = None,
         pids: int | str | None = None,
         tmp_size: int | str | None = None,
+        output_size: int | str | None = None,
+        output_files: int | str | None = None,
+        cpus: float | str | None = None,
     ) -> Limits:
         """These limits with the user's overrides (None: keep). The one place where the CLI's
         options, the magic's options and config, and the Python API's arguments become Limits;
@@ -130,6 +181,12 @@ class Limits:
             changes["pids"] = parse_count(pids)
         if tmp_size is not None:
             changes["tmp_bytes"] = parse_size(tmp_size)
+        if output_size is not None:
+            changes["output_bytes"] = parse_size(output_size)
+        if output_files is not None:
+            changes["output_files"] = parse_count(output_files)
+        if cpus is not None:
+            changes["cpus"] = parse_cpus(cpus)
         return replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
 
@@ -137,14 +194,19 @@ class Limits:
 class Settings:
     home: Path = field(default_factory=default_home)
     api: str | None = None  # None: use (and start) the embedded node
+    # Credentials of the daemon at `api` (Kubo's AuthSecret syntax); kept out of repr.
+    api_auth: str | None = field(default=None, repr=False)
     kubo_binary: str | None = None
     fetch_timeout: float = 60.0
     limits: Limits = field(default_factory=Limits)
     online: bool = False  # embedded node joins the public network only when asked
+    # Host uids of sandboxes when the tool runs as root: one of them per concurrent run.
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
 
     def __post_init__(self) -> None:
         # Absolute always: the sandbox and the daemon resolve it from other working dirs.
         object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
+        object.__setattr__(self, "uid_range", parse_uid_range(self.uid_range))
 
     @property
     def repo_dir(self) -> Path:
@@ -175,6 +237,8 @@ class Settings:
             values["home"] = Path(env["IPFS_EXECUTE_HOME"]).expanduser().absolute()
         if env.get("IPFS_EXECUTE_API"):
             values["api"] = env["IPFS_EXECUTE_API"]
+        if env.get("IPFS_EXECUTE_API_AUTH"):
+            values["api_auth"] = env["IPFS_EXECUTE_API_AUTH"]
         if env.get("IPFS_EXECUTE_KUBO"):
             values["kubo_binary"] = env["IPFS_EXECUTE_KUBO"]
         if env.get("IPFS_EXECUTE_FETCH_TIMEOUT"):
@@ -188,7 +252,48 @@ class Settings:
                 values["limits"] = Limits().with_overrides(timeout=timeout)
             except UsageError as error:
                 raise UsageError(f"IPFS_EXECUTE_TIMEOUT: {error}") from None
+        if env.get("IPFS_EXECUTE_UID_RANGE"):
+            try:
+                values["uid_range"] = parse_uid_range(env["IPFS_EXECUTE_UID_RANGE"])
+            except UsageError as error:
+                raise UsageError(f"IPFS_EXECUTE_UID_RANGE: {error}") from None
         if env.get("IPFS_EXECUTE_ONLINE", "").lower() in ("1", "true", "yes"):
             values["online"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+
+def check_home(settings: Settings) -> None:
+    """Refuse a data directory that cannot be created or written, before anything uses it."""
+    for path in (settings.home, settings.repo_dir, settings.staging_dir, settings.runs_dir):
+        problem = _directory_problem(path)
+        if problem is not None:
+            raise UsageError(
+                f"cannot use {settings.home} as the data directory: {problem}; choose another "
+                "one (--home, IPFS_EXECUTE_HOME, or the magic's `home` setting)"
+            )
+
+
+def _directory_problem(path: Path) -> str | None:
+    """Why `path` cannot be a writable directory (made with its parents if missing), or None."""
+    existing = path
+    while True:  # the nearest part of `path` that exists decides
+        try:
+            existing.stat()
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            if existing.parent == existing:
+                return f"{existing} does not exist"
+            existing = existing.parent
+        except OSError as error:
+            return f"{existing} cannot be examined ({error.strerror})"
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        why = (
+            "is on a read-only file system"
+            if os.statvfs(existing).f_flag & os.ST_RDONLY
+            else f"is not writable by uid {os.geteuid()}"
+        )
+        return f"{existing} {why}"
+    return None

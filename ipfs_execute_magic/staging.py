@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import archive
-from .cid import EMPTY_DIRECTORY_CID
-from .errors import BadRootfsError, StagingError, UsageError
+from .cid import EMPTY_DIRECTORY_CID, cid_codec
+from .errors import BadRootfsError, StagingError, TruncatedStreamError, UsageError
 from .sandbox import SOURCE_DATE_EPOCH, die_with_parent, mount_point_problem
 from .staging_cache import StagingCache
-from .store import Store
+from .store import Stat, Store
 
 ENTRY_POINT = "sbin/init"
 
@@ -73,6 +73,10 @@ class _CountingReader:
     def readable(self) -> bool:
         return True
 
+    @property
+    def bytes_read(self) -> int:
+        return self._done
+
     def close(self) -> None:
         self._stream.close()
 
@@ -97,7 +101,11 @@ class Stager:
         if ready is not None:
             _settle_old_entry(ready)
             return StagedTree(cid, ready, True, time.monotonic() - started)
-        path = self.staging_cache.fill("rootfs", cid, lambda tmp: self._fill_rootfs(cid, tmp))
+        # Checked before the staging cache makes anything: a wrong kind of CID stages nothing.
+        found = self._rootfs_stat(cid)
+        path = self.staging_cache.fill(
+            "rootfs", cid, lambda tmp: self._fill_rootfs(cid, found, tmp)
+        )
         return StagedTree(cid, path, False, time.monotonic() - started)
 
     def stage_input(self, cid: str) -> StagedTree:
@@ -109,19 +117,33 @@ class Stager:
         if cid == EMPTY_DIRECTORY_CID:
             path = self.staging_cache.fill("input", cid, set_tree_mtimes)
         else:
+            check_input_is_directory(self.store, cid)
             path = self.staging_cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
 
     # -- filling ---------------------------------------------------------------------------
 
-    def _fill_rootfs(self, cid: str, dest: Path) -> None:
-        kind = self.store.stat(cid)
-        if kind.kind == "directory":
+    def _rootfs_stat(self, cid: str) -> Stat:
+        found = self.store.stat(cid)
+        if found.kind == "file" and found.size == 0:
+            raise BadRootfsError(
+                f"rootfs {cid} is an empty file (0 bytes), not an archive: give the CID of a "
+                ".tar.gz/.tar.zst/.tar file of the root tree, or of a directory"
+            )
+        if found.kind not in ("file", "directory"):
+            raise BadRootfsError(
+                f"rootfs {cid} is a {found.kind}; give a .tar.gz/.tar.zst/.tar "
+                "file CID or a directory CID"
+            )
+        return found
+
+    def _fill_rootfs(self, cid: str, found: Stat, dest: Path) -> None:
+        if found.kind == "directory":
             self._extract_directory(cid, dest, what=f"rootfs {cid}")
             _make_files_executable(dest)
-        elif kind.kind == "file":
+        else:
             stream = _CountingReader(
-                self.store.cat_stream(cid), f"rootfs {cid}", kind.size, self.on_progress
+                self.store.cat_stream(cid), f"rootfs {cid}", found.size, self.on_progress
             )
             try:
                 archive.extract(
@@ -130,25 +152,23 @@ class Stager:
                     name=f"rootfs {cid}",
                     require_end_marker=True,
                 )
+            except TruncatedStreamError:
+                if stream.bytes_read < found.size:
+                    raise  # the download was cut: a retry may get all of it
+                # Every byte of the file arrived: the archive itself ends early.
+                raise BadRootfsError(
+                    f"rootfs {cid} is a truncated archive: all {found.size} bytes of it "
+                    "arrived, but it ends before its end-of-archive marker; it was cut short "
+                    "when it was made or copied: re-create it and add it again"
+                ) from None
             finally:
                 stream.close()
-        else:
-            raise BadRootfsError(
-                f"rootfs {cid} is a {kind.kind}; give a .tar.gz/.tar.zst/.tar "
-                "file CID or a directory CID"
-            )
         check_rootfs(dest, cid)  # may create mount points: times are set after it
         # Tarballs too: archive.extract does not apply members' mtimes, so the files would
         # carry the time of extraction.
         set_tree_mtimes(dest)
 
     def _fill_input(self, cid: str, dest: Path) -> None:
-        kind = self.store.stat(cid)
-        if kind.kind != "directory":
-            raise UsageError(
-                f"input {cid} is a {kind.kind}, not a directory: put it in one, "
-                f"e.g. `ipfs-mkdir data.bin {cid}`"
-            )
         self._extract_directory(cid, dest, what=f"input {cid}")
         set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
 
@@ -166,6 +186,42 @@ class Stager:
         finally:
             stream.close()
         _hoist_single_top(dest, cid)
+
+
+def check_codecs(rootfs_cid: str, input_cid: str) -> None:
+    """Refuse, from the CIDs alone, a rootfs or input that cannot be UnixFS of the right kind.
+
+    Only dag-pb nodes are UnixFS files and directories; a raw block is always a file. Checked
+    before anything is fetched, composed or staged.
+    """
+    made_with = "add it with `ipfs-execute add` or `ipfs add`, not `ipfs dag put`"
+    rootfs_codec = cid_codec(rootfs_cid)
+    if rootfs_codec not in ("dag-pb", "raw", None):
+        raise UsageError(
+            f"rootfs {rootfs_cid} is a {rootfs_codec} node, not a file or directory "
+            f"(UnixFS): give a .tar.gz/.tar.zst/.tar file or a directory; {made_with}"
+        )
+    input_codec = cid_codec(input_cid)
+    if input_codec == "raw":
+        raise UsageError(
+            f"input {input_cid} is a raw block, i.e. a file, not a directory: put it in one, "
+            f"e.g. `ipfs-mkdir data.bin {input_cid}`"
+        )
+    if input_codec not in ("dag-pb", None):
+        raise UsageError(
+            f"input {input_cid} is a {input_codec} node, not a directory (UnixFS): give a "
+            f"directory; {made_with}"
+        )
+
+
+def check_input_is_directory(store: Store, cid: str) -> None:
+    """Refuse an input that the node says is a file (a dag-pb file looks like a directory)."""
+    kind = store.stat(cid)
+    if kind.kind != "directory":
+        raise UsageError(
+            f"input {cid} is a {kind.kind}, not a directory: put it in one, "
+            f"e.g. `ipfs-mkdir data.bin {cid}`"
+        )
 
 
 def _hoist_single_top(dest: Path, top_name: str) -> None:
@@ -266,8 +322,11 @@ def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
     Bind it into a sandbox in place of `path` to expose payloads whose output depends on
     readdir order. The view is mounted on a new directory under `parent` (default: the
     system's temporary directory) and unmounted on exit. As root the view serves every uid
-    (--multi-user: the sandbox's uid reads it with its own permissions); otherwise only the
-    caller's uid, which is the sandbox's then, so `user_allow_other` is never needed.
+    (allow_other), the kernel checking each access against the modes it shows
+    (default_permissions), while disorderfs itself reads the tree as root: the tree may lie in
+    the private data directory, which the sandbox's uid cannot traverse (disorderfs's
+    --multi-user would make it try). Otherwise it serves only the caller's uid, which is the
+    sandbox's then, so `user_allow_other` is never needed.
     """
     problem = shuffled_view_problem()
     if problem is not None:
@@ -275,7 +334,6 @@ def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
     mount_point = Path(tempfile.mkdtemp(prefix="ipfs-execute-shuffled-", dir=parent))
     process: subprocess.Popen[bytes] | None = None
     try:
-        os.chmod(mount_point, 0o755)  # the sandbox uid must traverse it
         argv = [
             str(shutil.which("disorderfs")),
             "-f",
@@ -284,9 +342,8 @@ def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
             # Only the order changes: no reversal, and st_blocks as in the tree.
             "--reverse-dirents=no",
             "--pad-blocks=0",
-            *(["--multi-user=yes"] if os.geteuid() == 0 else []),
             "-o",
-            "ro",
+            "ro,allow_other,default_permissions" if os.geteuid() == 0 else "ro",
             str(path),
             str(mount_point),
         ]

@@ -26,8 +26,12 @@ __all__ = ["StagingCache", "remove_tree"]
 
 _KIND = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _KEY = re.compile(r"[A-Za-z0-9]{1,200}")
-# The sandbox runs as an unprivileged uid: it must traverse every directory we create.
-_DIR_MODE = 0o755
+# The cache's own directories are private: the sandbox reaches a staged tree through a bind
+# made for it, so no other user needs to traverse them.
+_DIR_MODE = 0o700
+# The root of a staged tree is what the payload sees as / or /input: its mode is part of the
+# run's view and stays as it always was.
+_TREE_MODE = 0o755
 
 
 class StagingCache:
@@ -67,7 +71,7 @@ class StagingCache:
             self._remove_stale_tmp(held=(kind, key))
             work = Path(tempfile.mkdtemp(prefix=f"{kind}.{key}.", dir=self._tmp))
             try:
-                os.chmod(work, _DIR_MODE)
+                os.chmod(work, _TREE_MODE)
                 filler(work)
                 os.rename(work, final)
             except BaseException:
@@ -154,6 +158,9 @@ def _make_dir(path: Path) -> None:
     try:
         os.mkdir(path, _DIR_MODE)
     except FileExistsError:
+        info = os.stat(path)
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            os.chmod(path, _DIR_MODE)  # made by a version that let the sandbox uid traverse it
         return
     except FileNotFoundError:
         _make_dir(path.parent)

@@ -3,19 +3,24 @@
 This is the only module that imports ipfshttpclient, and where its gaps are covered:
 - `connect()` refuses every modern Kubo, so the client is built directly and the daemon's
   version is checked here;
-- its `add` sends other import flags than the Kubo CLI, drops symlinks and can hang on many
-  files, so trees are added with a streamed multipart body of our own (through the client's
-  transport) that sends every import flag explicitly and keeps symlinks as UnixFS symlinks;
+- its `add` sends other import flags than the Kubo CLI, drops symlinks and hangs on many
+  files (it sends the whole body before it reads the daemon's per-file replies), so trees are
+  added with a streamed multipart body of our own, sent while the replies are read
+  (`duplex_http`), that sends every import flag explicitly and keeps symlinks as UnixFS
+  symlinks;
 - its `get` extracts without any safety filter, so the raw tar stream is handed to
   `archive.extract` instead.
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import re
 import secrets
+import socket
 import stat as stat_module
 import urllib.parse
 import warnings
@@ -26,17 +31,21 @@ from typing import Any, BinaryIO
 
 import ipfshttpclient
 import ipfshttpclient.exceptions as ipfs_exceptions
+from ipfshttpclient.http_common import multiaddr_to_url_data
 
+from . import duplex_http
 from .cid import EMPTY_FILE_CID, IpfsPath, is_cid
 from .errors import (
+    DaemonAuthError,
     DaemonUnreachableError,
     DaemonVersionError,
     InvalidPathError,
     IpfsError,
     IpfsExecuteError,
     NotRetrievableError,
+    UsageError,
 )
-from .node import EmbeddedNode
+from .node import EmbeddedNode, reachable_socket_path
 from .settings import MIN_KUBO_VERSION, Settings
 
 # ipfshttpclient 0.7 passes `strict=` to urllib3 2.x on every request; harmless, and not the
@@ -61,6 +70,17 @@ IMPORT_OPTIONS: Mapping[str, str] = {
     "preserve-mtime": "false",
 }
 UPLOAD_CHUNK = 256 * 1024
+# How Kubo says that a node is not UnixFS (files/stat, cat, get, ls, files/cp).
+_NOT_UNIXFS = (
+    "not unixfs node",
+    "valid unixfs",
+    "unknown node type",
+    "proto: cannot parse",
+    "proto: required field",
+)
+# An add is given up when no byte has gone to the daemon or come back for this long; a big add
+# that keeps moving may take as long as it needs.
+ADD_STALL_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -72,10 +92,44 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """An entry of an added tree that UnixFS cannot hold (a FIFO, a socket, a device)."""
+
+    path: str  # relative to the added directory
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.kind}, left out (IPFS has no form for it)"
+
+
+@dataclass(frozen=True)
+class Added:
+    cid: str
+    left_out: tuple[LeftOut, ...] = ()
+
+
+@dataclass(frozen=True)
 class Stat:
     cid: str
     kind: str  # "file", "directory", "symlink"
     size: int  # file size, or cumulative size of a directory
+
+
+def authorization_header(secret: str) -> str:
+    """An HTTP Authorization value from a secret in Kubo's AuthSecret syntax: "bearer:TOKEN",
+    "basic:USER:PASSWORD" or "basic:BASE64"; no known prefix means bearer, as in Kubo."""
+    kind, _, value = secret.partition(":")
+    if kind == "basic" and value:
+        if ":" in value:  # user:password, sent base64-encoded
+            value = base64.b64encode(value.encode()).decode("ascii")
+        return f"Basic {value}"
+    if kind == "bearer" and value:
+        return f"Bearer {value}"
+    if not secret or secret in ("basic:", "bearer:"):
+        raise UsageError(
+            "--api-auth / IPFS_EXECUTE_API_AUTH is empty: give bearer:TOKEN or basic:USER:PASSWORD"
+        )
+    return f"Bearer {secret}"
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
@@ -117,11 +171,25 @@ class _IteratorReader(io.RawIOBase):
 class Store:
     """A connection to one Kubo daemon."""
 
-    def __init__(self, api: str, *, fetch_timeout: float = 60.0) -> None:
+    add_stall_timeout: float = ADD_STALL_TIMEOUT_S
+
+    def __init__(self, api: str, *, fetch_timeout: float = 60.0, auth: str | None = None) -> None:
+        """`auth`: the daemon's credentials in Kubo's `API.Authorizations` AuthSecret syntax
+        ("bearer:TOKEN", "basic:USER:PASSWORD", "basic:BASE64"), sent with every request."""
+        if api.startswith("/unix/") and not reachable_socket_path(api.removeprefix("/unix")):
+            raise UsageError(
+                f"cannot use the API socket {api.removeprefix('/unix')}: the HTTP client reaches "
+                "only unix sockets whose path has lowercase letters, digits and / . _ - (at "
+                "most 107 bytes); link it from such a path (`ln -s`) and give that"
+            )
         self.api = api
         self.fetch_timeout = fetch_timeout
+        # Sent with every request, also by calls that bypass the client's transport.
+        self.request_headers = {"Authorization": authorization_header(auth)} if auth else {}
         # Built directly: ipfshttpclient.connect() refuses every Kubo >= 0.8 (version check is ours).
-        self._client = ipfshttpclient.Client(addr=api, session=True, timeout=None)
+        self._client = ipfshttpclient.Client(
+            addr=api, session=True, timeout=None, headers=self.request_headers or None
+        )
         self._http = self._client._client  # the client's transport, for the calls it gets wrong
         self._version: str | None = None
         self.repo: Path | None = None  # set for the embedded node: Kubo writes facts there
@@ -130,7 +198,7 @@ class Store:
     def connect(cls, settings: Settings) -> Store:
         """The user's daemon when `settings.api` is set, else the embedded node (started if needed)."""
         if settings.api:
-            store = cls(settings.api, fetch_timeout=settings.fetch_timeout)
+            store = cls(settings.api, fetch_timeout=settings.fetch_timeout, auth=settings.api_auth)
         else:
             api = EmbeddedNode(settings).ensure_running()
             store = cls(api, fetch_timeout=settings.fetch_timeout)
@@ -193,6 +261,15 @@ class Store:
             ) from None
         except ipfs_exceptions.ErrorResponse as error:
             raise self._translate(error, what or " ".join(args)) from None
+        except ipfs_exceptions.StatusError as error:
+            status = getattr(getattr(error.original, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise DaemonAuthError(
+                    f"the IPFS daemon at {self.api} refused {path} (HTTP {status}): give its "
+                    "credentials with --api-auth / IPFS_EXECUTE_API_AUTH (bearer:TOKEN or "
+                    "basic:USER:PASSWORD, as in its API.Authorizations), with access to /api/v0"
+                ) from None
+            raise IpfsError(f"IPFS {path} {' '.join(args)} failed: {error}") from None
         except ipfs_exceptions.Error as error:
             raise IpfsError(f"IPFS {path} {' '.join(args)} failed: {error}") from None
 
@@ -211,6 +288,12 @@ class Store:
             return NotRetrievableError(
                 f"{what}: not retrievable ({message}); the node is offline and does not have "
                 "it: add or pin it first, or use an online daemon (--api)"
+            )
+        if any(sign in lowered for sign in _NOT_UNIXFS):
+            # A dag-cbor/dag-json node, or a dag-pb node whose data is not UnixFS.
+            return UsageError(
+                f"{what} is not a UnixFS file or directory ({message}): give content added "
+                "with `ipfs-execute add` or `ipfs add`, not a node made with `ipfs dag put`"
             )
         if "invalid" in lowered or "failed to decode" in lowered or "selected encoding" in lowered:
             return InvalidPathError(f"{what}: {message}")
@@ -347,6 +430,10 @@ class Store:
 
     def add_path(self, path: Path, *, pin: bool = True) -> str:
         """Add a file or directory tree; returns the root CID (the Kubo CLI's `add -r --hidden`)."""
+        return self.add_tree(path, pin=pin).cid
+
+    def add_tree(self, path: Path, *, pin: bool = True) -> Added:
+        """`add_path`, also naming what had to be left out (FIFOs, sockets, devices)."""
         path = Path(path)
         try:
             st = path.lstat()
@@ -355,20 +442,77 @@ class Store:
         if not (stat_module.S_ISDIR(st.st_mode) or stat_module.S_ISREG(st.st_mode)):
             raise InvalidPathError(f"{path}: only a regular file or a directory can be added")
         boundary = secrets.token_hex(16)
-        body = _multipart_tree(path, boundary)
+        left_out: list[LeftOut] = []
+        body = _multipart_tree(path, boundary, left_out)
+        try:
+            cid = self._post_add(body, boundary, pin=pin, what=str(path))
+        except _UnreadableEntry as error:
+            raise IpfsError(
+                f"cannot add {path}: reading {error.path} failed ({error.reason}); make it "
+                "readable (or remove it) and add again"
+            ) from None
+        return Added(cid, tuple(left_out))
+
+    def _post_add(self, body: Iterable[bytes], boundary: str, *, pin: bool, what: str) -> str:
+        """One /add request, its body sent while the daemon's per-file replies are read: sent
+        first and read after, the two fill each other's buffers and both sides stop."""
         opts = dict(IMPORT_OPTIONS)
         opts.update({"pin": "true" if pin else "false", "quieter": "true", "progress": "false"})
-        answer = self._call(
-            "/add",
-            opts=opts,
-            data=body,
-            what=f"add {path}",
-            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        base_url, uds_path, family, _ = multiaddr_to_url_data(self.api, "api/v0")
+        url = urllib.parse.urlsplit(base_url)
+        endpoint = duplex_http.Endpoint(
+            family=family if uds_path is None else socket.AF_UNIX,
+            address=uds_path if uds_path is not None else (url.hostname or "", url.port or 80),
+            host_header="localhost" if uds_path is not None else url.netloc,
+            tls=url.scheme == "https",
         )
-        results = answer if isinstance(answer, list) else [answer]
-        if not results or "Hash" not in results[-1]:
-            raise IpfsError(f"adding {path} gave no CID (daemon answered {results!r:.200})")
-        return str(results[-1]["Hash"])
+        query = urllib.parse.urlencode({"stream-channels": "true", **opts})
+        headers = dict(self.request_headers)  # the credentials, if any
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        try:
+            reply = duplex_http.post(
+                endpoint,
+                f"{url.path}add?{query}",
+                body,
+                headers=headers,
+                stall_timeout=self.add_stall_timeout,
+            )
+        except duplex_http.StalledError:
+            raise IpfsError(
+                f"adding {what}: the IPFS daemon at {self.api} neither took nor sent a byte for "
+                f"{self.add_stall_timeout:g} s; check that it is running and not out of disk, "
+                "then add again"
+            ) from None
+        except ConnectionRefusedError:
+            raise DaemonUnreachableError(
+                f"no IPFS daemon answers at {self.api}: start it (`ipfs daemon`), fix --api / "
+                "IPFS_EXECUTE_API, or unset them to use the embedded node"
+            ) from None
+        except OSError as error:
+            raise IpfsError(
+                f"adding {what}: the connection to the IPFS daemon at {self.api} broke "
+                f"({error}); add again"
+            ) from None
+        if reply.status in (401, 403):
+            raise DaemonAuthError(
+                f"the IPFS daemon at {self.api} refused /add (HTTP {reply.status}): give its "
+                "credentials with --api-auth / IPFS_EXECUTE_API_AUTH (bearer:TOKEN or "
+                "basic:USER:PASSWORD, as in its API.Authorizations), with access to /api/v0"
+            )
+        refusal = (
+            (_error_message(reply.error_body) or f"HTTP {reply.status}")
+            if reply.status != 200
+            else reply.trailers.get("x-stream-error")
+        )
+        if refusal:
+            raise IpfsError(f"adding {what}: the IPFS daemon at {self.api} failed: {refusal}")
+        try:
+            last = json.loads(reply.last_line)
+            return str(last["Hash"])
+        except (ValueError, KeyError, TypeError):
+            raise IpfsError(
+                f"adding {what} gave no CID (the daemon answered {reply.last_line!r:.200})"
+            ) from None
 
     def add_bytes(self, data: bytes, *, name: str = "file", pin: bool = True) -> str:
         boundary = secrets.token_hex(16)
@@ -520,9 +664,27 @@ def _as_path(text: str) -> str:
 # -- multipart body for /add -----------------------------------------------------------------
 
 
+class _UnreadableEntry(Exception):
+    """A file or directory of the tree could not be read while it was being sent."""
+
+    def __init__(self, path: str, error: OSError) -> None:
+        self.path = path
+        self.reason = error.strerror or str(error)
+        super().__init__(f"{path}: {self.reason}")
+
+
+def _error_message(body: bytes) -> str:
+    """The message of a Kubo error answer ({"Message": ..., "Type": "error"}), or its text."""
+    try:
+        return str(json.loads(body)["Message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace").strip()[:500]
+
+
 def _part_header(boundary: str, name: str, content_type: str) -> bytes:
     # Kubo unescapes file names with Go's url.QueryUnescape, so escape everything ('+' too).
-    quoted = urllib.parse.quote(name, safe="")
+    # The name's own bytes are escaped, so a name that is not UTF-8 arrives as it is on disk.
+    quoted = urllib.parse.quote(os.fsencode(name), safe="")
     return (
         f"--{boundary}\r\n"
         f'Content-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
@@ -538,26 +700,54 @@ def _file_chunks(path: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _multipart_tree(root: Path, boundary: str) -> Iterator[bytes]:
-    """Stream a tree as Kubo's multipart format: parents before children, sorted, no following."""
+# The kinds of entry UnixFS has no form for, as a warning names them.
+_NO_UNIXFS_FORM = (
+    (stat_module.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat_module.S_ISSOCK, "a socket"),
+    (stat_module.S_ISCHR, "a character device"),
+    (stat_module.S_ISBLK, "a block device"),
+)
+
+
+def _multipart_tree(root: Path, boundary: str, left_out: list[LeftOut]) -> Iterator[bytes]:
+    """Stream a tree as Kubo's multipart format: parents before children, sorted, no following.
+
+    Entries UnixFS cannot hold are appended to `left_out`; an entry that cannot be read raises
+    _UnreadableEntry."""
     root_name = root.name or "root"
 
-    def emit(host_path: str, name: str) -> Iterator[bytes]:
-        st = os.lstat(host_path)
+    def emit(host_path: str, name: str, relative: str) -> Iterator[bytes]:
+        try:
+            st = os.lstat(host_path)
+            if stat_module.S_ISDIR(st.st_mode):
+                children = sorted(os.listdir(host_path), key=os.fsencode)  # byte order
+            elif stat_module.S_ISLNK(st.st_mode):
+                target = os.readlink(host_path)
+        except OSError as error:
+            raise _UnreadableEntry(host_path, error) from None
         if stat_module.S_ISDIR(st.st_mode):
             yield _part_header(boundary, name, "application/x-directory")
             yield b"\r\n"
-            for child in sorted(os.listdir(host_path)):
-                yield from emit(os.path.join(host_path, child), f"{name}/{child}")
+            for child in children:
+                yield from emit(
+                    os.path.join(host_path, child),
+                    f"{name}/{child}",
+                    f"{relative}/{child}" if relative else child,
+                )
         elif stat_module.S_ISLNK(st.st_mode):
             yield _part_header(boundary, name, "application/symlink")
-            yield os.readlink(host_path).encode("utf-8", "surrogateescape")
+            yield target.encode("utf-8", "surrogateescape")
             yield b"\r\n"
         elif stat_module.S_ISREG(st.st_mode):
             yield _part_header(boundary, name, "application/octet-stream")
-            yield from _file_chunks(host_path)
+            try:
+                yield from _file_chunks(host_path)
+            except OSError as error:
+                raise _UnreadableEntry(host_path, error) from None
             yield b"\r\n"
-        # Sockets, fifos and devices have no UnixFS form; they are left out.
+        else:
+            kind = next((k for test, k in _NO_UNIXFS_FORM if test(st.st_mode)), "a special file")
+            left_out.append(LeftOut(relative, kind))
 
-    yield from emit(str(root), root_name)
+    yield from emit(str(root), root_name, "")
     yield f"--{boundary}--\r\n".encode()

@@ -25,9 +25,12 @@ def home() -> Iterator[Path]:
     path = _world_traversable_tmpdir("iex-home-")
     yield path
     from ipfs_execute_magic.node import EmbeddedNode
+    from ipfs_execute_magic.sandbox import release_stale_outputs
     from ipfs_execute_magic.settings import Settings
 
     EmbeddedNode(Settings(home=path)).stop()
+    # A run whose process a test killed outright leaves its /output image mounted.
+    release_stale_outputs(path / "runs")
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -12,8 +12,9 @@ BIN = Path(sys.prefix) / "bin"
 
 
 def world_traversable_tmpdir(prefix: str) -> Path:
-    # pytest's own tmp dirs are 0700; the sandbox runs as an unprivileged uid when the tests
-    # run as root, and it must be able to reach the staged trees.
+    # pytest's own tmp dirs are 0700. The sandbox no longer needs more (its directories are
+    # bound for it), but some tests run the tool or Kubo as another user (setpriv), and those
+    # must reach the files the test made.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o755)
     return path

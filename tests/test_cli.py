@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import BIN, cli_env, ipfs_execute, world_traversable_tmpdir
 
+from ipfs_execute_magic.cid import EMPTY_DIRECTORY_CID
 from ipfs_execute_magic.errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE
 
 
@@ -516,7 +517,10 @@ def test_unretrievable_cid_fails_within_the_fetch_timeout() -> None:
     try:
         unknown = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
         started = time.monotonic()
-        result = ipfs_execute(home, "--api", api, "--fetch-timeout", "3", unknown, unknown, "true")
+        # The input is the empty directory: a raw CID is a file, refused as an input at once.
+        result = ipfs_execute(
+            home, "--api", api, "--fetch-timeout", "3", unknown, EMPTY_DIRECTORY_CID, "true"
+        )
         elapsed = time.monotonic() - started
         assert result.returncode == EXIT_TOOL_FAILURE
         assert unknown in result.stderr and "3 s" in result.stderr, result.stderr

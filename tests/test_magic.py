@@ -552,3 +552,43 @@ def test_config_api_points_at_a_daemon(ip: InteractiveShell, store) -> None:
     finally:
         ok(ip, "%config IpfsExecuteMagics.api = ''")
     ok(ip, "%%ipfs_execute $busybox\ntrue")
+
+
+# -- bad limits and the memory limit -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option", ["--memory inf", "--memory nanM", "--timeout nan", "--timeout inf", "--pids=-2"]
+)
+def test_a_limit_that_is_not_finite_is_one_line_before_anything_runs(
+    ip: InteractiveShell, option: str
+) -> None:
+    error = error_of(ip, f"%%ipfs_execute $busybox {option} -o never\necho ran > /output/x")
+    assert type(error) is UsageError  # exactly: IPython prints one line only for this type
+    assert option.replace("=", " ").split()[1] in str(error) and "\n" not in str(error)
+    assert "never" not in ip.user_ns
+
+
+def test_a_run_killed_by_the_memory_limit_says_so(ip: InteractiveShell) -> None:
+    hog = "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived"
+    error = error_of(ip, f"%%ipfs_execute $busybox --memory 64M --tmp-size 1M -o hog\n{hog}")
+    assert isinstance(error, PayloadFailedError)
+    hogged = ip.user_ns["hog"]
+    if "cgroup" not in hogged.record.limits_enforced["memory"]:
+        pytest.skip("no memory cgroup here")
+    assert hogged.record.killed_by == "memory"
+    headline = error._render_traceback_()[0]
+    assert "killed: out of memory (limit 64 MiB), exit status 137" in headline
+    assert "--memory" in headline and "`hog`" in headline
+    bundle, _ = ip.display_formatter.format(hogged)
+    for mime in ("text/plain", "text/html"):
+        assert "✗ exit 137, killed: out of memory (limit 64 MiB)" in bundle[mime]
+
+
+def test_lineage_view_of_the_empty_directory_credits_no_run(ip: InteractiveShell) -> None:
+    ok(ip, "%%ipfs_execute $busybox --no-cache\ntrue")  # one run whose output is empty
+    node = ok(ip, "%ipfs_lineage $empty")
+    assert not node.is_run and not node.parents
+    bundle, _ = ip.display_formatter.format(node)
+    for mime in ("text/plain", "text/html"):
+        assert "produced by many runs" in bundle[mime]

@@ -33,6 +33,8 @@ from ipfs_execute_magic.sandbox import (
     payload_view,
 )
 from ipfs_execute_magic.sandbox import run as run_module
+from ipfs_execute_magic.sandbox.seccomp import SeccompPolicy
+from ipfs_execute_magic.sandbox.uid_pool import HostIds
 from ipfs_execute_magic.settings import Limits
 from ipfs_execute_magic.staging import check_rootfs
 
@@ -43,6 +45,8 @@ def _changed(value: Any) -> Any:
     """Another value of the same kind, still valid for the sandbox."""
     if isinstance(value, bool):
         return not value
+    if isinstance(value, SeccompPolicy):
+        return replace(value, rules=value.rules[:-1])  # a rule less
     if isinstance(value, int | float):
         return value + 1
     if isinstance(value, str):
@@ -94,14 +98,19 @@ def _realised(view: PayloadView, output_parent: Path) -> tuple[object, ...]:
     )
     argv = option_args(view.options(spec.rootfs, spec.input_dir, spec.output_dir, proc_stat_fd=3))
     running_as_root = os.geteuid() == 0
-    plan = run_module._plan(spec, view, [], {}, running_as_root=running_as_root)
+    host_ids = HostIds(60578, 60578) if running_as_root else None
+    plan = run_module._plan(spec, view, [], {}, running_as_root=running_as_root, host_ids=host_ids)
     output_dir = Path(tempfile.mkdtemp(dir=output_parent))
-    run_module._prepare_output_dir(
-        replace(spec, output_dir=output_dir), view, running_as_root=running_as_root
-    )
+    run_module._prepare_output_dir(replace(spec, output_dir=output_dir), view, host_ids)
     output = output_dir.stat()
     child = replace(plan.child, cpus=())  # the CPU rotation differs from run to run
-    return argv, view.proc_stat(), child, (output.st_mode & 0o7777, output.st_mtime)
+    return (
+        argv,
+        view.proc_stat(),
+        view.seccomp.bpf(),
+        child,
+        (output.st_mode & 0o7777, output.st_mtime),
+    )
 
 
 def test_profile_is_deterministic_json_of_what_the_payload_sees() -> None:
@@ -163,7 +172,7 @@ def test_bwrap_argv_and_child_follow_the_view(output_parent: Path) -> None:
     ):
         assert expected in argv
     assert "PATH" not in argv
-    _argv, _proc_stat, child, _output = _realised(view, output_parent)
+    _argv, _proc_stat, _seccomp, child, _output = _realised(view, output_parent)
     assert (child.umask, child.cpu_count, child.clock_start_ns) == (0o077, 2, 5_000_000_000)
     assert view.proc_stat().count(b"\ncpu") == 2  # cpu0 and cpu1 after the total line
 

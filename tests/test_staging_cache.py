@@ -31,9 +31,10 @@ def test_fill_get_remove(tmp_path: Path) -> None:
     assert path == cache.path_for("rootfs", CID) == tmp_path / "cache/rootfs" / CID
     assert cache.get("rootfs", CID) == path
     assert (path / "sub/file").read_text() == "content"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o755
-    for directory in (tmp_path / "cache", tmp_path / "cache/rootfs"):
-        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # the tree's root: part of the view
+    # The cache's own directories are nobody else's business.
+    for directory in ("", "rootfs", "tmp", "locks"):
+        assert stat.S_IMODE((tmp_path / "cache" / directory).stat().st_mode) == 0o700
     assert cache.fill("rootfs", CID, lambda _: pytest.fail("filled twice")) == path
     assert cache.entries("rootfs") == [CID]
     assert cache.entries("input") == []

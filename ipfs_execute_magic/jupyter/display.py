@@ -79,8 +79,12 @@ def record_status(record: RunRecord) -> str:
     if record.timed_out:
         limit = record.limits.get("timeout")
         return f"✗ timed out after {limit:g} s" if limit else "✗ timed out"
+    if record.killed_by in ("output_bytes", "output_files"):
+        return f"✗ exit {record.exit_status}, {record.killed_text()}"
     if record.exit_status == 0:
         return "✓ exit 0"
+    if record.killed_by == "memory":
+        return f"✗ exit {record.exit_status}, {record.killed_text()}"
     return f"✗ exit {record.exit_status}"
 
 
@@ -240,6 +244,7 @@ class ResultView:
             )
         if self.result.disagreement:
             notes.append(f"warning: {self.result.disagreement}")
+        notes.extend(f"warning: {warning}" for warning in self.result.record.output_warnings)
         return notes
 
     def header_html(self) -> str:

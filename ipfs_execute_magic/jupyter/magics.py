@@ -16,7 +16,7 @@ import keyword
 import shlex
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +28,14 @@ from traitlets import Float, Int, TraitError, Unicode, Union, observe, validate
 
 import ipfs_execute_magic as ie
 
+from .. import arguments
 from ..cid import IpfsPath
 from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
 from ..lineage_graph import LineageNode, lineage
 from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
-from ..settings import Limits, Settings, parse_count, parse_seconds, parse_size
+from ..settings import Limits, Settings
 from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
 from .display import PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle, result_mimebundle
 from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
@@ -67,6 +68,17 @@ class PayloadFailedError(Exception):
         if record.timed_out:
             limit = record.limits.get("timeout")
             what = f"the payload ran past the {limit:g} s timeout and was killed"
+        elif record.killed_by == "memory":
+            what = (
+                f"{record.killed_text()}, exit status {record.exit_status}: the sandbox "
+                "reached its memory limit (raise --memory)"
+            )
+        elif record.killed_by in ("output_bytes", "output_files"):
+            option = "--output-size" if record.killed_by == "output_bytes" else "--output-files"
+            what = (
+                f"{record.killed_text()}, exit status {record.exit_status}: the payload wrote "
+                f"more than /output may hold (raise {option})"
+            )
         else:
             what = f"the payload exited with status {record.exit_status}"
         kept = (
@@ -140,22 +152,9 @@ def check_ipfs_path(label: str, text: str) -> None:
         raise UsageError(f"{label}: {error}{hint}") from None
 
 
-def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    """A core parser (settings.parse_size, parse_seconds) as an argparse type."""
-
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except CoreUsageError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
-_seconds = _argument_type(parse_seconds)
-_size = _argument_type(parse_size)
-_positive_int = _argument_type(parse_count)
+_seconds = arguments.seconds
+_size = arguments.size
+_positive_int = arguments.count
 
 
 class _StreamForwarder:
@@ -204,7 +203,8 @@ The result (a RunResult: .output .input .rootfs CIDs, .exit_status, .stdout, .st
 the output CID. A failing payload raises PayloadFailedError (exit status and the tail of
 stderr) after binding the result, unless --no-raise-error.
 
-Defaults come from `%config IpfsExecuteMagics` (api, gateway, home, timeout, memory, pids).
+Defaults come from `%config IpfsExecuteMagics` (api, gateway, home, timeout, memory, pids,
+cpus).
 
 Examples:
   %%ipfs_execute $busybox $data -o counts
@@ -262,6 +262,12 @@ class IpfsExecuteMagics(Magics):
         help="RPC API multiaddr of your own Kubo daemon "
         "(empty: $IPFS_EXECUTE_API, else the embedded node)",
     ).tag(config=True)
+    api_auth = Unicode(
+        "",
+        help="credentials of that daemon, as in its API.Authorizations: bearer:TOKEN or "
+        "basic:USER:PASSWORD (empty: $IPFS_EXECUTE_API_AUTH); set it in ipython_config.py "
+        "or the environment, not in a cell that is saved with the notebook",
+    ).tag(config=True)
     gateway = Unicode(
         "",
         help="base URL of the HTTP gateway for links, e.g. "
@@ -291,6 +297,25 @@ class IpfsExecuteMagics(Magics):
         allow_none=True,
         help=f"default limit on processes and threads of a run (None: {_CORE_LIMITS.pids})",
     ).tag(config=True)
+    cpus = Float(
+        None,
+        allow_none=True,
+        help="default CPU time per second of wall clock of a run, in CPUs, e.g. 0.5 (None: "
+        "its one CPU)",
+    ).tag(config=True)
+    output_size = Union(
+        [Int(), Unicode()],
+        default_value=None,
+        allow_none=True,
+        help="default disk space a run may fill in /output: bytes or a size like '1G' (None: "
+        f"{human_size(_CORE_LIMITS.output_bytes or 0)})",
+    ).tag(config=True)
+    output_files = Int(
+        None,
+        allow_none=True,
+        help="default number of files and directories a run may make in /output (None: "
+        f"{_CORE_LIMITS.output_files})",
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         # Before super().__init__: configured values notify the observers during it.
@@ -318,14 +343,36 @@ class IpfsExecuteMagics(Magics):
             raise TraitError("memory must be positive")
         return value if value is None else int(value)
 
-    @validate("timeout", "pids")
+    @validate("output_size")
+    def _valid_output_size(self, proposal: dict[str, Any]) -> int | None:
+        value = proposal["value"]
+        if isinstance(value, str):
+            try:
+                value = _size(value)
+            except argparse.ArgumentTypeError as error:
+                raise TraitError(f"output_size: {error}") from None
+        if value is not None and value <= 0:
+            raise TraitError("output_size must be positive")
+        return value if value is None else int(value)
+
+    @validate("timeout", "pids", "output_files", "cpus")
     def _valid_positive(self, proposal: dict[str, Any]) -> Any:
         value = proposal["value"]
         if value is not None and value <= 0:
             raise TraitError(f"{proposal['trait'].name} must be positive")
         return value
 
-    @observe("api", "home", "timeout", "memory", "pids")
+    @observe(
+        "api",
+        "api_auth",
+        "home",
+        "timeout",
+        "memory",
+        "pids",
+        "cpus",
+        "output_size",
+        "output_files",
+    )
     def _settings_changed(self, _change: dict[str, Any]) -> None:
         self.apply_settings()
 
@@ -333,9 +380,19 @@ class IpfsExecuteMagics(Magics):
         """The core's settings: the environment's, changed by this object's config."""
         with core_errors():
             limits = Settings.from_env().limits.with_overrides(
-                timeout=self.timeout, memory=self.memory, pids=self.pids
+                timeout=self.timeout,
+                memory=self.memory,
+                pids=self.pids,
+                cpus=self.cpus,
+                output_size=self.output_size,
+                output_files=self.output_files,
             )
-            return Settings.from_env(api=self.api or None, home=self.home or None, limits=limits)
+            return Settings.from_env(
+                api=self.api or None,
+                api_auth=self.api_auth or None,
+                home=self.home or None,
+                limits=limits,
+            )
 
     def apply_settings(self) -> None:
         """Rebuild the process's Runner (the one the Python API uses too)."""
@@ -427,11 +484,32 @@ class IpfsExecuteMagics(Magics):
         help="limit on processes and threads",
     )
     @argument(
+        "--cpus",
+        metavar="N",
+        type=arguments.cpus,
+        default=None,
+        help="CPU time per second of wall clock, in CPUs, e.g. 0.5",
+    )
+    @argument(
         "--tmp-size",
         metavar="SIZE",
         type=_size,
         default=None,
         help="size of the /tmp tmpfs, e.g. 64M",
+    )
+    @argument(
+        "--output-size",
+        metavar="SIZE",
+        type=_size,
+        default=None,
+        help="disk space the payload may fill in /output, e.g. 1G",
+    )
+    @argument(
+        "--output-files",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="files and directories the payload may make in /output",
     )
     @argument(
         "--no-cache",
@@ -506,7 +584,10 @@ class IpfsExecuteMagics(Magics):
                     timeout=options.timeout,
                     memory=options.memory,
                     pids=options.pids,
+                    cpus=options.cpus,
                     tmp_size=options.tmp_size,
+                    output_size=options.output_size,
+                    output_files=options.output_files,
                     use_cache=not options.no_cache,
                     on_stdout=stdout,
                     on_stderr=stderr,

@@ -18,11 +18,14 @@ This package knows nothing of IPFS or notebooks: it takes staged directories and
     view         what the payload sees (PayloadView), mount points and the rootfs check
     spec         one run's SandboxSpec, its bwrap argv, its SandboxResult
     probe        finding bwrap, whether it works here, what its errors mean
-    cgroups      per-run cgroups (v1 and v2) for the memory and pids limits
+    cgroups      per-run cgroups (v1 and v2) for the memory, pids and CPU limits, the cpuset
+    seccomp      the payload's seccomp filter: rules as data, compiled with libseccomp
     rlimits      every rlimit of the payload, fixed
     child        what runs between fork and exec (ids, rlimits, CPU pinning, clocks, ASLR)
     determinism  the fixed values, and which sources a run fixes here
     run          run_sandbox: plan, spawn, collect
+    uid_pool     one host uid per concurrent run when the tool runs as root
+    output_area  /output's byte and file limits: its own file system, and the watch
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ from .options import (
     Uid,
     option_args,
 )
+from .output_area import OutputArea, create_output_area
+from .output_area import release_stale as release_stale_outputs
 from .probe import bwrap_version, check_available
 from .rlimits import FIXED_RLIMITS, RlimitPlan, plan_rlimits
 from .run import run_sandbox
@@ -111,6 +116,7 @@ __all__ = [
     "Gid",
     "Hostname",
     "JsonStatusFd",
+    "OutputArea",
     "PayloadView",
     "Proc",
     "ProcStat",
@@ -131,6 +137,7 @@ __all__ = [
     "bwrap_version",
     "cgroup_mounts",
     "check_available",
+    "create_output_area",
     "create_run_cgroups",
     "die_with_parent",
     "mount_point_problem",
@@ -139,6 +146,7 @@ __all__ = [
     "payload_view",
     "plan_determinism",
     "plan_rlimits",
+    "release_stale_outputs",
     "remove_run_cgroups",
     "run_sandbox",
     "sandbox_options",

@@ -21,6 +21,9 @@ from typing import Literal
 from ..settings import Limits
 
 _CGROUP_PARENT = "ipfs-execute"
+# The CPU quota's period (the kernel's default) and its smallest quota, in microseconds.
+_CPU_PERIOD_US = 100_000
+_MIN_CPU_QUOTA_US = 1_000
 _KILL_GRACE_S = 2.0  # how long teardown waits for killed processes to vanish
 
 
@@ -144,8 +147,15 @@ def _write(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def _limit_files(version: int, limits: Limits) -> dict[str, list[tuple[str, str]]]:
-    """controller -> [(file, value)] to write into a run cgroup, in order."""
+def _cpu_quota_us(cpus: float) -> int:
+    return max(_MIN_CPU_QUOTA_US, round(cpus * _CPU_PERIOD_US))
+
+
+def _limit_files(
+    version: int, limits: Limits, cpuset: str | None = None, mems: str = ""
+) -> dict[str, list[tuple[str, str]]]:
+    """controller -> [(file, value)] to write into a run cgroup, in order. `cpuset`: the
+    CPUs ("3", "0,2") the sandbox may run on; `mems`: the memory nodes of a v1 cpuset."""
     files: dict[str, list[tuple[str, str]]] = {}
     if limits.memory_bytes is not None:
         memory = str(limits.memory_bytes)
@@ -160,7 +170,33 @@ def _limit_files(version: int, limits: Limits) -> dict[str, list[tuple[str, str]
             files["memory"] = [("memory.max", memory), ("?memory.swap.max", "0")]
     if limits.pids is not None:
         files["pids"] = [("pids.max", str(limits.pids))]
+    if limits.cpus is not None:
+        quota = str(_cpu_quota_us(limits.cpus))
+        if version == 1:
+            files["cpu"] = [
+                ("cpu.cfs_period_us", str(_CPU_PERIOD_US)),
+                ("cpu.cfs_quota_us", quota),
+            ]
+        else:
+            files["cpu"] = [("cpu.max", f"{quota} {_CPU_PERIOD_US}")]
+    if cpuset is not None:
+        # Affinity the payload cannot widen: sched_setaffinity is cut down to the cpuset.
+        # A v1 cpuset takes no task before it has CPUs and memory nodes.
+        files["cpuset"] = [("cpuset.cpus", cpuset)]
+        if version == 1:
+            files["cpuset"].append(("cpuset.mems", mems))
     return files
+
+
+def _v1_cpuset_inherit(parent: Path) -> None:
+    """Fill our v1 cpuset parent's CPUs and memory nodes from the hierarchy's root: a new v1
+    cpuset starts with none (unless cgroup.clone_children is set)."""
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        try:
+            if not (parent / name).read_text().strip():
+                _write(parent / name, (parent.parent / name).read_text().strip())
+        except OSError:
+            return  # the run cgroup under it will fail and say so by its absence
 
 
 def _try_make_run_cgroup(
@@ -201,6 +237,8 @@ def _make_in_our_parent(
             return None
         if version == 2 and not _v2_controllers_enabled(parent, files, may_enable=True):
             return None
+        if version == 1 and "cpuset" in files:
+            _v1_cpuset_inherit(parent)
         _sweep_stale(parent)
         try:
             return _try_make_run_cgroup(parent / name, version, files)
@@ -239,10 +277,48 @@ def _v2_delegated_parents(mount: CgroupMount) -> list[Path]:
     return [own_dir.parent, own_dir]
 
 
-def create_run_cgroups(limits: Limits) -> tuple[list[RunCgroup], dict[str, str]]:
-    """Per-run cgroups for the memory and pids limits, and how they enforce them."""
+def _make_v2_run_cgroup(
+    mount: CgroupMount, name: str, usable: Mapping[str, list[tuple[str, str]]]
+) -> RunCgroup | None:
+    """A v2 run cgroup with every controller of `usable`: in root's own parent, else in a
+    delegated subtree next to our own cgroup; None if no parent has them all enabled."""
+    if os.geteuid() == 0 and _v2_controllers_enabled(mount.path, usable, may_enable=False):
+        cgroup = _make_in_our_parent(mount.path / _CGROUP_PARENT, name, 2, usable)
+        if cgroup is not None:
+            return cgroup
+    for parent in _v2_delegated_parents(mount):
+        # Moving a process needs write access to the common ancestor's cgroup.procs.
+        if (
+            os.access(parent, os.W_OK)
+            and os.access(parent / "cgroup.procs", os.W_OK)
+            and _v2_controllers_enabled(parent, usable, may_enable=False)
+        ):
+            try:
+                # Among someone else's cgroups: say whose it is.
+                cgroup = _try_make_run_cgroup(parent / f"{_CGROUP_PARENT}-{name}", 2, usable)
+            except FileNotFoundError:
+                continue
+            if cgroup is not None:
+                return cgroup
+    return None
+
+
+def _v1_root_mems(mounts: Iterable[CgroupMount]) -> str:
+    mount = next((m for m in mounts if m.version == 1 and "cpuset" in m.controllers), None)
+    try:
+        return "" if mount is None else (mount.path / "cpuset.mems").read_text().strip()
+    except OSError:
+        return ""
+
+
+def create_run_cgroups(
+    limits: Limits, *, cpus: Iterable[int] = ()
+) -> tuple[list[RunCgroup], dict[str, str]]:
+    """Per-run cgroups for the memory, pids and CPU limits, and a cpuset of `cpus` (the CPUs
+    the sandbox is pinned to); and how they enforce them."""
     mounts = _cgroup_mounts_here()
-    wanted = _limit_files(1, limits)
+    cpuset = ",".join(str(cpu) for cpu in sorted(cpus)) or None
+    wanted = _limit_files(1, limits, cpuset, _v1_root_mems(mounts) if cpuset else "")
     cgroups: list[RunCgroup] = []
     enforced: dict[str, str] = {}
     name = _run_cgroup_name()
@@ -258,28 +334,17 @@ def create_run_cgroups(limits: Limits) -> tuple[list[RunCgroup], dict[str, str]]
             enforced[controller] = "cgroup v1"
 
     # cgroup v2: one tree; a run cgroup needs a writable parent with the controllers enabled.
-    remaining = {c: f for c, f in _limit_files(2, limits).items() if c not in enforced}
+    remaining = {c: f for c, f in _limit_files(2, limits, cpuset).items() if c not in enforced}
     for mount in (m for m in mounts if m.version == 2):
         usable = {c: f for c, f in remaining.items() if c in mount.controllers}
         if not usable:
             continue
-        cgroup = None
-        if os.geteuid() == 0 and _v2_controllers_enabled(mount.path, usable, may_enable=False):
-            cgroup = _make_in_our_parent(mount.path / _CGROUP_PARENT, name, 2, usable)
-        for parent in _v2_delegated_parents(mount):
-            if cgroup is not None:
-                break
-            # Moving a process needs write access to the common ancestor's cgroup.procs.
-            if (
-                os.access(parent, os.W_OK)
-                and os.access(parent / "cgroup.procs", os.W_OK)
-                and _v2_controllers_enabled(parent, usable, may_enable=False)
-            ):
-                try:
-                    # Among someone else's cgroups: say whose it is.
-                    cgroup = _try_make_run_cgroup(parent / f"{_CGROUP_PARENT}-{name}", 2, usable)
-                except FileNotFoundError:
-                    cgroup = None
+        cgroup = _make_v2_run_cgroup(mount, name, usable)
+        if cgroup is None and "cpuset" in usable and len(usable) > 1:
+            # Delegated subtrees often lack the cpuset controller (systemd delegates cpu,
+            # memory and pids): the other limits must not be lost with it.
+            usable = {c: f for c, f in usable.items() if c != "cpuset"}
+            cgroup = _make_v2_run_cgroup(mount, name, usable)
         if cgroup is not None:
             cgroups.append(cgroup)
             for controller in usable:
@@ -293,6 +358,15 @@ def create_run_cgroups(limits: Limits) -> tuple[list[RunCgroup], dict[str, str]]
         )
     if limits.pids is not None and "pids" in enforced:
         described["pids"] = f"{limits.pids} ({enforced['pids']}; processes and threads)"
+    if limits.cpus is not None and "cpu" in enforced:
+        described["cpus"] = (
+            f"{limits.cpus:g} CPUs of time ({enforced['cpu']}: a quota of "
+            f"{_cpu_quota_us(limits.cpus)} us every {_CPU_PERIOD_US} us)"
+        )
+    if cpuset is not None and "cpuset" in enforced:
+        described["cpuset"] = (
+            f"CPU {cpuset} ({enforced['cpuset']} cpuset: the payload cannot widen its affinity)"
+        )
     return cgroups, described
 
 
@@ -328,3 +402,35 @@ def remove_run_cgroups(cgroups: Iterable[RunCgroup], *, deadline_s: float = _KIL
                 time.sleep(0.001)  # the last tasks are still being reaped
         if cgroup.path.parent.name == _CGROUP_PARENT:
             _remove_cgroup_dir(cgroup.path.parent)  # fails while other runs use it: fine
+
+
+def _counter(text: str, name: str) -> int | None:
+    """The value of `name N` in a flat-keyed cgroup file (memory.events, memory.oom_control)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def memory_limit_killed(cgroups: Iterable[RunCgroup]) -> bool:
+    """Whether the run's memory cgroup OOM-killed a process of the run.
+
+    Read before teardown removes the cgroup. v2 counts kills in `memory.events`, v1 (kernel
+    4.13+) in `memory.oom_control`; an older v1 kernel only counts how often usage hit the
+    limit (`memory.failcnt`), the closest sign it has.
+    """
+    for cgroup in cgroups:
+        if "memory" not in cgroup.controllers:
+            continue
+        try:
+            if cgroup.version == 2:
+                kills = _counter((cgroup.path / "memory.events").read_text(), "oom_kill")
+                return bool(kills)
+            kills = _counter((cgroup.path / "memory.oom_control").read_text(), "oom_kill")
+            if kills is not None:
+                return kills > 0
+            return int((cgroup.path / "memory.failcnt").read_text()) > 0
+        except (OSError, ValueError):
+            return False
+    return False

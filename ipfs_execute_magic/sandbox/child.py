@@ -24,7 +24,10 @@ from .probe import find_bwrap
 _ADDR_NO_RANDOMIZE = 0x0040000
 _PERSONALITY_QUERY = 0xFFFFFFFF
 _CLONE_NEWTIME = 0x80
+_CLONE_NEWNS = 0x00020000
 _PR_SET_PDEATHSIG = 1
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 
 _cpu_turn = itertools.count()
 
@@ -47,6 +50,14 @@ def libc_personality() -> Callable[[int], int] | None:
 @functools.cache
 def libc_unshare() -> Callable[[int], int] | None:
     return _libc_function("unshare", [ctypes.c_int])
+
+
+@functools.cache
+def libc_mount() -> Callable[..., int] | None:
+    return _libc_function(
+        "mount",
+        [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p],
+    )
 
 
 @functools.cache
@@ -134,6 +145,57 @@ def time_namespace_problem() -> str | None:
     return None
 
 
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+@dataclass(frozen=True)
+class PrivateBinds:
+    """The run's directories where the sandbox uid can reach them, seen by bwrap alone.
+
+    Run by root, the tool keeps its data directory 0700, and bwrap (started as the run's
+    unprivileged uid) resolves every bind source by path, with that uid's rights, `--bind-fd`
+    included. So the child enters a mount namespace of its own, mounts a small tmpfs at `at`
+    and binds each source there under its name; bwrap is given those paths. Nothing of it is
+    visible outside the run, and it goes with the run's last process.
+    """
+
+    at: str
+    sources: tuple[tuple[str, str], ...]  # (name under `at`, host directory)
+    unshare: Callable[[int], int]
+    mount: Callable[..., int]  # resolved before fork: dlopen is unsafe after
+
+    def path(self, name: str) -> str:
+        return f"{self.at}/{name}"
+
+    def enter(self) -> None:
+        """In the forked child, as root: the namespace, the tmpfs and the binds."""
+        _check(self.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        # The host's / is usually a shared mount: nothing mounted here may propagate back.
+        _check(self.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "private mounts")
+        # Opened before the tmpfs covers `at`: a source may lie under it.
+        fds = [
+            os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for _, source in self.sources
+        ]
+        at = os.fsencode(self.at)
+        flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+        _check(
+            self.mount(b"tmpfs", at, b"tmpfs", flags, b"size=16k,nr_inodes=16,mode=0755"),
+            f"tmpfs at {self.at}",
+        )
+        for (name, _), fd in zip(self.sources, fds, strict=True):
+            target = os.fsencode(self.path(name))
+            os.mkdir(target, 0o755)
+            # Through the fd, not the path: what was checked is what gets bound.
+            _check(
+                self.mount(b"/proc/self/fd/%d" % fd, target, None, _MS_BIND | _MS_REC, None),
+                f"bind at {self.path(name)}",
+            )
+            os.close(fd)
+
+
 def pick_cpus() -> tuple[int, ...]:
     """The allowed CPUs, rotated so that concurrent runs start on different ones."""
     allowed = sorted(os.sched_getaffinity(0))
@@ -171,6 +233,7 @@ class ChildSetup:
     cpus: tuple[int, ...] = ()
     unshare: Callable[[int], int] | None = None  # with clock_start_ns: own time namespace
     clock_start_ns: int | None = None
+    private_binds: PrivateBinds | None = None  # as root: where bwrap finds the run's dirs
 
     def __call__(self) -> None:
         # Runs in the forked child: no imports, no locks, no logging.
@@ -196,6 +259,8 @@ class ChildSetup:
         if self.unshare is not None and self.clock_start_ns is not None:
             # Needs the privileges dropped just below; bwrap and the sandbox are its children.
             _enter_time_namespace(self.unshare, self.clock_start_ns)
+        if self.private_binds is not None:
+            self.private_binds.enter()  # needs root: before the privileges go
         if self.drop_to is not None:
             uid, gid = self.drop_to
             os.setgroups([])

@@ -72,7 +72,8 @@ UNFIXABLE_SOURCES: Mapping[str, str] = MappingProxyType(
         "mountinfo": "/proc/self/mountinfo names the host paths of the staged trees and the "
         "per-run output directory (a bind mount shows its path within the source "
         "file system, whatever path it is bound from), host-wide mount ids and device "
-        "numbers, and the host file system's options; df shows its free space",
+        "numbers, the host file system's options and the run's host uid (in the tmpfs "
+        "options); df shows its free space (or, for /output, its size limit)",
         "file_identity": "inode and device numbers, st_blocks, directory sizes and link counts: "
         "they depend on the host file system and on staging",
         "namespace_ids": "inode numbers of /proc/self/ns/*",

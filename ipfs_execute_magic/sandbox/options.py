@@ -152,6 +152,16 @@ class Chdir:
 
 
 @dataclass(frozen=True)
+class Seccomp:
+    """The seccomp BPF program in `fd`, loaded by bwrap just before it execs the payload."""
+
+    fd: int
+
+    def args(self) -> tuple[str, ...]:
+        return ("--seccomp", str(self.fd))
+
+
+@dataclass(frozen=True)
 class JsonStatusFd:
     fd: int
 

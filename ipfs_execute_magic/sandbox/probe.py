@@ -124,8 +124,8 @@ def setup_error(message: str, *, running_as_root: bool) -> SandboxError:
     hint = ""
     if running_as_root and "Permission denied" in message:
         hint = (
-            f" (the sandbox starts as uid {SANDBOX_UID}: rootfs, input and every parent "
-            "directory must be world-readable and traversable)"
+            " (the sandbox starts as an unprivileged uid: what it runs in the rootfs and "
+            "input must be readable and executable by others)"
         )
     return SandboxError(f"sandbox set-up failed: {message}{hint}")
 

@@ -19,23 +19,40 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import SandboxError
-from ..settings import SANDBOX_GID, SANDBOX_UID
-from .cgroups import RunCgroup, create_run_cgroups, kill_cgroup_members, remove_run_cgroups
-from .child import ChildSetup, ignored_signals, libc_personality, libc_unshare, pick_cpus
+from .cgroups import (
+    RunCgroup,
+    create_run_cgroups,
+    kill_cgroup_members,
+    memory_limit_killed,
+    remove_run_cgroups,
+)
+from .child import (
+    ChildSetup,
+    PrivateBinds,
+    ignored_signals,
+    libc_mount,
+    libc_personality,
+    libc_unshare,
+    pick_cpus,
+)
 from .determinism import plan_determinism
 from .options import BwrapOption, option_args
+from .output_area import OutputWatch
 from .probe import bwrap_message, find_bwrap, setup_error
 from .rlimits import plan_rlimits
 from .spec import SandboxResult, SandboxSpec, sandbox_options
+from .uid_pool import HostIds, lease_host_ids
 from .view import PayloadView, SizedTmpfs, mount_point_problem
 
 OutputCallback = Callable[[bytes], None]
 
 _READ_CHUNK = 65536
 _STDERR_TAIL_BYTES = 8192
+_STOPPED_CHECK_S = 1.0  # how often a running sandbox is checked for a stopped bwrap
 
 
 def run_sandbox(
@@ -49,23 +66,65 @@ def run_sandbox(
     Output with no callback is dropped. Raises SandboxError if the sandbox could not be set
     up (the payload never ran). Any exception while the payload runs, KeyboardInterrupt
     included, kills the whole sandbox and is re-raised; nothing is left behind.
+
+    Run by root, the sandbox gets a host uid of its own (uid_pool), held until it is gone.
     """
+    if os.geteuid() != 0:
+        return _run(spec, None, on_stdout=on_stdout, on_stderr=on_stderr)
+    with lease_host_ids(spec.uid_range) as host_ids:
+        return _run(spec, host_ids, on_stdout=on_stdout, on_stderr=on_stderr)
+
+
+def _run(
+    spec: SandboxSpec,
+    host_ids: HostIds | None,
+    *,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+) -> SandboxResult:
     bwrap = find_bwrap()
     view = spec.view
     _check_dirs(spec, view)
-    running_as_root = os.geteuid() == 0
-    _prepare_output_dir(spec, view, running_as_root=running_as_root)
-    cgroups, cgroup_enforced = create_run_cgroups(spec.limits)
+    running_as_root = host_ids is not None
+    _prepare_output_dir(spec, view, host_ids)
+    watch = OutputWatch(spec.output_dir, spec.limits)
+    # The CPUs chosen now: the run's cpuset holds the sandbox to the ones it is pinned to.
+    cpus = pick_cpus()
+    cgroups, cgroup_enforced = create_run_cgroups(spec.limits, cpus=cpus[: view.cpu_count])
     run = _Running(cgroups)
     try:
-        plan = _plan(spec, view, cgroups, cgroup_enforced, running_as_root=running_as_root)
+        plan = _plan(
+            spec,
+            view,
+            cgroups,
+            cgroup_enforced,
+            running_as_root=running_as_root,
+            host_ids=host_ids,
+            cpus=cpus,
+        )
         _spawn(run, bwrap, spec, plan)
-        return _collect(run, plan, on_stdout=on_stdout, on_stderr=on_stderr)
+        assert run.process is not None
+        # Opened before anyone can reap bwrap: the watch kills exactly this process.
+        with watch.watching(run.keep(os.pidfd_open(run.process.pid))):
+            result = _collect(run, plan, on_stdout=on_stdout, on_stderr=on_stderr)
+        return _with_output_watch(result, watch)
     except BaseException:
         run.teardown()
         raise
     finally:
         run.close()
+
+
+def _with_output_watch(result: SandboxResult, watch: OutputWatch) -> SandboxResult:
+    """The result with the /output limits, and the one passed (a payload may also have
+    stopped by itself at a full /output: checked once more now that it is gone)."""
+    enforced = {**result.limits_enforced, **watch.enforced()}
+    exceeded = watch.check()
+    return replace(
+        result,
+        limits_enforced=MappingProxyType(dict(sorted(enforced.items()))),
+        killed_by=exceeded or result.killed_by,
+    )
 
 
 # --- before bwrap -------------------------------------------------------------------------------
@@ -88,18 +147,18 @@ def _check_dirs(spec: SandboxSpec, view: PayloadView) -> None:
         )
 
 
-def _prepare_output_dir(spec: SandboxSpec, view: PayloadView, *, running_as_root: bool) -> None:
+def _prepare_output_dir(spec: SandboxSpec, view: PayloadView, host_ids: HostIds | None) -> None:
     try:
-        if running_as_root:
-            # The payload is host uid SANDBOX_UID: its /output must be writable by it.
-            os.chown(spec.output_dir, SANDBOX_UID, SANDBOX_GID)
+        if host_ids is not None:
+            # The payload is host uid host_ids.uid: its /output must be writable by it.
+            os.chown(spec.output_dir, host_ids.uid, host_ids.gid)
         # What `ls -ld /output` shows must not depend on the caller's umask or the time.
         os.chmod(spec.output_dir, view.output_mode)
         os.utime(spec.output_dir, (view.mtime, view.mtime))
     except OSError as exc:
         raise SandboxError(
             f"cannot prepare the output directory {spec.output_dir} for the "
-            f"sandbox uid {SANDBOX_UID if running_as_root else os.getuid()}: "
+            f"sandbox uid {os.getuid() if host_ids is None else host_ids.uid}: "
             f"{exc.strerror}"
         ) from None
 
@@ -125,6 +184,8 @@ def _plan(
     cgroup_enforced: Mapping[str, str],
     *,
     running_as_root: bool,
+    host_ids: HostIds | None = None,
+    cpus: tuple[int, ...] | None = None,
 ) -> _Plan:
     """What the run enforces and fixes, given the cgroups it got; probes the machine (cached)
     but starts nothing."""
@@ -146,9 +207,18 @@ def _plan(
     enforced.update(rlimit_plan.enforced)
     not_enforced = {
         name: "no writable cgroup with this controller and no fallback"
-        for name, wanted in (("memory", limits.memory_bytes), ("pids", limits.pids))
+        for name, wanted in (
+            ("memory", limits.memory_bytes),
+            ("pids", limits.pids),
+            ("cpus", limits.cpus),
+        )
         if wanted is not None and name not in enforced
     }
+    if "cpuset" not in enforced:
+        not_enforced["cpuset"] = (
+            "no writable cpuset cgroup: the sandbox starts pinned to its CPU, but the payload "
+            "can widen its affinity"
+        )
     fixed, not_fixed = plan_determinism(
         view, rlimit_plan, interactive=spec.interactive, running_as_root=running_as_root
     )
@@ -156,14 +226,15 @@ def _plan(
         pid_report_fd=-1,
         cgroup_procs_files=tuple(str(c.join_file) for c in cgroups),
         rlimits=rlimit_plan.rlimits,
-        drop_to=(SANDBOX_UID, SANDBOX_GID) if running_as_root else None,
+        drop_to=None if host_ids is None else (host_ids.uid, host_ids.gid),
         personality=None if "aslr" in not_fixed else libc_personality(),
         umask=view.umask,
         cpu_count=view.cpu_count,
         signals_to_default=ignored_signals(),
-        cpus=pick_cpus(),
+        cpus=pick_cpus() if cpus is None else cpus,
         unshare=None if "clocks" in not_fixed else libc_unshare(),
         clock_start_ns=round(view.clock_start_s * 1e9),
+        private_binds=None if host_ids is None else _private_binds(spec),
     )
     return _Plan(
         view,
@@ -174,6 +245,36 @@ def _plan(
         MappingProxyType(fixed),
         MappingProxyType(not_fixed),
         running_as_root,
+    )
+
+
+# Where bwrap finds the run's directories when the tool runs as root (child.PrivateBinds): a
+# directory every system has, covered only in the run's own mount namespace.
+PRIVATE_BINDS_AT = "/tmp"
+
+
+def _private_binds(spec: SandboxSpec) -> PrivateBinds:
+    unshare, mount = libc_unshare(), libc_mount()
+    if unshare is None or mount is None:
+        raise SandboxError(
+            "cannot bind the run's directories for the sandbox uid: unshare() or mount() is "
+            "not available in this C library"
+        )
+    sources = (("rootfs", spec.rootfs), ("input", spec.input_dir), ("output", spec.output_dir))
+    return PrivateBinds(
+        PRIVATE_BINDS_AT, tuple((name, str(path)) for name, path in sources), unshare, mount
+    )
+
+
+def _as_bound(spec: SandboxSpec, binds: PrivateBinds | None) -> SandboxSpec:
+    """The spec with the directories where bwrap finds them."""
+    if binds is None:
+        return spec
+    return replace(
+        spec,
+        rootfs=Path(binds.path("rootfs")),
+        input_dir=Path(binds.path("input")),
+        output_dir=Path(binds.path("output")),
     )
 
 
@@ -226,10 +327,15 @@ def _spawn(run: _Running, bwrap: str, spec: SandboxSpec, plan: _Plan) -> None:
     child_setup = replace(plan.child, pid_report_fd=pid_write)
     run.status_read, status_write = run.pipe()
     proc_stat_fd = run.keep(_memfd("proc-stat", plan.view.proc_stat()))
+    seccomp_fd = run.keep(_memfd("seccomp", plan.view.seccomp.bpf()))
     options_fd = run.keep(
         _options_fd(
             sandbox_options(
-                spec, json_status_fd=status_write, proc_stat_fd=proc_stat_fd, view=plan.view
+                _as_bound(spec, plan.child.private_binds),
+                json_status_fd=status_write,
+                proc_stat_fd=proc_stat_fd,
+                seccomp_fd=seccomp_fd,
+                view=plan.view,
             )
         )
     )
@@ -241,7 +347,7 @@ def _spawn(run: _Running, bwrap: str, spec: SandboxSpec, plan: _Plan) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={},
-            pass_fds=(status_write, options_fd, proc_stat_fd),
+            pass_fds=(status_write, options_fd, proc_stat_fd, seccomp_fd),
             start_new_session=True,
             preexec_fn=child_setup,
         )
@@ -257,7 +363,7 @@ def _spawn(run: _Running, bwrap: str, spec: SandboxSpec, plan: _Plan) -> None:
         _kill_half_spawned(pid_read)
         raise
     # bwrap has its own copies (or, for the pid pipe, no more use for them).
-    for fd in (status_write, options_fd, proc_stat_fd, pid_write, pid_read):
+    for fd in (status_write, options_fd, proc_stat_fd, seccomp_fd, pid_write, pid_read):
         run.close_fd(fd)
 
 
@@ -351,25 +457,39 @@ def _collect(
         run.selector.register(fd, selectors.EVENT_READ, sink)
 
     deadline = None if plan.timeout_s is None else run.started + plan.timeout_s
+
+    def check_not_stopped() -> None:
+        _check_not_stopped(process.pid, _parse_json_status(bytes(streams.status)))
+
     # Not finished while bwrap lives: the payload may have closed its output and go on.
-    timed_out = not _pump(run.selector, deadline) or not _wait_exit(process, deadline)
+    timed_out = not _pump(run.selector, deadline, check_not_stopped) or not _wait_exit(
+        process, deadline
+    )
     duration = time.monotonic() - run.started
+    # Read while the cgroup exists: teardown removes it with its counters.
+    memory_killed = memory_limit_killed(run.cgroups)
     # On success bwrap is gone already, and with it the pid namespace; on a timeout this
     # kills everything. Either way the run's cgroups go.
     run.teardown()
     status = _parse_json_status(bytes(streams.status))
 
     if timed_out:
-        return _result(plan, None, timed_out, duration)
+        return _result(plan, None, timed_out, duration, memory_killed=memory_killed)
     exit_code = status.get("exit-code")
     if isinstance(exit_code, int):
-        return _result(plan, exit_code, timed_out, duration)
+        return _result(plan, exit_code, timed_out, duration, memory_killed=memory_killed)
     message = bwrap_message(streams.stderr_tail.decode("utf-8", "replace"))
     assert process.returncode is not None
     if message is None and "child-pid" in status:
         # The sandbox started but bwrap lost its payload's status (e.g. the OOM killer chose
         # bwrap's own pid 1): report what bwrap itself died of.
-        return _result(plan, _exit_status_of_returncode(process.returncode), timed_out, duration)
+        return _result(
+            plan,
+            _exit_status_of_returncode(process.returncode),
+            timed_out,
+            duration,
+            memory_killed=memory_killed,
+        )
     raise setup_error(
         message or f"bwrap exited with status {process.returncode} before starting the payload",
         running_as_root=plan.running_as_root,
@@ -377,10 +497,22 @@ def _collect(
 
 
 def _result(
-    plan: _Plan, exit_status: int | None, timed_out: bool, duration: float
+    plan: _Plan,
+    exit_status: int | None,
+    timed_out: bool,
+    duration: float,
+    *,
+    memory_killed: bool,
 ) -> SandboxResult:
     def frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
         return MappingProxyType(dict(sorted(mapping.items())))
+
+    killed_by = None
+    if timed_out:
+        killed_by = "timeout"
+    elif memory_killed and exit_status != 0:
+        # A payload that survived the loss of one of its processes is not reported as killed.
+        killed_by = "memory"
 
     return SandboxResult(
         exit_status,
@@ -390,15 +522,27 @@ def _result(
         limits_not_enforced=frozen(plan.not_enforced),
         determinism=frozen(plan.fixed),
         determinism_not_fixed=frozen(plan.not_fixed),
+        killed_by=killed_by,
     )
 
 
-def _pump(selector: selectors.BaseSelector, deadline: float | None) -> bool:
-    """Deliver output until every pipe is closed; False if the deadline passed first."""
+def _pump(
+    selector: selectors.BaseSelector,
+    deadline: float | None,
+    check: Callable[[], None] = lambda: None,
+) -> bool:
+    """Deliver output until every pipe is closed; False if the deadline passed first.
+    `check` runs about every _STOPPED_CHECK_S and may raise to end the run."""
+    next_check = time.monotonic() + _STOPPED_CHECK_S
     while selector.get_map():
-        timeout = None if deadline is None else deadline - time.monotonic()
+        now = time.monotonic()
+        if now >= next_check:
+            check()
+            next_check = now + _STOPPED_CHECK_S
+        timeout = None if deadline is None else deadline - now
         if timeout is not None and timeout <= 0:
             return False
+        timeout = next_check - now if timeout is None else min(timeout, next_check - now)
         for key, _ in selector.select(timeout):
             try:
                 data = os.read(key.fd, _READ_CHUNK)
@@ -409,6 +553,30 @@ def _pump(selector: selectors.BaseSelector, deadline: float | None) -> bool:
                 continue
             key.data(data)
     return True
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat ("" when it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The name in parentheses may hold spaces and ")": the state follows the last ")".
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3]
+
+
+def _check_not_stopped(bwrap_pid: int, status: Mapping[str, object]) -> None:
+    """Raise if bwrap, or its init (the sandbox's pid 1), is stopped or stopped by a tracer:
+    then it holds the output pipes and never exits, and the run would wait for its timeout."""
+    init_pid = status.get("child-pid")
+    for what, pid in (("bwrap", bwrap_pid), ("the sandbox's pid 1 (bwrap's init)", init_pid)):
+        if isinstance(pid, int) and (state := _process_state(pid)) in ("T", "t"):
+            how = "by a tracer" if state == "t" else "by a stop signal"
+            raise SandboxError(
+                f"{what}, host pid {pid}, was stopped {how}, so the run could not finish: it "
+                "was killed; nothing inside the sandbox can do this, so look for what on this "
+                "machine stops or traces processes of the sandbox's uid"
+            )
 
 
 def _wait_exit(process: subprocess.Popen[bytes], deadline: float | None) -> bool:

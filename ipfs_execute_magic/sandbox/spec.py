@@ -9,7 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from ..errors import SandboxError
-from ..settings import Limits
+from ..settings import DEFAULT_UID_RANGE, Limits
 from .determinism import CLOCK_START_S
 from .options import BwrapOption, JsonStatusFd, option_args
 from .view import DEFAULT_ENV, PayloadView, payload_view
@@ -26,6 +26,8 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ENV)
     # Where the payload's monotonic and boot clocks start (a verifier may vary it).
     clock_start_s: float = CLOCK_START_S
+    # Run by root: the host uids the sandbox may use, one per concurrent run (uid_pool).
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -52,6 +54,10 @@ class SandboxResult:
     # why (UNFIXABLE_SOURCES lists the ones no run fixes).
     determinism: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     determinism_not_fixed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Which limit ended a run that did not succeed: "timeout", or "memory" when the memory
+    # cgroup OOM-killed a process of it; None when no limit is known to have (an RLIMIT_AS
+    # allocation failure looks like any other error of the payload).
+    killed_by: str | None = None
 
 
 def sandbox_options(
@@ -59,15 +65,20 @@ def sandbox_options(
     *,
     json_status_fd: int | None = None,
     proc_stat_fd: int | None = None,
+    seccomp_fd: int | None = None,
     view: PayloadView | None = None,
 ) -> list[BwrapOption]:
     """The bwrap options of one run, in mount order: those of `view` (default: the spec's).
 
-    `proc_stat_fd` holds the view's synthetic /proc/stat, bound over /proc/stat (run_sandbox
-    always passes one).
+    `proc_stat_fd` holds the view's synthetic /proc/stat, bound over /proc/stat, and
+    `seccomp_fd` its seccomp filter (run_sandbox always passes both).
     """
     options = (view or spec.view).options(
-        spec.rootfs, spec.input_dir, spec.output_dir, proc_stat_fd=proc_stat_fd
+        spec.rootfs,
+        spec.input_dir,
+        spec.output_dir,
+        proc_stat_fd=proc_stat_fd,
+        seccomp_fd=seccomp_fd,
     )
     if json_status_fd is not None:
         options.append(JsonStatusFd(json_status_fd))

@@ -2,9 +2,10 @@
 
 Everything the payload can observe beyond the content of its rootfs and input is a field of
 PayloadView: the mount layout, its ids, hostname, umask, working directory and environment,
-and what the run fixes around bwrap (CPU count, clock start, rlimits, ASLR, file times). The
-same fields make the bwrap options of a run (`options`) and the profile that goes into the
-result-cache key (`profile`), so the key changes whenever what the payload sees does.
+what the run fixes around bwrap (CPU count, clock start, rlimits, ASLR, file times) and the
+system calls its seccomp filter denies. The same fields make the bwrap options of a run
+(`options`) and the profile that goes into the result-cache key (`profile`), so the key
+changes whenever what the payload sees does.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from .options import (
     RemountRo,
     RoBind,
     RoBindData,
+    Seccomp,
     SetEnv,
     Tmpfs,
     Uid,
 )
 from .rlimits import FIXED_RLIMITS, rlimit_text
+from .seccomp import SANDBOX_POLICY, SeccompPolicy
 
 DEFAULT_ENV: Mapping[str, str] = MappingProxyType(
     {
@@ -110,8 +113,20 @@ class ProcStat:
         return f"--perms {self.perms:o} --ro-bind-data <proc_stat> {self.dest}"
 
 
+@dataclass(frozen=True)
+class Unopenable:
+    """A file of the fresh /proc covered by a read-only bind of /dev/null, which bwrap mounts
+    nodev: it can no longer be opened. For pid 1's memory: bwrap's init has the payload's uid
+    and no seccomp filter, and writing its memory would run code outside the filter."""
+
+    dest: str
+
+    def args(self) -> tuple[str, ...]:
+        return ("--ro-bind", "/dev/null", self.dest)
+
+
 # Host-independent bwrap options serve as mounts as they are.
-Mount = RunDir | SizedTmpfs | ProcStat | Proc | Dev | RemountRo
+Mount = RunDir | SizedTmpfs | ProcStat | Unopenable | Proc | Dev | RemountRo
 
 # In mount order: later mounts land on top of earlier ones.
 LAYOUT: tuple[Mount, ...] = (
@@ -121,6 +136,8 @@ LAYOUT: tuple[Mount, ...] = (
     SizedTmpfs("/tmp"),
     Proc("/proc"),
     ProcStat("/proc/stat"),
+    Unopenable("/proc/1/mem"),
+    Unopenable("/proc/1/task/1/mem"),
     Dev("/dev"),
     # --dev leaves /dev a writable, unsized tmpfs: size /dev/shm and freeze the rest.
     SizedTmpfs("/dev/shm"),
@@ -235,6 +252,10 @@ class PayloadView:
         default_factory=lambda: FIXED_RLIMITS, metadata={"profile": _rlimit_table}
     )
     aslr: bool = False
+    # The system calls it may not make (by name and digest: the rules are in seccomp.py).
+    seccomp: SeccompPolicy = field(
+        default=SANDBOX_POLICY, metadata={"profile": SeccompPolicy.describe}
+    )
     # mtime of /output, boot time in /proc/stat; staged files carry SOURCE_DATE_EPOCH, its
     # default (staging.set_tree_mtimes)
     mtime: int = SOURCE_DATE_EPOCH
@@ -258,10 +279,17 @@ class PayloadView:
         return synthetic_proc_stat(self.cpu_count, self.mtime)
 
     def options(
-        self, rootfs: Path, input_dir: Path, output_dir: Path, *, proc_stat_fd: int | None = None
+        self,
+        rootfs: Path,
+        input_dir: Path,
+        output_dir: Path,
+        *,
+        proc_stat_fd: int | None = None,
+        seccomp_fd: int | None = None,
     ) -> list[BwrapOption]:
         """The bwrap options that show the payload this view of a run's directories, in
-        order. The synthetic /proc/stat is bound only when its fd is given."""
+        order. The synthetic /proc/stat is bound, and the seccomp filter (`seccomp.bpf()`)
+        loaded, only when their fds are given."""
         dirs = {"rootfs": rootfs, "input": input_dir, "output": output_dir}
         mounts: list[BwrapOption] = []
         for mount in self.mounts:
@@ -276,6 +304,7 @@ class PayloadView:
                 mounts.append(mount)
         return [
             *self.isolation,
+            *(() if seccomp_fd is None else (Seccomp(seccomp_fd),)),
             Hostname(self.hostname),
             Uid(self.uid),
             Gid(self.gid),

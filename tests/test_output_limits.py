@@ -1,0 +1,288 @@
+"""/output's byte and file-count limits, with the real bwrap, mount and Kubo node.
+
+As root /output is a loop-mounted ext4 image of its own; otherwise a watched directory. Both
+end a run that passes a limit, and the run's record says which limit it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import ipfs_execute
+
+from ipfs_execute_magic.record import RunRecord
+from ipfs_execute_magic.sandbox import SandboxSpec, create_output_area, run_sandbox
+from ipfs_execute_magic.sandbox.output_area import OutputWatch, image_size, loop_mount_problem
+from ipfs_execute_magic.settings import Limits
+
+MiB = 1024**2
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root mounts /output's image")
+
+
+@pytest.fixture
+def base_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="iex-output-limits-"))
+    root = base / "rootfs"
+    for name in ("bin", "sbin", "input", "output", "tmp", "proc", "dev"):
+        (root / name).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+    for applet in ("sh", "head", "touch", "echo", "sync", "ls", "stat", "cat"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "sbin" / "init").write_text('#!/bin/busybox sh\nexec "$@"\n')
+    (root / "sbin" / "init").chmod(0o755)
+    (base / "input").mkdir()
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _loop_mounts_of(path: Path) -> list[str]:
+    return [
+        line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line
+    ]
+
+
+def _run(base: Path, script: str, limits: Limits):
+    run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    area = create_output_area(run_dir / "output", limits)
+    spec = SandboxSpec(
+        rootfs=base / "rootfs",
+        input_dir=base / "input",
+        output_dir=area.path,
+        argv=("/sbin/init", "sh", "-c", script),
+        limits=limits,
+    )
+    return area, run_sandbox(spec)
+
+
+# --- pure -----------------------------------------------------------------------------------
+
+
+def test_limits_come_from_every_front_end_through_with_overrides() -> None:
+    limits = Limits().with_overrides(output_size="1G", output_files="5000")
+    assert (limits.output_bytes, limits.output_files) == (1024**3, 5000)
+    assert (Limits().output_bytes, Limits().output_files) == (10 * 1024**3, 1_000_000)
+    with pytest.raises(Exception, match="positive"):
+        Limits(output_files=0)
+
+
+def test_records_name_the_output_limit_that_ended_a_run() -> None:
+    record = RunRecord.from_json(
+        json.dumps(
+            {
+                "format": "ipfs-execute/run-record/1",
+                "rootfs": "r",
+                "input": "i",
+                "output": "o",
+                "args": [],
+                "exit_status": 0,
+                "timed_out": False,
+                "started_at": "",
+                "durations": {},
+                "limits": {"output_bytes": 10 * 1024**3, "output_files": 1_000_000},
+                "limits_enforced": {},
+                "versions": {},
+                "staged_from_cache": {},
+                "killed_by": "output_bytes",
+            }
+        )
+    )
+    assert record.killed_text() == "killed: output exceeded 10 GiB"
+    assert not record.succeeded  # even though the payload exited 0: its output is cut short
+    files = dataclasses.replace(record, killed_by="output_files")
+    assert files.killed_text() == "killed: output exceeded 1000000 files"
+
+
+def test_the_watch_measures_a_plain_directory(tmp_path: Path) -> None:
+    watch = OutputWatch(tmp_path, Limits(output_bytes=64 * 1024, output_files=3))
+    assert not watch.own_file_system and watch.check() is None
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a").write_bytes(b"x" * 1000)
+    (tmp_path / "link").symlink_to("/usr")  # counted, never followed
+    assert watch.usage()[1] == 3 and watch.check() is None
+    (tmp_path / "b").write_bytes(b"y")
+    assert watch.check() == "output_files"
+    big = OutputWatch(tmp_path, Limits(output_bytes=64 * 1024))
+    (tmp_path / "big").write_bytes(os.urandom(100 * 1024))
+    assert big.check() == "output_bytes"
+
+
+# --- as root: a file system of its own --------------------------------------------------------
+
+
+@needs_root
+def test_output_size_limit_ends_the_run_and_bounds_the_disk(base_dir: Path) -> None:
+    assert loop_mount_problem() is None
+    limits = Limits(timeout=60, output_bytes=8 * MiB)
+    # Tries to write 200 MiB; then checks that /output is really full (ENOSPC), not just
+    # watched, if it is still alive by then.
+    area, result = _run(base_dir, "head -c 209715200 /dev/zero > /output/big; sync", limits)
+    try:
+        assert area.image is not None
+        assert result.killed_by == "output_bytes"
+        assert "ext4" in result.limits_enforced["output_bytes"]
+        os.sync()
+        on_disk = area.image.stat().st_blocks * 512
+        written = (area.path / "big").stat().st_size
+        # What the host disk holds of it: never more than the image can take, the limit plus
+        # metadata (inode tables are only written as files are made: here almost none).
+        assert written < image_size(limits) and on_disk <= image_size(limits)
+        assert written <= on_disk <= limits.output_bytes + 17 * MiB
+    finally:
+        area.release()
+    assert not area.path.exists() or not _loop_mounts_of(area.path)
+    assert not (area.path.parent / "output.img").exists()
+
+
+@needs_root
+def test_output_file_limit_ends_the_run(base_dir: Path) -> None:
+    limits = Limits(timeout=60, output_files=50)
+    area, result = _run(base_dir, "i=0; while touch /output/f$i; do i=$((i+1)); done", limits)
+    try:
+        assert result.killed_by == "output_files"
+        assert result.exit_status == 137  # killed, not stopped by itself
+        assert len(os.listdir(area.path)) > 50
+    finally:
+        area.release()
+
+
+@needs_root
+def test_a_run_within_its_limits_sees_an_ordinary_empty_output(base_dir: Path) -> None:
+    area, result = _run(
+        base_dir,
+        "stat -c %a,%u,%Y /output > /tmp/seen; ls -a /output >> /tmp/seen; "
+        "cat /tmp/seen > /output/seen",
+        Limits(timeout=60),
+    )
+    try:
+        assert result.exit_status == 0 and result.killed_by is None
+        assert (area.path / "seen").read_text() == "755,0,315532800\n.\n..\n"
+    finally:
+        area.release()
+
+
+# --- through the CLI ----------------------------------------------------------------------
+
+
+def test_cli_reports_an_output_over_its_size(home: Path, busybox_cid: str, empty_cid: str) -> None:
+    done = ipfs_execute(
+        home,
+        "--no-cache",
+        "--json",
+        "--output-size",
+        "4M",
+        busybox_cid,
+        empty_cid,
+        "sh",
+        "-c",
+        "head -c 104857600 /dev/zero > /output/big",
+    )
+    assert done.returncode != 0, done.stderr
+    assert "output exceeded 4 MiB" in done.stderr
+    assert "--output-size" in done.stderr
+    record = json.loads(done.stdout)
+    assert record["killed_by"] == "output_bytes"
+    assert record["limits"]["output_bytes"] == 4 * MiB
+    assert record["output"]  # what it wrote until then is in IPFS
+    # Nothing of the run is left: no mount, no image, no run directory.
+    assert not _loop_mounts_of(home)
+    assert list((home / "runs").iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+@needs_root
+def test_unprivileged_runs_are_watched(base_dir: Path) -> None:
+    # As an ordinary user no file system can be mounted: /output is a plain directory,
+    # walked while the payload runs.
+    user = 1000
+    for path in [base_dir, *base_dir.rglob("*")]:
+        os.lchown(path, user, user)
+    code = f"""
+import json
+from pathlib import Path
+from ipfs_execute_magic.sandbox import SandboxSpec, create_output_area, run_sandbox
+from ipfs_execute_magic.settings import Limits
+base = Path({str(base_dir)!r})
+limits = Limits(timeout=60, output_files=200)
+area = create_output_area(base / "output", limits)
+result = run_sandbox(SandboxSpec(rootfs=base / "rootfs", input_dir=base / "input",
+    output_dir=area.path, limits=limits,
+    argv=("/sbin/init", "sh", "-c", "i=0; while touch /output/f$i; do i=$((i+1)); done")))
+print(json.dumps([area.image is None, result.killed_by, result.exit_status,
+    result.limits_enforced["output_files"]]))
+"""
+    done = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    plain, killed_by, status, how = json.loads(done.stdout.splitlines()[-1])
+    assert plain and killed_by == "output_files" and status == 137
+    assert "watch" in how
+
+
+@pytest.mark.slow  # real loop devices and mounts
+@needs_root
+def test_an_image_left_mounted_by_a_killed_run_is_unmounted_by_the_next(tmp_path: Path) -> None:
+    from ipfs_execute_magic.sandbox import release_stale_outputs
+
+    runs = tmp_path / "runs"
+    (runs / "dead").mkdir(parents=True)
+    (runs / "alive").mkdir()
+    alive = create_output_area(runs / "alive" / "output", Limits(output_bytes=MiB))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: mounts, then dies without cleaning up
+        try:
+            create_output_area(runs / "dead" / "output", Limits(output_bytes=MiB))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    try:
+        assert os.path.ismount(runs / "dead" / "output")
+        release_stale_outputs(runs)
+        assert not os.path.ismount(runs / "dead" / "output")
+        assert (runs / "dead" / "output.img").exists()  # what it wrote is not thrown away
+        assert os.path.ismount(runs / "alive" / "output")  # a live run's is left alone
+    finally:
+        alive.release()
+        subprocess.run(["umount", "-l", str(runs / "dead" / "output")], capture_output=True)
+    assert not _loop_mounts_of(tmp_path)
+
+
+def test_the_magic_takes_the_output_limits_as_options_and_config(ip) -> None:
+    import ipfs_execute_magic as ie
+
+    cell = ip.run_cell(
+        "%%ipfs_execute $busybox --output-size 4M -o big\nhead -c 52428800 /dev/zero > /output/big"
+    )
+    error = str(cell.error_in_exec)
+    assert "killed: output exceeded 4 MiB" in error and "--output-size" in error, error
+    assert ip.user_ns["big"].record.killed_by == "output_bytes"
+    ip.run_line_magic("config", "IpfsExecuteMagics.output_files = 20")
+    ip.run_line_magic("config", "IpfsExecuteMagics.output_size = '1G'")
+    try:
+        limits = ie.default_runner().settings.limits
+        assert (limits.output_bytes, limits.output_files) == (1024**3, 20)
+    finally:
+        ip.run_line_magic("config", "IpfsExecuteMagics.output_files = None")
+        ip.run_line_magic("config", "IpfsExecuteMagics.output_size = None")
+    assert ie.default_runner().settings.limits.output_files == 1_000_000
