@@ -233,15 +233,7 @@ def split_leading_options(
 
 def _settings(options: argparse.Namespace) -> Settings:
     base = Settings.from_env()
-    limits = base.limits.with_overrides(
-        timeout=options.timeout,
-        memory=options.memory,
-        pids=options.pids,
-        cpus=options.cpus,
-        tmp_size=options.tmp_size,
-        output_size=options.output_size,
-        output_files=options.output_files,
-    )
+    limits = base.limits.overridden_by(options)
     return Settings.from_env(
         api=options.api,
         api_auth=options.api_auth,

@@ -122,6 +122,21 @@ def parse_uid_range(text: str | tuple[int, int]) -> tuple[int, int]:
     return first, last
 
 
+# The limits a user may override, by the names every front end uses for them: CLI options
+# (--tmp-size -> tmp_size), magic options and traits, and the keywords of `ie.run`.
+# Each name maps to the Limits field it sets.
+LIMIT_FIELDS = {
+    "timeout": "timeout",
+    "memory": "memory_bytes",
+    "pids": "pids",
+    "cpus": "cpus",
+    "tmp_size": "tmp_bytes",
+    "output_size": "output_bytes",
+    "output_files": "output_files",
+}
+LIMIT_OVERRIDES = tuple(LIMIT_FIELDS)
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one run. None means "no limit of this kind"."""
@@ -157,6 +172,11 @@ class Limits:
                 isinstance(value, (int, float)) and math.isfinite(value) and value > 0
             ):
                 raise UsageError(f"limit {name} must be a positive, finite number, got {value!r}")
+
+    def overridden_by(self, source: object) -> Limits:
+        """These limits with the overrides named in LIMIT_OVERRIDES read off `source` (parsed
+        options, a configurable): the front ends' options and traits carry those names."""
+        return self.with_overrides(**{name: getattr(source, name) for name in LIMIT_OVERRIDES})
 
     def with_overrides(
         self,

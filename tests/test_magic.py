@@ -569,6 +569,28 @@ def test_a_limit_that_is_not_finite_is_one_line_before_anything_runs(
     assert "never" not in ip.user_ns
 
 
+@pytest.mark.parametrize(
+    "setting",
+    ["timeout = float('nan')", "timeout = -1.0", "memory = 'inf'", "tmp_size = '0'", "cpus = 0.0"],
+)
+def test_a_configured_limit_is_checked_like_the_option(ip: InteractiveShell, setting: str) -> None:
+    magics = ip.magics_manager.registry["IpfsExecuteMagics"]
+    name = setting.split()[0]
+    before = getattr(magics, name)
+    ip.run_line_magic("config", f"IpfsExecuteMagics.{setting}")  # refused, and logged
+    assert getattr(magics, name) == before  # the bad value never took hold
+
+
+def test_a_configured_size_is_held_in_bytes(ip: InteractiveShell) -> None:
+    magics = ip.magics_manager.registry["IpfsExecuteMagics"]
+    try:
+        ip.run_line_magic("config", "IpfsExecuteMagics.tmp_size = '32M'")
+        assert magics.tmp_size == 32 * 1024**2
+        assert ie.default_runner().settings.limits.tmp_bytes == 32 * 1024**2
+    finally:
+        ip.run_line_magic("config", "IpfsExecuteMagics.tmp_size = None")
+
+
 def test_a_run_killed_by_the_memory_limit_says_so(ip: InteractiveShell) -> None:
     hog = "x=$(head -c 300000000 /dev/zero | tr '\\0' a); echo survived"
     error = error_of(ip, f"%%ipfs_execute $busybox --memory 64M --tmp-size 1M -o hog\n{hog}")

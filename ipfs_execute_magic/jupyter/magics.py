@@ -10,7 +10,6 @@ traceback, an interrupt into one line and a re-raised KeyboardInterrupt (so Run 
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import keyword
 import shlex
@@ -35,7 +34,7 @@ from ..errors import UsageError as CoreUsageError
 from ..lineage_graph import LineageNode, lineage
 from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
-from ..settings import Limits, Settings
+from ..settings import LIMIT_FIELDS, LIMIT_OVERRIDES, Limits, Settings
 from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
 from .display import PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle, result_mimebundle
 from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
@@ -303,6 +302,13 @@ class IpfsExecuteMagics(Magics):
         help="default CPU time per second of wall clock of a run, in CPUs, e.g. 0.5 (None: "
         "its one CPU)",
     ).tag(config=True)
+    tmp_size = Union(
+        [Int(), Unicode()],
+        default_value=None,
+        allow_none=True,
+        help="default size of a run's /tmp tmpfs: bytes or a size like '64M' (None: "
+        f"{human_size(_CORE_LIMITS.tmp_bytes)})",
+    ).tag(config=True)
     output_size = Union(
         [Int(), Unicode()],
         default_value=None,
@@ -331,62 +337,27 @@ class IpfsExecuteMagics(Magics):
 
     # -- configuration -----------------------------------------------------------------------
 
-    @validate("memory")
-    def _valid_memory(self, proposal: dict[str, Any]) -> int | None:
+    @validate(*LIMIT_OVERRIDES)
+    def _valid_limit(self, proposal: dict[str, Any]) -> Any:
+        """A limit is parsed by the core, as the same option would be ("512M" -> bytes)."""
         value = proposal["value"]
-        if isinstance(value, str):
-            try:
-                value = _size(value)
-            except argparse.ArgumentTypeError as error:
-                raise TraitError(f"memory: {error}") from None
-        if value is not None and value <= 0:
-            raise TraitError("memory must be positive")
-        return value if value is None else int(value)
+        name = proposal["trait"].name
+        if value is None:
+            return None
+        try:
+            parsed = Limits().with_overrides(**{name: value})
+        except CoreUsageError as error:
+            raise TraitError(f"{name}: {error}") from None
+        return getattr(parsed, LIMIT_FIELDS[name])
 
-    @validate("output_size")
-    def _valid_output_size(self, proposal: dict[str, Any]) -> int | None:
-        value = proposal["value"]
-        if isinstance(value, str):
-            try:
-                value = _size(value)
-            except argparse.ArgumentTypeError as error:
-                raise TraitError(f"output_size: {error}") from None
-        if value is not None and value <= 0:
-            raise TraitError("output_size must be positive")
-        return value if value is None else int(value)
-
-    @validate("timeout", "pids", "output_files", "cpus")
-    def _valid_positive(self, proposal: dict[str, Any]) -> Any:
-        value = proposal["value"]
-        if value is not None and value <= 0:
-            raise TraitError(f"{proposal['trait'].name} must be positive")
-        return value
-
-    @observe(
-        "api",
-        "api_auth",
-        "home",
-        "timeout",
-        "memory",
-        "pids",
-        "cpus",
-        "output_size",
-        "output_files",
-    )
+    @observe("api", "api_auth", "home", *LIMIT_OVERRIDES)
     def _settings_changed(self, _change: dict[str, Any]) -> None:
         self.apply_settings()
 
     def settings(self) -> Settings:
         """The core's settings: the environment's, changed by this object's config."""
         with core_errors():
-            limits = Settings.from_env().limits.with_overrides(
-                timeout=self.timeout,
-                memory=self.memory,
-                pids=self.pids,
-                cpus=self.cpus,
-                output_size=self.output_size,
-                output_files=self.output_files,
-            )
+            limits = Settings.from_env().limits.overridden_by(self)
             return Settings.from_env(
                 api=self.api or None,
                 api_auth=self.api_auth or None,
@@ -581,13 +552,7 @@ class IpfsExecuteMagics(Magics):
                     *payload_args,
                     script=script,
                     interpreter=interpreter,
-                    timeout=options.timeout,
-                    memory=options.memory,
-                    pids=options.pids,
-                    cpus=options.cpus,
-                    tmp_size=options.tmp_size,
-                    output_size=options.output_size,
-                    output_files=options.output_files,
+                    **{name: getattr(options, name) for name in LIMIT_OVERRIDES},
                     use_cache=not options.no_cache,
                     on_stdout=stdout,
                     on_stderr=stderr,
