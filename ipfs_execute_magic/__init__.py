@@ -13,6 +13,7 @@ only for the sandbox. `configure(...)` changes its settings.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .disk_space import DiskUsage, GcReport
     from .lineage_graph import LineageNode
     from .result import IpfsRef, RunResult
     from .runner import Runner
@@ -152,6 +154,30 @@ def add(path: str | Path) -> IpfsRef:
     return IpfsRef(added.cid, store)
 
 
+def get(
+    path: object,
+    dest: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+) -> Path:
+    """Write the file or directory at PATH (a CID, IPFS path or result) to DEST; return where.
+
+    A directory becomes DEST itself (which must not exist, or be empty); a file becomes DEST,
+    or DEST/NAME when DEST is a directory. An existing DEST is replaced only with
+    `overwrite=True`. Written through the safe extractor, atomically: on an error nothing is
+    left. `on_progress(what, bytes_so_far, total_or_None)` is called as data arrives.
+    """
+    from .errors import UsageError
+    from .retrieval import retrieve
+
+    target = str(path)
+    if not target:  # a RunResult without output
+        raise UsageError("nothing to get: that run has no output CID")
+    store = default_runner().store
+    return retrieve(store, target, dest, overwrite=overwrite, on_progress=on_progress).path
+
+
 def mkdir(entries: Mapping[str, str]) -> IpfsRef:
     """CID of a new directory with each NAME set to a CID or IPFS path (NAME may be a/b)."""
     from .result import IpfsRef
@@ -159,6 +185,27 @@ def mkdir(entries: Mapping[str, str]) -> IpfsRef:
     runner = default_runner()
     cid = runner.results.compose({name: str(path) for name, path in entries.items()})
     return IpfsRef(cid, runner.store)
+
+
+def du() -> DiskUsage:
+    """What the data directory holds: staging cache, node repo, kept outputs, runs (print it)."""
+    from .disk_space import usage
+
+    return usage(default_runner().settings)
+
+
+def gc(staging_keep: int | str | None = None, *, kept_outputs: bool = False) -> GcReport:
+    """Free disk: staging entries no run is using (all, or down to `staging_keep` bytes or
+    "5G"), directories of runs whose process died, and the node's unpinned blocks. Outputs,
+    records and the result index are pinned and stay. Kept outputs (not yet in IPFS) are
+    deleted only with `kept_outputs=True`. Returns what was freed (print it)."""
+    from .disk_space import collect
+    from .settings import parse_size
+
+    runner = default_runner()
+    keep = 0 if staging_keep is None else parse_size(staging_keep)
+    store = None if runner.settings.api else runner.store
+    return collect(runner.settings, store, staging_keep_bytes=keep, kept_outputs=kept_outputs)
 
 
 def load_ipython_extension(ipython: Any) -> None:
@@ -173,6 +220,9 @@ __all__ = [
     "add",
     "configure",
     "default_runner",
+    "du",
+    "gc",
+    "get",
     "lineage",
     "load_ipython_extension",
     "mkdir",

@@ -50,11 +50,14 @@ result cache:
 
 other commands (each has --help):
   ipfs-execute add PATH...              add files or directories, print their CIDs
+  ipfs-execute get CID DEST [--force]   write a file or directory from IPFS to DEST
   ipfs-execute verify RECORD [--runs N] re-run a recorded run and compare outputs
   ipfs-execute verify NOTEBOOK.ipynb    re-run every recorded run in an executed notebook
   ipfs-execute lineage CID              the runs that produced CID, back to the data
   ipfs-execute cache export|import CID|list   share the result cache as one CID
   ipfs-execute node status|start|stop   the embedded IPFS node (repo path and API address)
+  ipfs-execute du                       what the data directory holds, part by part
+  ipfs-execute gc [--kept-outputs]      free staging cache, dead runs, unpinned blocks
 
 environment:
   IPFS_EXECUTE_API      use this Kubo RPC API (multiaddr) instead of the embedded node
@@ -65,6 +68,7 @@ environment:
   IPFS_EXECUTE_FETCH_TIMEOUT  default --fetch-timeout
   IPFS_EXECUTE_KUBO     the ipfs binary of the embedded node
   IPFS_EXECUTE_UID_RANGE  run as root: host uids for sandboxes, one per run (default 60578-61183)
+  IPFS_EXECUTE_STAGING_LIMIT  default --staging-limit
   IPFS_EXECUTE_DEBUG    1: show the traceback of an internal error
 
 example:
@@ -143,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="files and directories the payload may make in /output "
         f"(default {defaults.output_files})",
+    )
+    parser.add_argument(
+        "--staging-limit",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="disk the staging cache may take before least recently used trees no run is "
+        "using are deleted (default 20G)",
     )
     parser.add_argument(
         "--api",
@@ -240,6 +252,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         home=options.home,
         limits=limits,
         fetch_timeout=options.fetch_timeout,
+        staging_limit_bytes=options.staging_limit,
     )
 
 
@@ -375,10 +388,16 @@ def _subcommand(name: str, option_words: list[str], words: list[str]) -> int:
     common.add_argument("--api", metavar="MULTIADDR")
     common.add_argument("--api-auth", metavar="SECRET")
     common.add_argument("--home", type=Path)
+    common.add_argument("--staging-limit", type=_size)
     options, unknown = common.parse_known_args(option_words)
     if unknown:
         raise UsageError(f"unknown option(s) before {name}: {' '.join(unknown)}")
-    settings = Settings.from_env(api=options.api, api_auth=options.api_auth, home=options.home)
+    settings = Settings.from_env(
+        api=options.api,
+        api_auth=options.api_auth,
+        home=options.home,
+        staging_limit_bytes=options.staging_limit,
+    )
     if settings.api is None:
         check_home(settings)  # the embedded node's repo is there
     return SUBCOMMANDS[name].handler(settings, words)
@@ -499,6 +518,61 @@ def _cache(settings: Settings, words: list[str]) -> int:
     return 0
 
 
+def _du(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute du",
+        description="Show what the data directory holds: the staging cache (trees staged "
+        "from CIDs; in use: held by a run now), the embedded node's repo, kept outputs "
+        "(outputs not yet in IPFS, each listed: add them with `ipfs-execute add PATH`) and "
+        "run directories (those of processes that died can go). Needs no daemon.",
+    )
+    _parse(parser, words)
+    from .disk_space import usage
+
+    print(usage(settings))
+    return 0
+
+
+def _gc(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute gc",
+        description="Free disk and say how much, part by part: staging cache entries no "
+        "run is using (re-staged from their CIDs when needed), directories of runs whose "
+        "process died, and the embedded node's unpinned blocks (copies of others' content; "
+        "outputs, records and the result index are pinned and kept, so no result a record "
+        "or notebook names is lost). Kept outputs stay unless --kept-outputs is given.",
+    )
+    parser.add_argument(
+        "--staging-keep",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="keep the most recently used staging entries up to SIZE (default: keep none)",
+    )
+    parser.add_argument(
+        "--kept-outputs",
+        action="store_true",
+        help="also delete kept outputs: outputs that were never added to IPFS (their only copy)",
+    )
+    options = _parse(parser, words)
+    from .disk_space import collect
+    from .store import Store
+
+    store = None if settings.api else Store.connect(settings)
+    try:
+        report = collect(
+            settings,
+            store,
+            staging_keep_bytes=options.staging_keep or 0,
+            kept_outputs=options.kept_outputs,
+        )
+    finally:
+        if store is not None:
+            store.close()
+    print(report)
+    return 0
+
+
 def _lineage(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute lineage",
@@ -516,6 +590,70 @@ def _lineage(settings: Settings, words: list[str]) -> int:
     return 0
 
 
+def _get(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute get",
+        description="Write the file or directory at CID (or CID/sub/path, /ipfs/..., "
+        "/ipns/...) to DEST, through the safe extractor: a directory becomes DEST itself (a "
+        "new or empty directory), a file becomes DEST, or DEST/NAME when DEST is a "
+        "directory. Nothing is left behind on an error. Progress goes to stderr on a "
+        "terminal; a last line says what was written.",
+    )
+    parser.add_argument("path", metavar="CID")
+    parser.add_argument("dest", metavar="DEST", type=Path)
+    parser.add_argument(
+        "--force", action="store_true", help="replace DEST if it exists (a whole directory)"
+    )
+    parser.add_argument(
+        "--fetch-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"how long to wait for the content (default {settings.fetch_timeout:g})",
+    )
+    options = _parse(parser, words)
+    from .cid import IpfsPath
+    from .retrieval import retrieve
+    from .store import Store
+
+    IpfsPath.parse(options.path)  # a malformed path is a usage error before any daemon contact
+    if options.fetch_timeout is not None:
+        settings = settings.with_changes(fetch_timeout=options.fetch_timeout)
+    progress = _ProgressLine() if sys.stderr.isatty() else None
+    try:
+        with Store.connect(settings) as store:
+            got = retrieve(
+                store, options.path, options.dest, overwrite=options.force, on_progress=progress
+            )
+    finally:
+        if progress is not None:
+            progress.clear()
+    files = "1 file" if got.files == 1 else f"{got.files} files"
+    print(f"wrote {files}, {got.bytes} bytes to {got.path}", flush=True)
+    return 0
+
+
+class _ProgressLine:
+    """One line on the terminal's stderr, rewritten in place as data arrives."""
+
+    def __init__(self) -> None:
+        self._shown = False
+
+    def __call__(self, what: str, done: int, total: int | None) -> None:
+        text = f"{what}: {done / 1e6:.1f} MB"
+        if total:
+            text += f" of {total / 1e6:.1f} MB ({100 * done // total}%)"
+        width = max(20, os.get_terminal_size(sys.stderr.fileno()).columns - 1)
+        sys.stderr.write(f"\r\x1b[K{text[-width:]}")
+        sys.stderr.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
 @dataclass(frozen=True)
 class Subcommand:
     handler: Callable[[Settings, list[str]], int]
@@ -524,10 +662,13 @@ class Subcommand:
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "add": Subcommand(_add, "add files or directories, print their CIDs"),
+    "get": Subcommand(_get, "write a file or directory from IPFS to a local path"),
     "verify": Subcommand(_verify, "re-run recorded runs and compare outputs"),
     "lineage": Subcommand(_lineage, "the runs that produced a CID, back to the data"),
     "cache": Subcommand(_cache, "share the result cache as one CID"),
     "node": Subcommand(_node, "the embedded IPFS node"),
+    "du": Subcommand(_du, "what the data directory holds"),
+    "gc": Subcommand(_gc, "free staging cache, dead runs and unpinned blocks"),
 }
 
 

@@ -77,6 +77,10 @@ class UnsafeArchiveError(StagingError):
         super().__init__(f"refusing {source}: member {member!r} {reason}")
 
 
+class RetrievalError(IpfsExecuteError):
+    """Content fetched from IPFS could not be written to the local destination."""
+
+
 class SandboxError(IpfsExecuteError):
     """The sandbox could not be set up (the payload never ran)."""
 

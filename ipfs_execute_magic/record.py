@@ -84,9 +84,8 @@ class RunRecord:
     exit_status: int | None  # payload's status; None if it never finished (timeout)
     timed_out: bool
     started_at: str  # UTC, ISO 8601
-    durations: dict[
-        str, float
-    ]  # seconds: resolve, stage_rootfs, stage_input, sandbox, add_output, total
+    # Seconds: resolve, stage_rootfs, stage_input, sandbox, add_output, total.
+    durations: dict[str, float]
     limits: dict[str, Any]  # limits requested
     limits_enforced: dict[str, str]  # what was really enforced, and how
     versions: dict[str, str]

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .record import RunRecord
@@ -56,6 +58,19 @@ class IpfsRef(str):
     def ls(self, path: str = "") -> list[Entry]:
         store = self._require_store()
         return store.ls(store.resolve(str(self / path if path else self)))
+
+    def download(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        on_progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> Path:
+        """Write this file or tree to `dest` (see `ie.get`); return where it was written."""
+        from .retrieval import retrieve
+
+        store = self._require_store()
+        return retrieve(store, str(self), dest, overwrite=overwrite, on_progress=on_progress).path
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,16 @@ class RunResult:
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return self.output.read_text(path, encoding)
+
+    def download(
+        self,
+        dest: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        on_progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> Path:
+        """Write /output to the new directory `dest` (see `ie.get`); return `dest`."""
+        return self.output.download(dest, overwrite=overwrite, on_progress=on_progress)
 
     @property
     def stdout_text(self) -> str:

@@ -72,7 +72,9 @@ class Runner:
     def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._store = store
-        self.staging_cache = StagingCache(self.settings.staging_dir)
+        self.staging_cache = StagingCache(
+            self.settings.staging_dir, limit_bytes=self.settings.staging_limit_bytes
+        )
         self._results: ResultCache | None = None
         self._sandbox_checked = False
         # (input, script hash) -> input with the script: composing costs several RPCs.
@@ -246,82 +248,87 @@ class Runner:
             sandbox.check_available()
             self._sandbox_checked = True
 
-        staging_cache = (
-            self.staging_cache
-            if conditions.staging_dir is None
-            else StagingCache(conditions.staging_dir)
-        )
-        stager = Stager(self.store, staging_cache, on_progress=on_progress)
-        rootfs = stager.stage_rootfs(rootfs_cid)
-        durations["stage_rootfs"] = rootfs.seconds
-        staged_input = stager.stage_input(input_cid)
-        durations["stage_input"] = staged_input.seconds
+        # Held until the sandbox has ended: an entry a run uses is never evicted.
+        with contextlib.ExitStack() as in_use:
+            staging_cache = (
+                self.staging_cache
+                if conditions.staging_dir is None
+                else StagingCache(conditions.staging_dir)
+            )
+            stager = Stager(self.store, staging_cache, on_progress=on_progress)
+            in_use.enter_context(staging_cache.use("rootfs", rootfs_cid))
+            rootfs = stager.stage_rootfs(rootfs_cid)
+            durations["stage_rootfs"] = rootfs.seconds
+            in_use.enter_context(staging_cache.use("input", input_cid))
+            staged_input = stager.stage_input(input_cid)
+            durations["stage_input"] = staged_input.seconds
 
-        run_dir = self._new_run_dir()
-        output = sandbox.OutputArea(run_dir / "output")
-        keep_output = False
-        try:
-            # Its own size-limited file system when root may make one (sandbox/output_area.py).
-            output.create(request.limits)
-            output_dir = output.path
-            with contextlib.ExitStack() as views:
-                rootfs_dir, input_dir = rootfs.path, staged_input.path
-                if conditions.shuffle_directories:
-                    rootfs_dir = views.enter_context(staging.shuffled_view(rootfs_dir))
-                    input_dir = views.enter_context(staging.shuffled_view(input_dir))
-                spec = sandbox.SandboxSpec(
-                    rootfs=rootfs_dir,
-                    input_dir=input_dir,
-                    output_dir=output_dir,
-                    argv=argv,
-                    limits=request.limits,
-                    interactive=request.interactive,
-                    clock_start_s=(
-                        sandbox.CLOCK_START_S
-                        if conditions.clock_start_s is None
-                        else conditions.clock_start_s
-                    ),
-                )
-                t_run = time.monotonic()
-                result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
-                durations["sandbox"] = time.monotonic() - t_run
-
-            # From here on the output exists: it is kept on disk until it is safely in IPFS.
-            keep_output = True
-            t_add = time.monotonic()
-            try:
-                if os.geteuid() != 0:  # root reads whatever the payload left, whatever its modes
-                    _make_readable(output_dir)
-                added = self.store.add_tree(output_dir, pin=True)
-                stdout_cid = self._add_printed(stdout.value(), "stdout")
-                stderr_cid = self._add_printed(stderr.value(), "stderr")
-            except IpfsError as error:
-                kept = self._keep(output)
-                raise OutputNotSavedError(
-                    f"the run finished (exit status {result.exit_status}) "
-                    f"but adding its output to IPFS failed: {error}",
-                    str(kept),
-                ) from None
-            except BaseException:
-                # Ctrl-C (or anything else) during the add: the output is not lost, and the
-                # user is told where it is before the interrupt goes on.
-                kept = self._keep(output)
-                print(
-                    f"ipfs-execute: the run's output was not added to IPFS; it is kept at "
-                    f"{kept} (add it later with: ipfs-execute add {kept})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                raise
-            output_cid = added.cid
-            durations["add_output"] = time.monotonic() - t_add
+            run_dir = self._new_run_dir()
+            output = sandbox.OutputArea(run_dir / "output")
             keep_output = False
-        finally:
-            if output.image is not None and keep_output:
-                self._keep(output)  # interrupted: an image cannot stay mounted, its files can
-            output.release()
-            if not keep_output:
-                remove_tree(run_dir)
+            try:
+                # Its own size-limited file system when root may make one (sandbox/output_area.py).
+                output.create(request.limits)
+                output_dir = output.path
+                with contextlib.ExitStack() as views:
+                    rootfs_dir, input_dir = rootfs.path, staged_input.path
+                    if conditions.shuffle_directories:
+                        rootfs_dir = views.enter_context(staging.shuffled_view(rootfs_dir))
+                        input_dir = views.enter_context(staging.shuffled_view(input_dir))
+                    spec = sandbox.SandboxSpec(
+                        rootfs=rootfs_dir,
+                        input_dir=input_dir,
+                        output_dir=output_dir,
+                        argv=argv,
+                        limits=request.limits,
+                        interactive=request.interactive,
+                        clock_start_s=(
+                            sandbox.CLOCK_START_S
+                            if conditions.clock_start_s is None
+                            else conditions.clock_start_s
+                        ),
+                    )
+                    t_run = time.monotonic()
+                    result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
+                    durations["sandbox"] = time.monotonic() - t_run
+
+                # From here on the output exists: it is kept on disk until it is safely in IPFS.
+                keep_output = True
+                t_add = time.monotonic()
+                try:
+                    # Root reads whatever the payload left, whatever its modes.
+                    if os.geteuid() != 0:
+                        _make_readable(output_dir)
+                    added = self.store.add_tree(output_dir, pin=True)
+                    stdout_cid = self._add_printed(stdout.value(), "stdout")
+                    stderr_cid = self._add_printed(stderr.value(), "stderr")
+                except IpfsError as error:
+                    kept = self._keep(output)
+                    raise OutputNotSavedError(
+                        f"the run finished (exit status {result.exit_status}) "
+                        f"but adding its output to IPFS failed: {error}",
+                        str(kept),
+                    ) from None
+                except BaseException:
+                    # Ctrl-C (or anything else) during the add: the output is not lost, and the
+                    # user is told where it is before the interrupt goes on.
+                    kept = self._keep(output)
+                    print(
+                        f"ipfs-execute: the run's output was not added to IPFS; it is kept at "
+                        f"{kept} (add it later with: ipfs-execute add {kept})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    raise
+                output_cid = added.cid
+                durations["add_output"] = time.monotonic() - t_add
+                keep_output = False
+            finally:
+                if output.image is not None and keep_output:
+                    self._keep(output)  # interrupted: an image cannot stay mounted, its files can
+                output.release()
+                if not keep_output:
+                    remove_tree(run_dir)
         durations["total"] = time.monotonic() - t0
 
         return RunRecord(

@@ -10,6 +10,7 @@
 | IPFS_EXECUTE_FETCH_TIMEOUT| how long to wait for a CID to be retrievable, seconds     |
 | IPFS_EXECUTE_ONLINE       | 1: the embedded node joins the network (sharing results)  |
 | IPFS_EXECUTE_UID_RANGE    | FIRST-LAST: host uids of sandboxes when run as root       |
+| IPFS_EXECUTE_STAGING_LIMIT| size the staging cache is kept under (e.g. 20G)           |
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ SANDBOX_GID = 65534
 # between the ranges it maps container users into and DynamicUser= (61184-65519); uids that
 # the user or group database names are skipped.
 DEFAULT_UID_RANGE = (60578, 61183)
+
+# The staging cache's size limit: room for a few dozen rootfs images and inputs, while a data
+# directory on a small disk still has to be told (a fraction of the free space would change
+# from one run to the next and evict what the previous one kept).
+DEFAULT_STAGING_LIMIT = 20 * 1024**3
 
 
 def default_home() -> Path:
@@ -222,11 +228,14 @@ class Settings:
     online: bool = False  # embedded node joins the public network only when asked
     # Host uids of sandboxes when the tool runs as root: one of them per concurrent run.
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    # The staging cache evicts least recently used entries no run holds to stay under this.
+    staging_limit_bytes: int = DEFAULT_STAGING_LIMIT
 
     def __post_init__(self) -> None:
         # Absolute always: the sandbox and the daemon resolve it from other working dirs.
         object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
         object.__setattr__(self, "uid_range", parse_uid_range(self.uid_range))
+        object.__setattr__(self, "staging_limit_bytes", parse_size(self.staging_limit_bytes))
 
     @property
     def repo_dir(self) -> Path:
@@ -277,6 +286,11 @@ class Settings:
                 values["uid_range"] = parse_uid_range(env["IPFS_EXECUTE_UID_RANGE"])
             except UsageError as error:
                 raise UsageError(f"IPFS_EXECUTE_UID_RANGE: {error}") from None
+        if env.get("IPFS_EXECUTE_STAGING_LIMIT"):
+            try:
+                values["staging_limit_bytes"] = parse_size(env["IPFS_EXECUTE_STAGING_LIMIT"])
+            except UsageError as error:
+                raise UsageError(f"IPFS_EXECUTE_STAGING_LIMIT: {error}") from None
         if env.get("IPFS_EXECUTE_ONLINE", "").lower() in ("1", "true", "yes"):
             values["online"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})

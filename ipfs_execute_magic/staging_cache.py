@@ -5,8 +5,13 @@ Layout under `root`:
     <kind>/<key>/        ready entries (only ever appear by an atomic rename)
     tmp/<kind>.<key>.*   entries being filled (or left behind by a killed filler)
     locks/<kind>.<key>   flock files: one filler per key, across processes and threads
+    locks/<kind>.<key>.use  shared flock held by each run using the entry (`use`); its mtime
+                         is the entry's last use (the trees' own mtimes are the payload's)
+    sizes/<kind>.<key>   the entry's disk usage in bytes, measured once when it was filled
 
 A CID names immutable content, so a ready entry never changes and is reused by every later run.
+With a limit, a fill that takes the cache past it evicts the least recently used entries that
+no run holds (`evict`); an entry in use is never removed.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StagingCache", "remove_tree"]
+__all__ = ["CacheEntry", "StagingCache", "disk_usage", "remove_tree"]
 
 _KIND = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _KEY = re.compile(r"[A-Za-z0-9]{1,200}")
@@ -32,13 +39,29 @@ _DIR_MODE = 0o700
 # The root of a staged tree is what the payload sees as / or /input: its mode is part of the
 # run's view and stays as it always was.
 _TREE_MODE = 0o755
+# Directories of the cache itself, never a kind of entry.
+_RESERVED = frozenset({"tmp", "locks", "sizes"})
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One ready entry: its disk usage, when a run last used it, whether one uses it now."""
+
+    kind: str
+    key: str
+    bytes: int
+    last_used: float  # seconds since the epoch
+    in_use: bool
 
 
 class StagingCache:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, limit_bytes: int | None = None) -> None:
         self.root = Path(root)
+        # None: unbounded (private staging directories of a verification, tests).
+        self.limit_bytes = limit_bytes
         self._tmp = self.root / "tmp"
         self._locks = self.root / "locks"
+        self._sizes = self.root / "sizes"
 
     def path_for(self, kind: str, key: str) -> Path:
         """Where the entry lives once it is ready."""
@@ -73,11 +96,75 @@ class StagingCache:
             try:
                 os.chmod(work, _TREE_MODE)
                 filler(work)
+                size = disk_usage(work)
                 os.rename(work, final)
             except BaseException:
                 remove_tree(work)
                 raise
+            self._write_size(kind, key, size)
+        # Only a fill grows the cache, so only a fill checks the limit; the entry just filled
+        # is safe if the caller holds it with `use`, as runs do.
+        if self.limit_bytes is not None and self._recorded_total() > self.limit_bytes:
+            self.evict(self.limit_bytes)
         return final
+
+    @contextlib.contextmanager
+    def use(self, kind: str, key: str) -> Iterator[None]:
+        """Hold the entry (ready or not yet) against eviction, and stamp its last use.
+
+        Take it before `get` or `fill` and keep it until the sandbox has ended.
+        """
+        _check_name(kind, key)
+        for directory in (self.root, self._locks):
+            _make_dir(directory)
+        path = self._locks / f"{kind}.{key}.use"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if _is_file_at(fd, path):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # an eviction unlinked this lock while we waited: take the new one
+        try:
+            os.utime(fd)
+            yield
+        finally:
+            os.close(fd)
+
+    def usage(self) -> list[CacheEntry]:
+        """Every ready entry, least recently used first."""
+        found = []
+        for kind in self._kinds():
+            for key in self.entries(kind):
+                use_lock = self._locks / f"{kind}.{key}.use"
+                size = self._read_size(kind, key)
+                if size is None:  # filled by a version that did not record sizes
+                    size = disk_usage(self.path_for(kind, key))
+                    self._write_size(kind, key, size)
+                last_used = 0.0  # never used by a run that stamps it: the first to go
+                for stamp in (use_lock, self._sizes / f"{kind}.{key}"):
+                    with contextlib.suppress(FileNotFoundError):
+                        last_used = os.stat(stamp).st_mtime
+                        break
+                found.append(CacheEntry(kind, key, size, last_used, self._in_use(use_lock)))
+        return sorted(found, key=lambda entry: (entry.last_used, entry.kind, entry.key))
+
+    def evict(self, keep_bytes: int = 0) -> list[CacheEntry]:
+        """Remove least recently used entries that no run holds until at most `keep_bytes`
+        remain (0: all that can go). Returns what was removed."""
+        entries = self.usage()
+        total = sum(entry.bytes for entry in entries)
+        removed = []
+        for entry in entries:
+            if total <= keep_bytes:
+                break
+            if self._evict(entry.kind, entry.key):
+                total -= entry.bytes
+                removed.append(entry)
+        return removed
 
     def remove(self, kind: str, key: str) -> None:
         """Delete the entry if it exists; a filler of the same key is waited for."""
@@ -93,6 +180,8 @@ class StagingCache:
                 os.rename(final, doomed / "entry")
             except FileNotFoundError:
                 pass
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._sizes / f"{kind}.{key}")
             remove_tree(doomed)
 
     def entries(self, kind: str) -> list[str]:
@@ -105,6 +194,90 @@ class StagingCache:
         return sorted(
             name for name in names if _KEY.fullmatch(name) and self.get(kind, name) is not None
         )
+
+    def sweep_use_locks(self) -> int:
+        """Delete use locks of entries that do not exist (a run whose CID could not be staged)
+        and that no run holds; returns how many went."""
+        try:
+            names = os.listdir(self._locks)
+        except FileNotFoundError:
+            return 0
+        swept = 0
+        for name in names:
+            kind, _, rest = name.partition(".")
+            key, _, suffix = rest.partition(".")
+            if suffix != "use" or not (_KIND.fullmatch(kind) and _KEY.fullmatch(key)):
+                continue
+            if self.get(kind, key) is None and self._evict(kind, key):
+                swept += 1
+        return swept
+
+    def _evict(self, kind: str, key: str) -> bool:
+        """Remove the entry unless a run holds it (then False)."""
+        path = self._locks / f"{kind}.{key}.use"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            return False  # the cache itself went away
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            if not _is_file_at(fd, path):
+                return False  # evicted meanwhile by somebody else
+            self.remove(kind, key)
+            # Unlinked while held: a run waiting on this file sees it is gone and locks anew.
+            os.unlink(path)
+            return True
+        finally:
+            os.close(fd)
+
+    def _in_use(self, use_lock: Path) -> bool:
+        try:
+            fd = os.open(use_lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def _kinds(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in names if _KIND.fullmatch(name) and name not in _RESERVED)
+
+    def _write_size(self, kind: str, key: str, size: int) -> None:
+        _make_dir(self._sizes)
+        path = self._sizes / f"{kind}.{key}"
+        part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+        part.write_text(f"{size}\n")
+        os.rename(part, path)
+
+    def _read_size(self, kind: str, key: str) -> int | None:
+        try:
+            return int((self._sizes / f"{kind}.{key}").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _recorded_total(self) -> int:
+        """The sum of the recorded sizes: a directory listing and a small read per entry."""
+        try:
+            names = os.listdir(self._sizes)
+        except FileNotFoundError:
+            return 0
+        total = 0
+        for name in names:
+            kind, _, key = name.partition(".")
+            if _KIND.fullmatch(kind) and _KEY.fullmatch(key):
+                total += self._read_size(kind, key) or 0
+        return total
 
     @contextlib.contextmanager
     def _locked(self, kind: str, key: str, *, blocking: bool = True) -> Iterator[bool]:
@@ -152,6 +325,42 @@ def _check_name(kind: str, key: str) -> None:
         raise ValueError(f"cache kind {kind!r} must be a short lowercase word")
     if not _KEY.fullmatch(key):
         raise ValueError(f"cache key {key!r} must be a CID (letters and digits only)")
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the one at `path` (not unlinked or replaced)."""
+    try:
+        here = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of disk a tree takes, as `du` counts them (hard links once, symlinks not
+    followed); 0 if it does not exist."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    pending = [str(path)]
+    while pending:
+        current = pending.pop()
+        try:
+            info = os.lstat(current)
+        except OSError:
+            continue
+        if info.st_nlink > 1:
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+        total += info.st_blocks * 512
+        if stat.S_ISDIR(info.st_mode):
+            try:
+                with os.scandir(current) as listing:
+                    pending.extend(entry.path for entry in listing)
+            except OSError:
+                continue  # unreadable: counted as far as it can be
+    return total
 
 
 def _make_dir(path: Path) -> None:

@@ -547,6 +547,22 @@ class Store:
             what=f"pin {cid}",
         )
 
+    def repo_gc(self) -> int:
+        """Delete the blocks nothing pins and MFS does not reach; returns how many went.
+
+        Everything the tool adds (outputs, records, scripts, composed inputs) is pinned and
+        the result index lives in MFS, so only fetched copies of others' content go.
+        """
+        answer = self._call("/repo/gc", opts={"quiet": "false"}, what="repo gc")
+        objects = answer if isinstance(answer, list) else [answer]
+        for item in objects:
+            if isinstance(item, dict) and item.get("Error"):
+                raise IpfsError(
+                    f"IPFS repo gc failed: {item['Error']}; nothing pinned was touched, run "
+                    "gc again (`ipfs-execute gc`)"
+                )
+        return sum(1 for item in objects if isinstance(item, dict) and item.get("Key"))
+
     def compose(self, entries: Mapping[str, str], base: str | None = None) -> str:
         """A new directory: `base` (or empty) with each name (may be nested: a/b) set to a CID.
 

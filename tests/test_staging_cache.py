@@ -8,11 +8,13 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ipfs_execute_magic.staging_cache import StagingCache, remove_tree
+from ipfs_execute_magic.staging_cache import StagingCache, disk_usage, remove_tree
 
 CID = "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi"
 OTHER = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
@@ -222,3 +224,148 @@ def test_read_only_tree_is_removed_by_an_unprivileged_owner() -> None:
         assert not tree.exists()
     finally:
         remove_tree(base)
+
+
+# -- size limit and eviction ---------------------------------------------------------------
+
+KEYS = [f"bafkrei{letter}" for letter in "abcdef"]
+
+
+def write_bytes(size: int) -> Callable[[Path], None]:
+    def filler(path: Path) -> None:
+        (path / "data").write_bytes(b"x" * size)
+
+    return filler
+
+
+def test_fill_records_the_entry_size_once(tmp_path: Path) -> None:
+    cache = StagingCache(tmp_path)
+    path = cache.fill("input", KEYS[0], write_bytes(100_000))
+    (entry,) = cache.usage()
+    assert (entry.kind, entry.key, entry.in_use) == ("input", KEYS[0], False)
+    assert entry.bytes == disk_usage(path) >= 100_000
+    # Recorded, not measured again: what usage() reports comes from the record.
+    (tmp_path / "sizes" / f"input.{KEYS[0]}").write_text("7\n")
+    assert cache.usage()[0].bytes == 7
+    # An entry without a record (older caches) is measured once and recorded.
+    (tmp_path / "sizes" / f"input.{KEYS[0]}").unlink()
+    assert cache.usage()[0].bytes == disk_usage(path)
+    assert (tmp_path / "sizes" / f"input.{KEYS[0]}").exists()
+    cache.remove("input", KEYS[0])
+    assert cache.usage() == [] and os.listdir(tmp_path / "sizes") == []
+
+
+def test_disk_usage_counts_hard_links_once_and_follows_no_symlink(tmp_path: Path) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "big").write_bytes(b"x" * 1_000_000)
+    (tmp_path / "tree/file").write_bytes(b"y" * 200_000)
+    os.link(tmp_path / "tree/file", tmp_path / "tree/link")
+    (tmp_path / "tree/sym").symlink_to(tmp_path / "big")
+    assert 200_000 <= disk_usage(tmp_path / "tree") < 400_000
+    assert disk_usage(tmp_path / "missing") == 0
+
+
+def test_a_fill_past_the_limit_evicts_least_recently_used_first(tmp_path: Path) -> None:
+    size = disk_usage_of_one(tmp_path / "probe")
+    cache = StagingCache(tmp_path / "cache", limit_bytes=3 * size)
+    for key in KEYS[:3]:
+        with cache.use("input", key):
+            cache.fill("input", key, write_bytes(50_000))
+        time.sleep(0.02)  # distinct stamps
+    with cache.use("input", KEYS[0]):  # used again: now the most recent
+        pass
+    time.sleep(0.02)
+    assert [entry.key for entry in cache.usage()] == [KEYS[1], KEYS[2], KEYS[0]]
+    with cache.use("input", KEYS[3]):
+        cache.fill("input", KEYS[3], write_bytes(50_000))
+    assert sorted(cache.entries("input")) == sorted([KEYS[0], KEYS[2], KEYS[3]])
+    with cache.use("input", KEYS[4]):
+        cache.fill("input", KEYS[4], write_bytes(50_000))
+    assert sorted(cache.entries("input")) == sorted([KEYS[0], KEYS[3], KEYS[4]])
+    assert sum(entry.bytes for entry in cache.usage()) <= 3 * size
+    # Under the limit: nothing goes.
+    assert cache.evict(3 * size) == []
+    assert [entry.key for entry in cache.evict(0)] == [KEYS[0], KEYS[3], KEYS[4]]
+    assert cache.usage() == [] and cache.entries("input") == []
+
+
+def disk_usage_of_one(directory: Path) -> int:
+    directory.mkdir()
+    write_bytes(50_000)(directory)
+    os.chmod(directory, 0o755)
+    return disk_usage(directory)
+
+
+def test_an_entry_in_use_is_never_evicted_even_past_the_limit(tmp_path: Path) -> None:
+    cache = StagingCache(tmp_path, limit_bytes=1)
+    with cache.use("rootfs", KEYS[0]):
+        path = cache.fill("rootfs", KEYS[0], write_bytes(50_000))
+        assert cache.get("rootfs", KEYS[0]) == path  # over the limit, but held
+        with cache.use("input", KEYS[1]):
+            cache.fill("input", KEYS[1], write_bytes(50_000))
+            assert cache.get("rootfs", KEYS[0]) == path
+            assert {entry.key for entry in cache.usage() if entry.in_use} == set(KEYS[:2])
+            assert cache.evict(0) == []
+        # Released: the next fill's eviction (or gc) may take them.
+        assert [entry.key for entry in cache.evict(0)] == [KEYS[1]]
+    assert [entry.key for entry in cache.evict(0)] == [KEYS[0]]
+
+
+def _hold_entries(root: str, key: str, ready: Any, done: Any, seen: Any) -> None:
+    cache = StagingCache(Path(root), limit_bytes=1)
+    with cache.use("input", key):
+        path = cache.fill("input", key, write_bytes(100_000))
+        ready.wait()  # every process has filled (and evicted what it could)
+        for _ in range(20):
+            seen.put((key, (path / "data").exists()))
+            time.sleep(0.01)
+        done.wait()
+
+
+@pytest.mark.slow
+def test_concurrent_processes_never_evict_each_others_entries(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    ready, done = context.Barrier(5), context.Barrier(5)
+    seen = context.Queue()
+    processes = [
+        context.Process(target=_hold_entries, args=(str(tmp_path), key, ready, done, seen))
+        for key in KEYS[:4]
+    ]
+    for process in processes:
+        process.start()
+    ready.wait(timeout=30)
+    done.wait(timeout=30)
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    observations = [seen.get(timeout=5) for _ in range(80)]
+    assert all(present for _, present in observations), observations
+    # Every one filled past a 1-byte limit and evicted all it could: each held its own.
+    cache = StagingCache(tmp_path, limit_bytes=1)
+    assert sorted(cache.entries("input")) == sorted(KEYS[:4])
+    assert len(cache.evict(0)) == 4
+
+
+def test_use_after_an_eviction_takes_the_new_lock(tmp_path: Path) -> None:
+    cache = StagingCache(tmp_path)
+    with cache.use("input", KEYS[0]):
+        cache.fill("input", KEYS[0], write_tree)
+    assert len(cache.evict(0)) == 1
+    assert not (tmp_path / "locks" / f"input.{KEYS[0]}.use").exists()
+    with cache.use("input", KEYS[0]):
+        cache.fill("input", KEYS[0], write_tree)
+        assert cache.evict(0) == []  # the new lock file is the one held
+
+
+def test_sweep_removes_use_locks_of_missing_entries_no_run_holds(tmp_path: Path) -> None:
+    cache = StagingCache(tmp_path)
+    with cache.use("rootfs", KEYS[0]):
+        pass  # staging failed: a lock without an entry
+    with cache.use("input", KEYS[1]):
+        cache.fill("input", KEYS[1], write_tree)
+    with cache.use("rootfs", KEYS[2]):  # a run about to stage it
+        assert cache.sweep_use_locks() == 1
+        assert sorted(os.listdir(tmp_path / "locks")) == sorted(
+            [f"input.{KEYS[1]}", f"input.{KEYS[1]}.use", f"rootfs.{KEYS[2]}.use"]
+        )
+    assert cache.get("input", KEYS[1]) is not None

@@ -1,5 +1,5 @@
-"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`, `%ipfs_verify`, `%ipfs_lineage`: the notebook
-front end of the core.
+"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`, `%ipfs_verify`, `%ipfs_lineage`, `%ipfs_du`,
+`%ipfs_gc`: the notebook front end of the core.
 
 A thin layer: arguments become a RunRequest for the same Runner the Python API uses
 (`ipfs_execute_magic.default_runner()`), the payload's output streams into the cell as it is
@@ -34,7 +34,14 @@ from ..errors import UsageError as CoreUsageError
 from ..lineage_graph import LineageNode, lineage
 from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
-from ..settings import LIMIT_FIELDS, LIMIT_OVERRIDES, Limits, Settings
+from ..settings import (
+    DEFAULT_STAGING_LIMIT,
+    LIMIT_FIELDS,
+    LIMIT_OVERRIDES,
+    Limits,
+    Settings,
+    parse_size,
+)
 from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
 from .display import PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle, result_mimebundle
 from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
@@ -323,6 +330,15 @@ class IpfsExecuteMagics(Magics):
         f"{_CORE_LIMITS.output_files})",
     ).tag(config=True)
 
+    staging_limit = Union(
+        [Int(), Unicode()],
+        default_value=None,
+        allow_none=True,
+        help="disk the staging cache may take before least recently used trees no run is "
+        "using are deleted: bytes or a size like '50G' (None: $IPFS_EXECUTE_STAGING_LIMIT, "
+        f"else {human_size(DEFAULT_STAGING_LIMIT)})",
+    ).tag(config=True)
+
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         # Before super().__init__: configured values notify the observers during it.
         self._gateways: weakref.WeakKeyDictionary[Store, str] = weakref.WeakKeyDictionary()
@@ -350,7 +366,17 @@ class IpfsExecuteMagics(Magics):
             raise TraitError(f"{name}: {error}") from None
         return getattr(parsed, LIMIT_FIELDS[name])
 
-    @observe("api", "api_auth", "home", *LIMIT_OVERRIDES)
+    @validate("staging_limit")
+    def _valid_staging_limit(self, proposal: dict[str, Any]) -> Any:
+        value = proposal["value"]
+        if value is None:
+            return None
+        try:
+            return parse_size(value)
+        except CoreUsageError as error:
+            raise TraitError(f"staging_limit: {error}") from None
+
+    @observe("api", "api_auth", "home", "staging_limit", *LIMIT_OVERRIDES)
     def _settings_changed(self, _change: dict[str, Any]) -> None:
         self.apply_settings()
 
@@ -363,6 +389,7 @@ class IpfsExecuteMagics(Magics):
                 api_auth=self.api_auth or None,
                 home=self.home or None,
                 limits=limits,
+                staging_limit_bytes=self.staging_limit,
             )
 
     def apply_settings(self) -> None:
@@ -633,6 +660,30 @@ class IpfsExecuteMagics(Magics):
             self.user_ns[name] = ref
         return ref
 
+    @magic_arguments()
+    @argument(
+        "source",
+        metavar="NAME_OR_PATH",
+        help="a bound result or CID, or a CID or IPFS path ($name and {expr}/sub work too)",
+    )
+    @argument(
+        "dest",
+        metavar="DEST",
+        help="local path (relative to the kernel's working directory)",
+    )
+    @argument("--force", action="store_true", help="replace DEST if it exists")
+    @line_magic
+    def ipfs_get(self, line: str) -> Path:
+        """Write a file or directory from IPFS to a local path; return it (as `ie.get`).
+
+        A directory becomes DEST itself (new or empty); a file becomes DEST, or DEST/NAME when
+        DEST is a directory. Example: %ipfs_get {result}/counts.csv counts.csv
+        """
+        options = self.ipfs_get.parser.parse_args(shell_words(line))
+        source = self._target(options.source, "NAME_OR_PATH")
+        with core_errors():
+            return ie.get(source, Path(options.dest).expanduser(), overwrite=options.force)
+
     # -- verification and lineage ------------------------------------------------------------
 
     def _target(self, word: str, option: str) -> Any:
@@ -789,6 +840,36 @@ class IpfsExecuteMagics(Magics):
         if name is not None:
             self.user_ns[name] = node
         return node
+
+    @line_magic
+    def ipfs_du(self, line: str) -> None:
+        """Show what the data directory holds: staging cache, node repo, kept outputs, runs
+        (as `ie.du()` and `ipfs-execute du`)."""
+        if line.strip():
+            raise UsageError("%ipfs_du takes no arguments")
+        with core_errors():
+            print(ie.du())
+
+    @magic_arguments()
+    @argument(
+        "--staging-keep",
+        metavar="SIZE",
+        help="keep the most recently used staging entries up to SIZE (default: keep none)",
+    )
+    @argument(
+        "--kept-outputs",
+        action="store_true",
+        help="also delete kept outputs: outputs never added to IPFS (their only copy)",
+    )
+    @line_magic
+    def ipfs_gc(self, line: str) -> None:
+        """Free disk and say how much (as `ie.gc()` and `ipfs-execute gc`): staging entries no
+        run is using, directories of runs whose process died, the node's unpinned blocks.
+        Outputs, records and the result index are pinned, so every result a notebook names
+        stays. Kept outputs are deleted only with --kept-outputs."""
+        options = self.ipfs_gc.parser.parse_args(shell_words(line))
+        with core_errors():
+            print(ie.gc(options.staging_keep, kept_outputs=options.kept_outputs))
 
 
 def load_ipython_extension(ipython: Any) -> None:
