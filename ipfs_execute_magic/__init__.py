@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .result import IpfsRef, RunResult
     from .runner import Runner
     from .settings import Settings
+    from .store import AddProgress
     from .verification import NotebookVerdict, Verdict
 
 _runner: Runner | None = None
@@ -141,14 +142,18 @@ def lineage(target: object) -> LineageNode:
     return lineage_of(default_runner().results, str(target))
 
 
-def add(path: str | Path) -> IpfsRef:
-    """Add a local file or directory to IPFS (pinned); return its CID."""
+def add(path: str | Path, *, on_progress: Callable[[AddProgress], None] | None = None) -> IpfsRef:
+    """Add a local file or directory to IPFS (pinned); return its CID.
+
+    `on_progress(AddProgress)` is called about every 0.15 s while the tree is sent (files,
+    bytes, their totals, seconds, `.rate`), and once more with `finished` set at the end.
+    """
     import warnings
 
     from .result import IpfsRef
 
     store = default_runner().store
-    added = store.add_tree(Path(path))
+    added = store.add_tree(Path(path), on_progress=on_progress)
     for entry in added.left_out:  # FIFOs, sockets, devices: shown, not silently dropped
         warnings.warn(f"{path}/{entry}", stacklevel=2)
     return IpfsRef(added.cid, store)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import arguments
 from .errors import (
@@ -25,6 +26,9 @@ from .errors import (
     UsageError,
 )
 from .settings import Limits, Settings, check_home
+
+if TYPE_CHECKING:
+    from .store import AddProgress  # the store (and its HTTP client) loads only when used
 
 DESCRIPTION = """\
 Run /sbin/init ARG... of the root filesystem ROOTFS in a bubblewrap sandbox, with the directory
@@ -414,9 +418,16 @@ def _add(settings: Settings, words: list[str]) -> int:
     options = _parse(parser, words)
     from .store import Store
 
+    progress = _ProgressLine() if sys.stderr.isatty() else None
     with Store.connect(settings) as store:
         for path in options.paths:
-            added = store.add_tree(path, pin=True)
+            try:
+                added = store.add_tree(
+                    path, pin=True, on_progress=progress.added if progress else None
+                )
+            finally:
+                if progress is not None:
+                    progress.clear()
             for entry in added.left_out:
                 print(f"ipfs-execute add: warning: {path}/{entry}", file=sys.stderr)
             print(added.cid, flush=True)
@@ -643,6 +654,20 @@ class _ProgressLine:
         text = f"{what}: {done / 1e6:.1f} MB"
         if total:
             text += f" of {total / 1e6:.1f} MB ({100 * done // total}%)"
+        self._show(text)
+
+    def added(self, progress: AddProgress) -> None:
+        """An add's progress (Store.add_tree's on_progress): files, bytes and rate."""
+        share = (
+            f" ({100 * progress.bytes // progress.bytes_total}%)" if progress.bytes_total else ""
+        )
+        self._show(
+            f"adding {progress.path}: {progress.files:,} of {progress.files_total:,} files, "
+            f"{progress.bytes / 1e6:.1f} of {progress.bytes_total / 1e6:.1f} MB{share}, "
+            f"{progress.rate / 1e6:.1f} MB/s"
+        )
+
+    def _show(self, text: str) -> None:
         width = max(20, os.get_terminal_size(sys.stderr.fileno()).columns - 1)
         sys.stderr.write(f"\r\x1b[K{text[-width:]}")
         sys.stderr.flush()
@@ -652,6 +677,7 @@ class _ProgressLine:
         if self._shown:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+            self._shown = False
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import h11
@@ -24,6 +24,7 @@ import h11
 SEND_BUFFER = 256 * 1024  # many small files are coalesced into writes of this size
 RECEIVE_BUFFER = 256 * 1024
 POLL_S = 0.5  # how often each side looks at the stall clock and the stop flag
+WAIT_POLL_S = 0.1  # the same, when the reader also calls on_wait
 MAX_ERROR_BODY = 64 * 1024
 
 
@@ -52,9 +53,15 @@ class StalledError(TimeoutError):
 
 
 class _Exchange:
-    def __init__(self, sock: socket.socket, stall_timeout: float) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        stall_timeout: float,
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.stall_timeout = stall_timeout
+        self.on_wait = on_wait
         self.connection = h11.Connection(h11.CLIENT)
         self.lock = threading.Lock()  # h11's state is shared by the sender and the reader
         self.last_moved = time.monotonic()
@@ -123,6 +130,8 @@ class _Exchange:
             if event is h11.NEED_DATA:
                 if self.body_error is not None:
                     raise self.body_error  # what the daemon says next no longer matters
+                if self.on_wait is not None:
+                    self.on_wait()
                 try:
                     data = self.sock.recv(RECEIVE_BUFFER)
                 except TimeoutError:
@@ -197,15 +206,21 @@ def post(
     *,
     headers: Mapping[str, str],
     stall_timeout: float,
+    on_wait: Callable[[], None] | None = None,
 ) -> Reply:
     """POST `body` (chunked) to `target`, reading the response as it comes.
+
+    `on_wait` is called in the calling thread at least every WAIT_POLL_S seconds until the
+    response ends (for progress reports, which must not come from the sending thread).
 
     An exception raised by `body` itself is re-raised here as it is; a daemon that stops moving
     raises StalledError; a broken connection raises an OSError. An interrupt (Ctrl-C) in the
     calling thread ends the exchange and propagates.
     """
     sock = _connect(endpoint)
-    exchange = _Exchange(sock, stall_timeout)
+    if on_wait is not None:
+        sock.settimeout(WAIT_POLL_S)
+    exchange = _Exchange(sock, stall_timeout, on_wait)
     sender: threading.Thread | None = None
     try:
         request = h11.Request(

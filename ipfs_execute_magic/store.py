@@ -22,9 +22,10 @@ import re
 import secrets
 import socket
 import stat as stat_module
+import time
 import urllib.parse
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -106,6 +107,31 @@ class LeftOut:
 class Added:
     cid: str
     left_out: tuple[LeftOut, ...] = ()
+
+
+@dataclass(frozen=True)
+class AddProgress:
+    """How far an add has got, counted from what has been sent to the daemon.
+
+    The totals come from a walk of the tree before sending (only when progress is asked for).
+    """
+
+    path: str  # what is being added, as given
+    files: int  # files and symlinks sent
+    bytes: int  # file content sent
+    files_total: int
+    bytes_total: int
+    seconds: float  # since the add started
+    finished: bool = False  # the last call: the daemon has the whole tree
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second so far."""
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+AddProgressCallback = Callable[[AddProgress], None]
+PROGRESS_INTERVAL_S = 0.15  # how often on_progress is called while adding
 
 
 @dataclass(frozen=True)
@@ -428,12 +454,20 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def add_path(self, path: Path, *, pin: bool = True) -> str:
+    def add_path(
+        self, path: Path, *, pin: bool = True, on_progress: AddProgressCallback | None = None
+    ) -> str:
         """Add a file or directory tree; returns the root CID (the Kubo CLI's `add -r --hidden`)."""
-        return self.add_tree(path, pin=pin).cid
+        return self.add_tree(path, pin=pin, on_progress=on_progress).cid
 
-    def add_tree(self, path: Path, *, pin: bool = True) -> Added:
-        """`add_path`, also naming what had to be left out (FIFOs, sockets, devices)."""
+    def add_tree(
+        self, path: Path, *, pin: bool = True, on_progress: AddProgressCallback | None = None
+    ) -> Added:
+        """`add_path`, also naming what had to be left out (FIFOs, sockets, devices).
+
+        `on_progress` is called with an AddProgress about every PROGRESS_INTERVAL_S seconds
+        in the calling thread, and once more, `finished`, when the daemon has the whole tree.
+        """
         path = Path(path)
         try:
             st = path.lstat()
@@ -443,9 +477,18 @@ class Store:
             raise InvalidPathError(f"{path}: only a regular file or a directory can be added")
         boundary = secrets.token_hex(16)
         left_out: list[LeftOut] = []
-        body = _multipart_tree(path, boundary, left_out)
+        counter = _AddCounter(str(path), on_progress) if on_progress is not None else None
+        body = _multipart_tree(path, boundary, left_out, counter)
         try:
-            cid = self._post_add(body, boundary, pin=pin, what=str(path))
+            cid = self._post_add(
+                body,
+                boundary,
+                pin=pin,
+                what=str(path),
+                on_wait=counter.report if counter is not None else None,
+            )
+            if counter is not None:
+                counter.finish()
         except _UnreadableEntry as error:
             raise IpfsError(
                 f"cannot add {path}: reading {error.path} failed ({error.reason}); make it "
@@ -453,7 +496,15 @@ class Store:
             ) from None
         return Added(cid, tuple(left_out))
 
-    def _post_add(self, body: Iterable[bytes], boundary: str, *, pin: bool, what: str) -> str:
+    def _post_add(
+        self,
+        body: Iterable[bytes],
+        boundary: str,
+        *,
+        pin: bool,
+        what: str,
+        on_wait: Callable[[], None] | None = None,
+    ) -> str:
         """One /add request, its body sent while the daemon's per-file replies are read: sent
         first and read after, the two fill each other's buffers and both sides stop."""
         opts = dict(IMPORT_OPTIONS)
@@ -476,6 +527,7 @@ class Store:
                 body,
                 headers=headers,
                 stall_timeout=self.add_stall_timeout,
+                on_wait=on_wait,
             )
         except duplex_http.StalledError:
             raise IpfsError(
@@ -680,6 +732,75 @@ def _as_path(text: str) -> str:
 # -- multipart body for /add -----------------------------------------------------------------
 
 
+class _AddCounter:
+    """Files and bytes of a tree handed to the sender, reported to an AddProgressCallback.
+
+    The body generator counts in the sending thread; `report` and `finish` are called in the
+    thread that reads the daemon's replies, which is the caller's, so a notebook's display
+    calls stay in the cell's thread."""
+
+    def __init__(self, what: str, callback: AddProgressCallback) -> None:
+        self.what = what
+        self.callback = callback
+        self.files = 0
+        self.bytes = 0
+        self.files_total, self.bytes_total = _count_tree(what)
+        self._started = time.monotonic()
+        self._last = self._started
+
+    def _progress(self, now: float, finished: bool) -> AddProgress:
+        files, size = self.files, self.bytes
+        return AddProgress(
+            path=self.what,
+            files=files,
+            bytes=size,
+            # A tree that changed while sent: the totals are what was sent.
+            files_total=files if finished else max(self.files_total, files),
+            bytes_total=size if finished else max(self.bytes_total, size),
+            seconds=now - self._started,
+            finished=finished,
+        )
+
+    def report(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_INTERVAL_S:
+            self._last = now
+            self.callback(self._progress(now, finished=False))
+
+    def finish(self) -> None:
+        self.callback(self._progress(time.monotonic(), finished=True))
+
+
+def _count_tree(root: str) -> tuple[int, int]:
+    """Files (and symlinks) and their bytes under root, as _multipart_tree will send them;
+    one lstat per entry (scandir's), entries that cannot be read are skipped here."""
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return 0, 0
+    if not stat_module.S_ISDIR(st.st_mode):
+        return (1, st.st_size) if stat_module.S_ISREG(st.st_mode) else (0, 0)
+    files = size = 0
+    pending = [root]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(entry.path)
+                        elif entry.is_symlink():
+                            files += 1
+                        elif entry.is_file(follow_symlinks=False):
+                            files += 1
+                            size += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+    return files, size
+
+
 class _UnreadableEntry(Exception):
     """A file or directory of the tree could not be read while it was being sent."""
 
@@ -725,11 +846,13 @@ _NO_UNIXFS_FORM = (
 )
 
 
-def _multipart_tree(root: Path, boundary: str, left_out: list[LeftOut]) -> Iterator[bytes]:
+def _multipart_tree(
+    root: Path, boundary: str, left_out: list[LeftOut], counter: _AddCounter | None = None
+) -> Iterator[bytes]:
     """Stream a tree as Kubo's multipart format: parents before children, sorted, no following.
 
     Entries UnixFS cannot hold are appended to `left_out`; an entry that cannot be read raises
-    _UnreadableEntry."""
+    _UnreadableEntry. What has been handed on is counted in `counter`, if given."""
     root_name = root.name or "root"
 
     def emit(host_path: str, name: str, relative: str) -> Iterator[bytes]:
@@ -754,13 +877,22 @@ def _multipart_tree(root: Path, boundary: str, left_out: list[LeftOut]) -> Itera
             yield _part_header(boundary, name, "application/symlink")
             yield target.encode("utf-8", "surrogateescape")
             yield b"\r\n"
+            if counter is not None:
+                counter.files += 1
         elif stat_module.S_ISREG(st.st_mode):
             yield _part_header(boundary, name, "application/octet-stream")
             try:
-                yield from _file_chunks(host_path)
+                if counter is None:
+                    yield from _file_chunks(host_path)
+                else:
+                    for chunk in _file_chunks(host_path):
+                        counter.bytes += len(chunk)  # counted before the send: off by <1 chunk
+                        yield chunk
             except OSError as error:
                 raise _UnreadableEntry(host_path, error) from None
             yield b"\r\n"
+            if counter is not None:
+                counter.files += 1
         else:
             kind = next((k for test, k in _NO_UNIXFS_FORM if test(st.st_mode)), "a special file")
             left_out.append(LeftOut(relative, kind))

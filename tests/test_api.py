@@ -14,6 +14,7 @@ import ipfs_execute_magic as ie
 from ipfs_execute_magic.errors import UsageError
 from ipfs_execute_magic.lineage_graph import LineageNode
 from ipfs_execute_magic.settings import Settings
+from ipfs_execute_magic.store import AddProgress
 from ipfs_execute_magic.verification import NotebookVerdict, Verdict
 
 
@@ -141,6 +142,17 @@ def test_verify_names_what_is_not_reproducible(api: Settings, busybox_cid: str) 
     verdict = ie.verify(result)
     assert isinstance(verdict, Verdict) and not verdict.reproducible
     assert [diff.path for diff in verdict.reruns[0].diffs] == ["noise"]
+
+
+def test_add_reports_progress(api: Settings, tmp_path: Path) -> None:
+    for index in range(2000):
+        (tmp_path / f"f{index:04d}").write_text(f"{index}\n")
+    seen: list[AddProgress] = []
+    data = ie.add(tmp_path, on_progress=seen.append)
+    assert str(data) == ie.add(tmp_path)
+    assert seen and seen[-1].finished
+    size = sum(len(f"{index}\n") for index in range(2000))
+    assert (seen[-1].files, seen[-1].files_total, seen[-1].bytes) == (2000, 2000, size)
 
 
 def test_lineage_goes_back_through_runs_to_the_data(

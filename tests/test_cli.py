@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import io
 import json
 import os
 import pty
 import select
+import struct
 import subprocess
 import tarfile
+import termios
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -639,3 +642,55 @@ def _env_has(pid: str, repo: str) -> bool:
         return f"IPFS_PATH={repo}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def test_add_shows_progress_only_on_a_terminal(home: Path, scratch: Path) -> None:
+    tree = scratch / "progress-add"
+    for group in range(20):
+        (tree / f"g{group:02d}").mkdir(parents=True)
+        for index in range(100):
+            (tree / f"g{group:02d}" / f"f{index:03d}").write_text(f"{group}-{index}\n")
+    with open(tree / "big.bin", "wb") as handle:
+        handle.truncate(300 * 1024 * 1024)  # sparse: cheap to make, seconds to add
+
+    plain = ipfs_execute(home, "add", str(tree))
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr == ""  # not a terminal: no progress line, nothing extra
+    cid = plain.stdout.strip()
+
+    primary, secondary = pty.openpty()
+    # A terminal 200 columns wide, so that the line is not cut to its tail.
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+    seen = bytearray()
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the last holder of the terminal's other end closed it
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    try:
+        shown = subprocess.run(
+            [str(BIN / "ipfs-execute"), "add", str(tree)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            env=cli_env(home),
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(secondary)
+        drainer.join(10)
+        os.close(primary)
+    assert shown.returncode == 0 and shown.stdout.strip() == cid  # stdout stays the CID alone
+    terminal = seen.decode()
+    assert f"adding {tree}: " in terminal and "of 2,001 files" in terminal, terminal
+    assert "MB/s" in terminal
+    assert terminal.endswith("\r\x1b[K")  # the line is cleared once the CID is known

@@ -440,6 +440,35 @@ def test_staging_progress_is_replaced_by_a_static_line(
     assert all(WIDGET_MIME not in out.data for out in progress)
 
 
+def test_add_progress_is_replaced_by_a_static_line(
+    ip: InteractiveShell, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(magics, "PROGRESS_DELAY", 0.0)
+    tree = tmp_path / "big-add"
+    tree.mkdir()
+    for index in range(1000):
+        (tree / f"f{index:04d}").write_text(f"{index}\n")
+    with open(tree / "big.bin", "wb") as handle:
+        handle.truncate(300 * 1024 * 1024)  # sparse: cheap to make, seconds to add
+    with capture_output() as captured:
+        ref = ok(ip, f"%ipfs_add {tree}")
+    assert isinstance(ref, IpfsRef)
+    progress = [out for out in captured.outputs if "add" in out.data.get("text/plain", "")]
+    assert progress and progress[0].data["text/plain"].startswith(f"adding {tree}: ")
+    assert "of 1,001 files" in progress[0].data["text/plain"]
+    assert "/s" in progress[0].data["text/plain"]
+    last = progress[-1]
+    assert last.update and last.data["text/plain"].startswith(f"added {tree}: 1,001 files, 300.0")
+    assert set(last.data) == {"text/plain", "text/html"}  # no widget state to save
+    assert all(WIDGET_MIME not in out.data for out in progress)
+
+
+def test_add_progress_is_silent_for_a_quick_add(ip: InteractiveShell, data_dir: Path) -> None:
+    with capture_output() as captured:
+        ok(ip, f"%ipfs_add {data_dir}")
+    assert captured.outputs == []
+
+
 def test_progress_is_silent_for_quick_staging() -> None:
     progress = StagingProgress(delay=60)
     with capture_output() as captured:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
 from ipfs_execute_magic.cid import IpfsPath, is_cid
 from ipfs_execute_magic.errors import DaemonUnreachableError, InvalidPathError, NotRetrievableError
-from ipfs_execute_magic.store import Store, _parse_version
+from ipfs_execute_magic.store import AddProgress, Store, _parse_version
 
 
 def make_tree(root: Path) -> Path:
@@ -203,3 +205,40 @@ def test_raw_leaf_cid_matches_the_daemon(store: Store) -> None:
     for data in (b"", b"x", b'{"record": 1}\n' * 1000, os.urandom(1024 * 1024)):
         assert raw_leaf_cid(data) == store.add_bytes(data, pin=False)
     assert raw_leaf_cid(b"") == EMPTY_FILE_CID
+
+
+def test_add_reports_growing_progress_ending_at_the_totals(store: Store, scratch: Path) -> None:
+    tree = scratch / "progress-tree"
+    total_bytes = 0
+    for group in range(30):
+        folder = tree / f"g{group:02d}"
+        folder.mkdir(parents=True)
+        for index in range(100):
+            data = os.urandom(1000 + index)
+            (folder / f"f{index:03d}").write_bytes(data)
+            total_bytes += len(data)
+    with open(tree / "big.bin", "wb") as handle:
+        handle.truncate(200 * 1024 * 1024)  # sparse: cheap to make, long enough to report on
+    total_bytes += 200 * 1024 * 1024
+    os.symlink("big.bin", tree / "link")
+    seen: list[AddProgress] = []
+    threads: set[int] = set()
+
+    def on_progress(progress: AddProgress) -> None:
+        seen.append(progress)
+        threads.add(threading.get_ident())
+
+    cid = store.add_path(tree, pin=False, on_progress=on_progress)
+    assert cid == store.add_path(tree, pin=False)  # progress changes nothing in what is added
+    assert threads == {threading.get_ident()}  # called in the caller's thread, not the sender's
+    last = seen[-1]
+    assert last.finished and [p.finished for p in seen].count(True) == 1
+    assert (last.files, last.bytes) == (3002, total_bytes)
+    assert (last.files_total, last.bytes_total) == (3002, total_bytes)
+    assert len(seen) >= 2, "only the final report came"
+    for before, after in itertools.pairwise(seen):
+        assert before.files <= after.files and before.bytes <= after.bytes
+        assert before.seconds <= after.seconds
+    # Throttled: nowhere near one call per file.
+    assert len(seen) <= last.seconds / 0.1 + 2
+    assert seen[0].files_total == 3002 and seen[0].bytes_total == total_bytes

@@ -22,13 +22,16 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
 from ..errors import IpfsExecuteError
 from ..record import RunRecord
 from ..result import FileEntry, IpfsRef, RunResult
+
+if TYPE_CHECKING:
+    from ..store import AddProgress
 
 PUBLIC_GATEWAY = "https://ipfs.io"
 
@@ -578,5 +581,62 @@ class StagingProgress:
             for what, (size, seconds) in self._fetched.items()
         )
         text = f"{fetched}{f' ({outcome})' if outcome else ''}"
+        self._handle.update(static_line(text), raw=True)
+        self._handle = None
+
+
+def add_progress_bundle(progress: AddProgress) -> dict[str, str]:
+    """An add in progress: files, bytes and rate, with a bar over the bytes."""
+    plain = (
+        f"adding {progress.path}: {progress.files:,} of {progress.files_total:,} files, "
+        f"{human_size(progress.bytes)} of {human_size(progress.bytes_total)}, "
+        f"{human_size(int(progress.rate))}/s"
+    )
+    bar = f'<progress value="{progress.bytes}" max="{max(progress.bytes_total, 1)}"></progress> '
+    return {"text/plain": plain, "text/html": f"<div>{bar}{_e(plain)}</div>"}
+
+
+class AddProgressLine:
+    """An add's progress in the cell via display_id (an AddProgressCallback); replaced by a
+    one-line summary when the add ends. Like StagingProgress: shown only once the add takes
+    longer than `delay` seconds, and plain display data, so the saved notebook keeps the
+    summary line only."""
+
+    def __init__(self, delay: float = 0.5) -> None:
+        self.delay = delay
+        self._handle: Any = None
+        self._last: AddProgress | None = None
+
+    def __call__(self, progress: AddProgress) -> None:
+        self._last = progress
+        if self._handle is None and progress.seconds < self.delay:
+            return
+        if progress.finished:
+            self.finish()
+            return
+        from IPython.display import display
+
+        bundle = add_progress_bundle(progress)
+        if self._handle is None:
+            self._handle = display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+
+    @property
+    def shown(self) -> bool:
+        return self._handle is not None
+
+    def finish(self, outcome: str = "") -> None:
+        """Replace the progress line with a static summary (only if it was shown)."""
+        last = self._last
+        if self._handle is None or last is None:
+            return
+        files = "1 file" if last.files == 1 else f"{last.files:,} files"
+        text = (
+            f"added {last.path}: {files}, {human_size(last.bytes)} in {last.seconds:.1f} s "
+            f"({human_size(int(last.rate))}/s)"
+        )
+        if outcome:
+            text = f"adding {last.path}: {outcome} after {files}, {human_size(last.bytes)}"
         self._handle.update(static_line(text), raw=True)
         self._handle = None

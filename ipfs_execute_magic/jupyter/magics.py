@@ -43,7 +43,14 @@ from ..settings import (
     parse_size,
 )
 from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
-from .display import PUBLIC_GATEWAY, StagingProgress, human_size, ref_mimebundle, result_mimebundle
+from .display import (
+    PUBLIC_GATEWAY,
+    AddProgressLine,
+    StagingProgress,
+    human_size,
+    ref_mimebundle,
+    result_mimebundle,
+)
 from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
 
 if TYPE_CHECKING:
@@ -51,7 +58,7 @@ if TYPE_CHECKING:
     from ..store import Store
 
 INTERRUPTED_LINE = "interrupted: the sandbox was stopped"
-PROGRESS_DELAY = 0.5  # seconds of staging before a progress line appears
+PROGRESS_DELAY = 0.5  # seconds of staging or adding before a progress line appears
 STDERR_TAIL_LINES = 12  # of a failing payload's stderr, in its error
 _CORE_LIMITS = Limits()  # the defaults the traits fall back to, for their help
 Bundle = tuple[dict[str, Any], dict[str, Any]]  # a mimebundle formatter: (data, metadata)
@@ -622,8 +629,17 @@ class IpfsExecuteMagics(Magics):
         """
         options = self.ipfs_add.parser.parse_args(shell_words(line))
         name = check_name(options.out)
-        with core_errors():
-            ref = ie.add(Path(options.path).expanduser())
+        progress = AddProgressLine(PROGRESS_DELAY)
+        outcome = "failed"
+        try:
+            with core_errors():
+                ref = ie.add(Path(options.path).expanduser(), on_progress=progress)
+            outcome = ""
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        finally:
+            progress.finish(outcome)
         if name is not None:
             self.user_ns[name] = ref
         return ref
