@@ -197,7 +197,6 @@ def test_cli_reports_an_output_over_its_size(home: Path, busybox_cid: str, empty
     assert list((home / "runs").iterdir()) == []
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
 @needs_root
 def test_unprivileged_runs_are_watched(base_dir: Path) -> None:
     # As an ordinary user no file system can be mounted: /output is a plain directory,
