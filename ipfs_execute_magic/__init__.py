@@ -21,9 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# `ie.images.busybox()` ...: the example images; a light module (its builders load on use).
+from . import images
+
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from .bundle import BundleImport, Shared
+    from .cluster import Cluster, RunFuture
     from .disk_space import DiskUsage, GcReport
+    from .explanation import Explanation
     from .lineage_graph import LineageNode
+    from .node_info import NodeInfo
+    from .per_entry import EntryResults
+    from .record import RunRequest
     from .result import IpfsRef, RunResult
     from .runner import Runner
     from .settings import Settings
@@ -32,14 +43,23 @@ if TYPE_CHECKING:
 
 _runner: Runner | None = None
 _runner_lock = threading.Lock()
+_cluster: Cluster | None = None
 
 
-def configure(settings: Settings | None = None, **changes: Any) -> Settings:
-    """Use these settings for later calls (fields of Settings, e.g. api=..., home=...)."""
-    global _runner
+def configure(settings: Settings | None = None, *, dask: object = None, **changes: Any) -> Settings:
+    """Use these settings for later calls (fields of Settings, e.g. api=..., home=...).
+
+    `dask`: run `submit`, `map` and `map_entries` on a Dask cluster: a scheduler address
+    ("tcp://HOST:8786"), "local" (a cluster of worker processes on this machine) or a
+    `distributed.Client`; False leaves the cluster. The embedded node then listens for the
+    workers' nodes (docs/cluster.md). None keeps the cluster there is.
+    """
+    global _runner, _cluster
     from .runner import Runner
     from .settings import Settings
 
+    if (dask is not None and dask is not False) or (dask is None and _cluster is not None):
+        changes.setdefault("online", True)  # the workers fetch from this node
     base = settings or Settings.from_env()
     if changes:
         base = base.with_changes(**changes)
@@ -47,7 +67,21 @@ def configure(settings: Settings | None = None, **changes: Any) -> Settings:
         if _runner is not None:
             _runner.close()
         _runner = Runner(base)
+        if dask is not None and _cluster is not None:
+            _cluster.close()
+            _cluster = None
+        if dask is not None and dask is not False:
+            from .cluster import connect
+
+            _cluster = connect(dask, _runner)
+        elif _cluster is not None:
+            _cluster.attach(_runner)
     return base
+
+
+def current_cluster() -> Cluster | None:
+    """The Dask cluster `configure(dask=...)` connected (`.client`, `.dashboard_link`), or None."""
+    return _cluster
 
 
 def default_runner() -> Runner:
@@ -73,6 +107,7 @@ def run(
     tmp_size: int | str | None = None,
     output_size: int | str | None = None,
     output_files: int | str | None = None,
+    params: Mapping[str, object] | None = None,
     use_cache: bool = True,
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
@@ -85,30 +120,33 @@ def run(
     configured ones: `timeout` in seconds, `memory`, `tmp_size` and `output_size` (the disk
     space /output may take) in bytes or as "512M", `output_files` a count, `cpus` the CPU
     time per second of wall clock in CPUs (0.5: half of its one CPU).
+    `params` ({"n": 10}) become environment variables of the payload (`$n` in a shell
+    script, `os.environ["n"]` in Python): strings as they are, other values as JSON; they
+    are part of what identifies the run, like the script.
     The result's `str()` is the output CID; `.record` has everything else. An identical
     earlier run is not repeated: its recorded result comes back with `.cache_hit` set, and
     what it printed is passed to the callbacks again (`use_cache=False` runs anyway).
     """
-    from .record import RunRequest
     from .runner import RunConditions
 
     runner = default_runner()
-    limits = runner.settings.limits.with_overrides(
-        timeout=timeout,
-        memory=memory,
-        pids=pids,
-        cpus=cpus,
-        tmp_size=tmp_size,
-        output_size=output_size,
-        output_files=output_files,
-    )
-    request = RunRequest(
-        rootfs=str(rootfs),
-        input=str(input) if input is not None else None,
-        args=tuple(str(a) for a in args),
-        limits=limits,
+    request = _request(
+        runner,
+        rootfs,
+        input,
+        args,
         script=script,
         interpreter=interpreter,
+        params=params,
+        limits=dict(
+            timeout=timeout,
+            memory=memory,
+            pids=pids,
+            cpus=cpus,
+            tmp_size=tmp_size,
+            output_size=output_size,
+            output_files=output_files,
+        ),
     )
     return runner.run(
         request,
@@ -116,6 +154,182 @@ def run(
         on_stdout=on_stdout,
         on_stderr=on_stderr,
         on_progress=on_progress,
+    )
+
+
+def submit(
+    rootfs: str,
+    input: str | None = None,
+    *args: str,
+    script: str | None = None,
+    interpreter: str = "sh",
+    timeout: float | str | None = None,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    cpus: float | str | None = None,
+    tmp_size: int | str | None = None,
+    output_size: int | str | None = None,
+    output_files: int | str | None = None,
+    params: Mapping[str, object] | None = None,
+    use_cache: bool = True,
+    on_stdout: Callable[[bytes], None] | None = None,
+    on_stderr: Callable[[bytes], None] | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+) -> RunFuture | Future[RunResult]:
+    """`run`'s arguments; returns at once a future whose `.result()` is `run`'s RunResult.
+
+    On the Dask cluster of `configure(dask=...)` (a `cluster.RunFuture`: `.dask` is the Dask
+    future, None when this machine's result cache answered); without one, in a thread of this
+    process, at most one run a core. On a cluster the callbacks get what the run printed when
+    it has ended, and `on_progress` is not called.
+    """
+    runner = default_runner()
+    request = _request(
+        runner,
+        rootfs,
+        input,
+        args,
+        script=script,
+        interpreter=interpreter,
+        params=params,
+        limits=dict(
+            timeout=timeout,
+            memory=memory,
+            pids=pids,
+            cpus=cpus,
+            tmp_size=tmp_size,
+            output_size=output_size,
+            output_files=output_files,
+        ),
+    )
+    return _submit_request(
+        runner,
+        request,
+        use_cache,
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+        on_progress=on_progress,
+    )
+
+
+_local_pool: Any = None
+
+
+def _submit_request(
+    runner: Runner,
+    request: RunRequest,
+    use_cache: bool = True,
+    *,
+    on_stdout: Callable[[bytes], None] | None = None,
+    on_stderr: Callable[[bytes], None] | None = None,
+    on_progress: Callable[[str, int, int | None], None] | None = None,
+) -> RunFuture | Future[RunResult]:
+    global _local_pool
+    cluster = _cluster
+    if cluster is not None:
+        return cluster.submit(
+            request, use_cache=use_cache, on_stdout=on_stdout, on_stderr=on_stderr
+        )
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .runner import RunConditions
+
+    with _runner_lock:
+        if _local_pool is None:
+            _local_pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="ie-run")
+    future: Future[RunResult] = _local_pool.submit(
+        runner.run,
+        request,
+        RunConditions(use_cache=use_cache),
+        on_stdout=on_stdout,
+        on_stderr=on_stderr,
+        on_progress=on_progress,
+    )
+    return future
+
+
+def map(
+    rootfs: str,
+    inputs: object,
+    *args: str,
+    script: str | list[str] | tuple[str, ...] | None = None,
+    **options: Any,
+) -> list[RunResult]:
+    """Runs of ROOTFS over each of INPUTS (a list), or each of a list of scripts on one
+    input, in parallel (see `submit`); the results in their order. Other keywords are
+    `run`'s."""
+    many_inputs = isinstance(inputs, (list, tuple))
+    many_scripts = isinstance(script, (list, tuple))
+    input_list: list[Any] = list(inputs) if many_inputs else []  # type: ignore[call-overload]
+    script_list: list[Any] = list(script) if many_scripts else []  # type: ignore[arg-type]
+    if many_inputs and many_scripts and len(input_list) != len(script_list):
+        from .errors import UsageError
+
+        raise UsageError(
+            f"map: {len(input_list)} inputs but {len(script_list)} scripts: give as many of "
+            "each, or one of either"
+        )
+    count = max(len(input_list), len(script_list)) if many_inputs or many_scripts else 1
+    futures = [
+        submit(
+            rootfs,
+            input_list[i] if many_inputs else inputs,  # type: ignore[arg-type]
+            *args,
+            script=script_list[i] if many_scripts else script,  # type: ignore[arg-type]
+            **options,
+        )
+        for i in range(count)
+    ]
+    return [future.result() for future in futures]
+
+
+def map_entries(
+    rootfs: str,
+    input: str,
+    *args: str,
+    script: str | None = None,
+    on_entry: Callable[[str, RunResult | None, str | None], None] | None = None,
+    **options: Any,
+) -> EntryResults:
+    """One run per top-level entry of the INPUT directory, in parallel (see `submit`): the run
+    of entry NAME sees an input holding just that entry, at /input/NAME. Each run is cached on
+    its own: after one entry changes, one sandbox runs. Returns `EntryResults`: `.output` a
+    directory with one entry NAME per successful run (its /output), `.results` by name,
+    `.failed` {NAME: why}. `on_entry(name, result, error)` is called as each one ends. Other
+    keywords are `run`'s."""
+    from .per_entry import map_entries as run_entries
+
+    runner = default_runner()
+
+    def submit_one(entry_input: str) -> RunFuture | Future[RunResult]:
+        return submit(rootfs, entry_input, *args, script=script, **options)
+
+    return run_entries(runner, str(input), submit_one, on_entry=on_entry)
+
+
+def _request(
+    runner: Runner,
+    rootfs: object,
+    input: object | None,
+    args: tuple[object, ...],
+    *,
+    script: str | None,
+    interpreter: str,
+    params: Mapping[str, object] | None,
+    limits: Mapping[str, Any],
+) -> RunRequest:
+    """The RunRequest of `run`'s arguments (also `submit`'s and `map`'s)."""
+    from .params import params_from
+    from .record import RunRequest
+
+    return RunRequest(
+        rootfs=str(rootfs),
+        input=str(input) if input is not None else None,
+        args=tuple(str(a) for a in args),
+        limits=runner.settings.limits.with_overrides(**limits),
+        script=script,
+        interpreter=interpreter,
+        params=params_from(params),
     )
 
 
@@ -140,6 +354,47 @@ def lineage(target: object) -> LineageNode:
     from .lineage_graph import lineage as lineage_of
 
     return lineage_of(default_runner().results, str(target))
+
+
+def share(
+    notebook: str | Path,
+    output: str | Path | None = None,
+    *,
+    pin_remote: str | None = None,
+) -> Shared:
+    """Bundle everything an executed notebook names (rootfs, inputs, scripts, outputs, run
+    records with their attestations, compositions) and write it as one CAR file: `output`,
+    by default NOTEBOOK.car beside it. `pin_remote` asks that remote pinning service
+    (configured in the node) to pin it instead (with `output`: as well). Print the result."""
+    from .bundle import share as share_notebook
+
+    return share_notebook(
+        default_runner(),
+        Path(notebook),
+        out=Path(output) if output is not None else None,
+        pin_remote=pin_remote,
+    )
+
+
+def import_bundle(car: str | Path) -> BundleImport:
+    """Import a notebook's bundle (a CAR file from `share`): its blocks pinned, its records
+    and attestations merged into the result cache with the checks of a cache import (what
+    was rejected is in `.report.problems`). Hits still need a trusted key. `car` may be the
+    bundle's root CID instead (pinned to a remote service): the node fetches it."""
+    from .bundle import import_bundle as import_car
+
+    return import_car(default_runner(), car)
+
+
+def explain(a: object, b: object) -> Explanation:
+    """Why two runs differ (results, record CIDs or output CIDs): the parts of the cache key
+    that differ (input files, the script as a diff, parameters ...), then the output files."""
+    from .explanation import explain as explain_runs
+
+    def cid_of(target: object) -> str:
+        return str(getattr(target, "record_cid", None) or target)
+
+    return explain_runs(default_runner().results, cid_of(a), cid_of(b))
 
 
 def add(path: str | Path, *, on_progress: Callable[[AddProgress], None] | None = None) -> IpfsRef:
@@ -199,6 +454,14 @@ def du() -> DiskUsage:
     return usage(default_runner().settings)
 
 
+def node_status() -> NodeInfo:
+    """The IPFS node in use: embedded or your own daemon, running, its API and gateway, the
+    gateway links point to, the repo's size (print it). Never starts the embedded node."""
+    from .node_info import node_status as status
+
+    return status(default_runner().settings)
+
+
 def gc(staging_keep: int | str | None = None, *, kept_outputs: bool = False) -> GcReport:
     """Free disk: staging entries no run is using (all, or down to `staging_keep` bytes or
     "5G"), directories of runs whose process died, and the node's unpinned blocks. Outputs,
@@ -224,13 +487,22 @@ __all__ = [
     "__version__",
     "add",
     "configure",
+    "current_cluster",
     "default_runner",
     "du",
+    "explain",
     "gc",
     "get",
+    "images",
+    "import_bundle",
     "lineage",
     "load_ipython_extension",
+    "map",
+    "map_entries",
     "mkdir",
+    "node_status",
     "run",
+    "share",
+    "submit",
     "verify",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import UsageError
+from .params import parse_param
 from .settings import parse_count, parse_cpus, parse_seconds, parse_size
 
 
@@ -28,3 +29,4 @@ seconds = argument_type(parse_seconds)
 size = argument_type(parse_size)
 count = argument_type(parse_count)
 cpus = argument_type(parse_cpus)
+param = argument_type(parse_param)

@@ -108,6 +108,25 @@ def cid_codec(cid: str) -> str | None:
     return _CODEC_NAMES.get(code, f"codec {code:#x}")
 
 
+def cid_base32(cid: str) -> str:
+    """The same CID as CIDv1 in base32 (`bafy...`): the form a subdomain gateway needs (a
+    host name is case-insensitive, so base58 and CIDv0 cannot be one). `cid` if not a CID."""
+    if not is_cid(cid) or cid[0] == "b":
+        return cid
+    try:
+        if _CIDV0.match(cid):
+            binary = bytes([0x01, 0x70]) + _base_decode(cid, _BASE58)  # v0 is dag-pb
+        elif cid[0] == "f":
+            binary = bytes.fromhex(cid[1:])
+        elif cid[0] == "z":
+            binary = _base_decode(cid[1:], _BASE58)
+        else:  # "k": base36
+            binary = _base_decode(cid[1:], "0123456789abcdefghijklmnopqrstuvwxyz")
+    except ValueError:
+        return cid
+    return "b" + base64.b32encode(binary).decode("ascii").lower().rstrip("=")
+
+
 @dataclass(frozen=True)
 class IpfsPath:
     """A parsed user path: `CID`, `CID/sub`, `/ipfs/CID/sub` or `/ipns/NAME/sub`."""
@@ -159,3 +178,113 @@ __all__ = [
     "is_cid",
     "raw_leaf_cid",
 ]
+
+
+def cid_text(binary: bytes) -> str:
+    """A binary CID as Kubo writes it: CIDv0 in base58 (`Qm...`), CIDv1 in base32 (`baf...`)."""
+    if len(binary) == 34 and binary[:2] == b"\x12\x20":  # a bare sha2-256 multihash: CIDv0
+        number = int.from_bytes(binary, "big")
+        digits = ""
+        while number:
+            number, digit = divmod(number, 58)
+            digits = _BASE58[digit] + digits
+        return digits
+    return "b" + base64.b32encode(binary).decode("ascii").lower().rstrip("=")
+
+
+def dag_pb_fields(block: bytes) -> tuple[bytes, list[bytes]]:
+    """A dag-pb block's Data and its links, each link still encoded (PBLink bytes).
+
+    dag-pb is two protobuf messages (PBNode: Links = 2, Data = 1; PBLink: Hash = 1, Name = 2,
+    Tsize = 3). Two versions of a directory share most links byte for byte, so comparing the
+    encoded links and decoding only those that differ (`dag_pb_link`) reads a directory of a
+    thousand entries in about a millisecond, where the node's JSON rendering of it takes a
+    hundred times as long.
+    """
+    data = b""
+    links: list[bytes] = []
+    index, end = 0, len(block)
+    while index < end:
+        key, index = _varint(block, index)
+        if key & 7 != 2:
+            raise ValueError("not a dag-pb block: a field that is not length-delimited")
+        length, index = _varint(block, index)
+        if index + length > end:
+            raise ValueError("not a dag-pb block: a field runs past its end")
+        if key >> 3 == 2:
+            links.append(block[index : index + length])
+        elif key >> 3 == 1:
+            data = block[index : index + length]
+        index += length
+    return data, links
+
+
+def dag_pb_link(link: bytes) -> tuple[str, str]:
+    """An encoded PBLink (from `dag_pb_fields`) as (name, CID)."""
+    name, cid = b"", b""
+    index, end = 0, len(link)
+    while index < end:
+        key, index = _varint(link, index)
+        if key & 7 == 0:  # Tsize
+            _, index = _varint(link, index)
+            continue
+        if key & 7 != 2:
+            raise ValueError("not a dag-pb link: unexpected field type")
+        length, index = _varint(link, index)
+        if key >> 3 == 1:
+            cid = link[index : index + length]
+        elif key >> 3 == 2:
+            name = link[index : index + length]
+        index += length
+    return name.decode("utf-8", "surrogateescape"), cid_text(cid)
+
+
+def dag_pb_link_bytes(name: str, cid: str, tsize: int) -> bytes:
+    """One PBLink, encoded as `dag_pb_fields` returns it (the CID as text, made binary)."""
+    binary = cid_binary(cid)
+    encoded_name = name.encode("utf-8", "surrogateescape")
+    return (
+        b"\x0a"
+        + _varint_bytes(len(binary))
+        + binary
+        + b"\x12"
+        + _varint_bytes(len(encoded_name))
+        + encoded_name
+        + b"\x18"
+        + _varint_bytes(tsize)
+    )
+
+
+def dag_pb_block(data: bytes, links: list[bytes]) -> bytes:
+    """A dag-pb block in the canonical encoding (links first, each as `dag_pb_link_bytes`;
+    the caller sorts them by name, as dag-pb requires)."""
+    parts = [b"\x12" + _varint_bytes(len(link)) + link for link in links]
+    return b"".join(parts) + b"\x0a" + _varint_bytes(len(data)) + data
+
+
+def dag_pb_cid(block: bytes) -> str:
+    """The CIDv1 (sha2-256) of a dag-pb block, in base32."""
+    binary = bytes([0x01, 0x70, 0x12, 0x20]) + hashlib.sha256(block).digest()
+    return "b" + base64.b32encode(binary).decode("ascii").lower().rstrip("=")
+
+
+def cid_binary(cid: str) -> bytes:
+    """A CID's binary form (CIDv0: its multihash), for dag-pb links."""
+    if _CIDV0.match(cid):
+        return _base_decode(cid, _BASE58)
+    if cid.startswith("b") and is_cid(cid):
+        body = cid[1:].upper()
+        return base64.b32decode(body + "=" * (-len(body) % 8))
+    raise ValueError(f"{cid} is not a CID in base58 (v0) or base32 (v1)")
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

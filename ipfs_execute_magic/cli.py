@@ -59,9 +59,13 @@ other commands (each has --help):
   ipfs-execute verify NOTEBOOK.ipynb    re-run every recorded run in an executed notebook
   ipfs-execute lineage CID              the runs that produced CID, back to the data
   ipfs-execute cache export|import CID|list   share the result cache as one CID
-  ipfs-execute node status|start|stop   the embedded IPFS node (repo path and API address)
+  ipfs-execute node status|start|stop   the IPFS node: API, gateway, repo size; start, stop
   ipfs-execute du                       what the data directory holds, part by part
   ipfs-execute gc [--kept-outputs]      free staging cache, dead runs, unpinned blocks
+  ipfs-execute image build NAME|list    an example image's CID (built once: busybox, python ...)
+  ipfs-execute share NOTEBOOK.ipynb     everything an executed notebook names, as one CAR file
+  ipfs-execute import BUNDLE.car        import a shared notebook's bundle into this node
+  ipfs-execute explain A B              why two runs differ, part by part
 
 environment:
   IPFS_EXECUTE_API      use this Kubo RPC API (multiaddr) instead of the embedded node
@@ -69,10 +73,13 @@ environment:
   IPFS_EXECUTE_HOME     data directory (embedded node repo, staging cache)
   IPFS_EXECUTE_TIMEOUT  default --timeout
   IPFS_EXECUTE_ONLINE   1: the embedded node joins the network (to share with other nodes)
+  IPFS_EXECUTE_TRUST_ANY  1: serve cached results whatever key attests them (--trust-any)
   IPFS_EXECUTE_FETCH_TIMEOUT  default --fetch-timeout
   IPFS_EXECUTE_KUBO     the ipfs binary of the embedded node
   IPFS_EXECUTE_UID_RANGE  run as root: host uids for sandboxes, one per run (default 60578-61183)
   IPFS_EXECUTE_STAGING_LIMIT  default --staging-limit
+  IPFS_EXECUTE_GATEWAY  HTTP gateway for links, e.g. https://dweb.link (default: the node's own)
+  IPFS_EXECUTE_GATEWAY_STYLE  path (GATEWAY/ipfs/CID, default) or subdomain (CID.ipfs.GATEWAY)
   IPFS_EXECUTE_DEBUG    1: show the traceback of an internal error
 
 example:
@@ -202,6 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run even when an identical run is recorded (a different output is reported)",
     )
+    parser.add_argument(
+        "--trust-any",
+        action="store_true",
+        help="serve a cached result whatever key attests it, and say so (default: only "
+        "results a trusted key attests are hits; see `ipfs-execute trust`)",
+    )
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        type=arguments.param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter: the environment variable NAME of the payload (repeatable; part of "
+        "what identifies the run, like the input)",
+    )
     parser.add_argument("--version", action="version", version=_version_text())
     return parser
 
@@ -257,6 +280,7 @@ def _settings(options: argparse.Namespace) -> Settings:
         limits=limits,
         fetch_timeout=options.fetch_timeout,
         staging_limit_bytes=options.staging_limit,
+        trust_any=options.trust_any or None,
     )
 
 
@@ -273,7 +297,28 @@ class _Finished(Exception):
         self.status = status
 
 
+def unknown_command(word: str, commands: Sequence[str]) -> str:
+    """`unknown command 'lst' (did you mean list?)`, or the list of commands."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(commands), n=1)
+    if close:
+        return f"unknown command {word!r} (did you mean {close[0]}?)"
+    return f"unknown command {word!r} (one of: {', '.join(commands)})"
+
+
 def _parse(parser: argparse.ArgumentParser, words: Sequence[str]) -> argparse.Namespace:
+    # A mistyped action word (`cache lst`): one line naming the closest, not argparse's usage.
+    positionals = [action for action in parser._actions if not action.option_strings]
+    takes_value, first, skip = value_options(parser), None, False
+    for word in words:
+        if not skip and not word.startswith("-"):
+            first = word
+            break
+        skip = not skip and word in takes_value
+    choices = positionals[0].choices if positionals else None
+    if choices is not None and first is not None and first not in choices:
+        raise UsageError(unknown_command(first, [str(choice) for choice in choices]))
     try:
         return parser.parse_args(list(words))
     except SystemExit as exit_:
@@ -283,7 +328,9 @@ def _parse(parser: argparse.ArgumentParser, words: Sequence[str]) -> argparse.Na
 def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None) -> int:
     """Run a command; any error becomes one line on stderr and an exit status."""
     try:
-        return body(list(sys.argv[1:] if argv is None else argv))
+        status = body(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at exit: a reader that went away is handled below
+        return status
     except _Finished as finished:
         return finished.status
     except IpfsExecuteError as error:
@@ -293,6 +340,12 @@ def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | 
         print(f"{prog}: interrupted; any sandbox was stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # a bug: one line; the traceback only when asked for
+        if isinstance(error, BrokenPipeError) and _stdout_closed():
+            # Not a bug: the reader went away (`ipfs-execute cache list | head`). Stop quietly,
+            # with the status of a command SIGPIPE stopped; stdout to /dev/null so that the
+            # exit's own flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         if os.environ.get("IPFS_EXECUTE_DEBUG"):
             raise
         print(
@@ -301,6 +354,21 @@ def _guarded(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | 
             file=sys.stderr,
         )
         return EXIT_TOOL_FAILURE
+
+
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command stopped by SIGPIPE
+
+
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe or socket nobody reads any more."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _fd, event in poller.poll(0))
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,12 +386,19 @@ def _main(argv: list[str]) -> int:
         return 0
     if rest and rest[0] in SUBCOMMANDS:
         return _subcommand(rest[0], option_words, rest[1:])
+    if rest and not _is_ipfs_path(rest[0]):
+        import difflib
+
+        # A mistyped subcommand (`ipfs-execute lst`), not a ROOTFS with a bad CID.
+        if difflib.get_close_matches(rest[0], list(SUBCOMMANDS), n=1) or len(rest) < 2:
+            raise UsageError(unknown_command(rest[0], list(SUBCOMMANDS)))
     if len(rest) < 2:
         parser.print_usage(sys.stderr)
         print("ipfs-execute: error: ROOTFS and INPUT are required", file=sys.stderr)
         return EXIT_USAGE
     options = _parse(parser, option_words + rest[:2])
 
+    from .params import params_from
     from .record import RunRequest
     from .runner import RunConditions, Runner
 
@@ -334,6 +409,7 @@ def _main(argv: list[str]) -> int:
         args=tuple(rest[2:]),
         limits=settings.limits,
         interactive=sys.stdin.isatty() and not options.no_stdin,
+        params=params_from(dict(options.param)),
     )
     with Runner(settings) as runner:
         result = runner.run(
@@ -347,9 +423,11 @@ def _main(argv: list[str]) -> int:
         print(
             f"ipfs-execute: cache hit: the recorded result of an identical run on "
             f"{record.started_at} (record {result.record_cid}); nothing was run "
-            "(--no-cache runs it again)",
+            f"(--no-cache runs it again); {result.trust}",
             file=sys.stderr,
         )
+    if result.trust_note:
+        print(f"ipfs-execute: warning: {result.trust_note}", file=sys.stderr)
     if result.disagreement:
         print(f"ipfs-execute: warning: {result.disagreement}", file=sys.stderr)
     for warning in record.output_warnings:
@@ -385,6 +463,16 @@ def _main(argv: list[str]) -> int:
         # A payload that stopped by itself at a full /output may exit 0: still a failure.
         return record.exit_status or EXIT_TOOL_FAILURE
     return record.exit_status if record.exit_status is not None else EXIT_TOOL_FAILURE
+
+
+def _is_ipfs_path(word: str) -> bool:
+    from .cid import IpfsPath
+
+    try:
+        IpfsPath.parse(word)
+    except UsageError:
+        return False
+    return True
 
 
 def _subcommand(name: str, option_words: list[str], words: list[str]) -> int:
@@ -437,11 +525,33 @@ def _add(settings: Settings, words: list[str]) -> int:
 def _node(settings: Settings, words: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="ipfs-execute node",
-        description="Manage the embedded IPFS node: `status` shows its repo and API address "
-        "(to point the Kubo CLI at it), `start` starts it, `stop` stops it.",
+        description="Manage the embedded IPFS node: `status` shows the node in use (the "
+        "embedded one, or your own daemon given by --api / IPFS_EXECUTE_API), its API "
+        "address (to point the Kubo CLI at it), its HTTP gateway, the gateway links point to, "
+        "and the repo's size; `start` starts the embedded node, `stop` stops it.",
     )
     parser.add_argument("action", choices=["status", "start", "stop"])
+    parser.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="gateway for links (default: $IPFS_EXECUTE_GATEWAY, else the node's own)",
+    )
+    parser.add_argument(
+        "--gateway-style",
+        choices=["path", "subdomain"],
+        help="URL/ipfs/CID or CID.ipfs.HOST (default: $IPFS_EXECUTE_GATEWAY_STYLE, else path)",
+    )
     options = _parse(parser, words)
+    if options.gateway or options.gateway_style:
+        settings = settings.with_changes(
+            gateway=options.gateway or settings.gateway,
+            gateway_style=options.gateway_style or settings.gateway_style,
+        )
+    if options.action == "status":
+        from .node_info import node_status
+
+        print(node_status(settings).describe())
+        return 0
     if settings.api:
         print(
             f"using your own daemon at {settings.api} (IPFS_EXECUTE_API / --api); "
@@ -454,10 +564,8 @@ def _node(settings: Settings, words: list[str]) -> int:
     if options.action == "start":
         api = node.ensure_running()
         print(api)
-    elif options.action == "stop":
-        print("stopped" if node.stop() else "was not running")
     else:
-        print(node.status().describe())
+        print("stopped" if node.stop() else "was not running")
     return 0
 
 
@@ -466,8 +574,10 @@ def _verify(settings: Settings, words: list[str]) -> int:
         prog="ipfs-execute verify",
         description="Re-run recorded runs without the cache and compare their outputs. TARGET "
         "is a run record CID, the output CID of a recorded run, or an executed "
-        "notebook (.ipynb): every run recorded in it is checked. Exit status 0 "
-        "when everything reproduced, 1 when something did not.",
+        "notebook (.ipynb): every run recorded in it is checked, and cells whose "
+        "results read a variable that an earlier cell now binds to another CID are "
+        "reported as stale. Exit status 0 when everything reproduced, 1 when something "
+        "did not.",
     )
     parser.add_argument("target", metavar="TARGET")
     parser.add_argument(
@@ -489,6 +599,8 @@ def _verify(settings: Settings, words: list[str]) -> int:
                 runs=options.runs,
                 on_cell=lambda cell: print(cell.describe(), flush=True),
             )
+            for line in verdict.stale_lines():  # shown, but reproducibility decides the status
+                print(line, flush=True)
             return 0 if verdict.reproducible else 1
         single = verify(runner, runner.results.find(options.target), runs=options.runs)
         print(single.describe(), flush=True)
@@ -516,9 +628,12 @@ def _cache(settings: Settings, words: list[str]) -> int:
             if not options.cid:
                 raise UsageError("cache import needs the CID of an export")
             report = cache.import_(options.cid)
+            for problem in report.problems:
+                print(f"ipfs-execute: rejected: {problem}", file=sys.stderr)
             print(
                 f"imported {report.added} cached runs ({report.already_present} already "
-                f"here, {len(report.rejected)} rejected)"
+                f"here, {len(report.rejected)} rejected) and {report.attestations} "
+                "attestations; hits need a trusted key (`ipfs-execute trust`)"
             )
         else:
             for key in cache.entries():
@@ -680,10 +795,154 @@ class _ProgressLine:
             self._shown = False
 
 
+def _image(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute image",
+        description="The example images that come with the package. `build NAME` prints the "
+        "CID of the image NAME (busybox, empty, python, pkg-install), building it on first use "
+        "into the data directory from pinned Debian packages (the same bytes, hence the same "
+        "CID, on every machine) and adding it to IPFS; later calls only look it up. Progress "
+        "goes to stderr. `list` shows each image and its CID when built here.",
+    )
+    parser.add_argument("action", choices=["build", "list"])
+    parser.add_argument("name", nargs="?", metavar="NAME")
+    options = _parse(parser, words)
+    if options.action == "list":
+        from .images.catalog import list_images
+
+        for info in list_images(settings):
+            print(info.describe())
+        return 0
+    if not options.name:
+        raise UsageError("image build needs a NAME: busybox, empty, python or pkg-install")
+    from .images.catalog import canonical_name, ensure
+    from .store import Store
+
+    name = canonical_name(options.name)  # before the node starts: a typo costs nothing
+    with Store.connect(settings) as store:
+        cid = ensure(
+            name,
+            settings,
+            store,
+            on_progress=lambda text: print(f"ipfs-execute image: {text}", file=sys.stderr),
+        )
+    print(cid, flush=True)
+    return 0
+
+
 @dataclass(frozen=True)
 class Subcommand:
     handler: Callable[[Settings, list[str]], int]
     summary: str
+
+
+def _trust(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute trust",
+        description="Every record this node writes is signed with its key (`trust key` prints "
+        "it: give it to whoever should trust your results). A cached result is a hit only "
+        "when a trusted key attests it: this node's own, or one added here; others are run "
+        "again, and an agreeing run adds this node's attestation (docs/trust.md).",
+    )
+    parser.add_argument("action", choices=["key", "list", "add", "remove"])
+    parser.add_argument("key", nargs="?", metavar="KEY", help="ed25519:... (add), or its name")
+    parser.add_argument("--name", default="", help="a name to show beside the key (add)")
+    options = _parse(parser, words)
+    from .trust import SigningKey, TrustedKeys
+
+    trusted = TrustedKeys(settings.trusted_keys_path)
+    if options.action == "key":
+        print(SigningKey.load_or_create(settings.signing_key_path).public_id)
+    elif options.action == "list":
+        own = SigningKey.load_or_create(settings.signing_key_path).public_id
+        print(f"{own}  (this data directory's own key)")
+        for key, name in trusted.load().items():
+            print(f"{key}  {name}".rstrip())
+    elif not options.key:
+        raise UsageError(f"trust {options.action} needs a KEY")
+    elif options.action == "add":
+        trusted.add(options.key, options.name)
+        print(f"trusted: {options.key}")
+    else:
+        print(f"no longer trusted: {trusted.remove(options.key)}")
+    return 0
+
+
+def _share(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute share",
+        description="Bundle everything an executed notebook names (rootfs, inputs, scripts, "
+        "outputs, the run records with their attestations, the records behind their inputs, "
+        "compositions) and write it as one CAR file beside the notebook (NOTEBOOK.car). "
+        "The recipient needs no network: `ipfs-execute import NOTEBOOK.car`, then "
+        "`ipfs-execute verify NOTEBOOK.ipynb`.",
+    )
+    parser.add_argument("notebook", type=Path, metavar="NOTEBOOK.ipynb")
+    parser.add_argument(
+        "-o", "--output", type=Path, metavar="BUNDLE.car", help="where to write the CAR file"
+    )
+    parser.add_argument(
+        "--pin-remote",
+        metavar="SERVICE",
+        help="ask this remote pinning service (configured in the node with `ipfs pin remote "
+        "service add`) to pin the bundle instead of writing a file (with -o: both); the "
+        "node must be online (IPFS_EXECUTE_ONLINE=1) until the service has it",
+    )
+    options = _parse(parser, words)
+    from .bundle import share
+    from .runner import Runner
+
+    with Runner(settings) as runner:
+        shared = share(runner, options.notebook, out=options.output, pin_remote=options.pin_remote)
+    print(shared.describe(), flush=True)
+    return 0
+
+
+def _import(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute import",
+        description="Import a notebook's bundle (a CAR file written by `ipfs-execute share`): "
+        "its blocks are added and pinned, its run records and attestations merged into the "
+        "result cache with the checks of `cache import` (one line on stderr per rejected "
+        "entry). Hits need a trusted key: `ipfs-execute trust add KEY`, or verify the "
+        "notebook (`ipfs-execute verify NOTEBOOK.ipynb`).",
+    )
+    parser.add_argument(
+        "car",
+        metavar="BUNDLE.car",
+        help="the CAR file, or the bundle's root CID (pinned to a remote service by `share "
+        "--pin-remote`: fetched by this node, which must then be online)",
+    )
+    options = _parse(parser, words)
+    from .bundle import import_bundle
+    from .runner import Runner
+
+    with Runner(settings) as runner:
+        imported = import_bundle(runner, options.car)
+    for problem in imported.report.problems:
+        print(f"ipfs-execute: rejected: {problem}", file=sys.stderr)
+    print(imported.describe(), flush=True)
+    return 0
+
+
+def _explain(settings: Settings, words: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ipfs-execute explain",
+        description="Why two runs differ: A and B are run records, outputs of recorded "
+        "runs, or NOTEBOOK.ipynb:N (the run cell N of an executed notebook shows). Compares what makes up the cache key, part by part (rootfs, input files, the "
+        "script as a diff, arguments, parameters, environment, sandbox profile) and the tool "
+        "versions, then lists the output files that differ.",
+    )
+    parser.add_argument("a", metavar="A")
+    parser.add_argument("b", metavar="B")
+    options = _parse(parser, words)
+    from .explanation import explain
+    from .result_cache import ResultCache
+    from .store import Store
+
+    with Store.connect(settings) as store, ResultCache(store) as results:
+        print(explain(results, options.a, options.b).describe(), flush=True)
+    return 0
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -695,6 +954,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "node": Subcommand(_node, "the embedded IPFS node"),
     "du": Subcommand(_du, "what the data directory holds"),
     "gc": Subcommand(_gc, "free staging cache, dead runs and unpinned blocks"),
+    "image": Subcommand(_image, "the example images: build one (print its CID), list them"),
+    "trust": Subcommand(_trust, "this node's signing key and the keys it trusts"),
+    "share": Subcommand(_share, "an executed notebook and all it names, as one CAR file"),
+    "import": Subcommand(_import, "import a notebook's bundle (CAR) into this node"),
+    "explain": Subcommand(_explain, "why two runs differ, part by part"),
 }
 
 

@@ -101,3 +101,11 @@ class OutputNotSavedError(IpfsError):
             f"{message}; the output is kept at {kept_path} "
             f"(add it later with: ipfs-execute add {kept_path})"
         )
+
+
+class ImageBuildError(IpfsExecuteError):
+    """An example image could not be built (a package download, a pin, the host)."""
+
+
+class ClusterError(IpfsExecuteError):
+    """The Dask cluster could not be reached or used (scheduler, workers, their nodes)."""

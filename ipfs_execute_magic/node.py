@@ -1,8 +1,13 @@
 """The embedded Kubo node: a private daemon the tool starts on first use and then reuses.
 
 The repo lives in the data directory (``Settings.repo_dir``). It is initialised with the
-``test,unixfs-v1-2025`` profiles: gateway and swarm on random loopback ports, no bootstrap,
-no mDNS, and the import settings that make CIDs reproducible. It runs offline unless asked.
+``test,unixfs-v1-2025`` profiles: swarm on a random loopback port, no bootstrap, no mDNS,
+and the import settings that make CIDs reproducible. It runs offline unless asked.
+
+Its gateway listens on a loopback port chosen once per data directory and kept in
+``HOME/gateway-port``: links saved in a notebook (`http://127.0.0.1:PORT/ipfs/CID`) work again
+after a restart. A port another process has taken by then is replaced by the next free one,
+with one line on stderr saying so.
 
 Only its owner can reach it: the RPC API listens on a unix socket inside the repo, a directory
 only the owner can enter (0700), instead of a loopback TCP port that every local user can
@@ -15,9 +20,9 @@ wait is bounded: past `LOCK_TIMEOUT_S` the error names the process holding the l
 
 `store` is the one module that talks to Kubo's RPC API for content. This module manages the
 daemon's life only (init, start, readiness, stop); its RPC calls, the readiness probe
-(`POST /api/v0/id`) and shutdown, go through http.client because they must work before any
-Store exists (a Store checks the daemon's version on connect) and because `node status` should
-not pay for importing the HTTP client.
+(`POST /api/v0/id`) and shutdown, go through `rpc_http` (the Store's own HTTP, on bare sockets)
+because they must work before any Store exists (a Store checks the daemon's version on
+connect).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import http.client
 import json
 import os
 import re
@@ -37,11 +41,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import rpc_http
 from .errors import NodeError
 from .settings import KUBO_VERSION, Settings
 
@@ -51,6 +57,10 @@ START_TIMEOUT_S = 60.0
 # that a stuck holder is reported instead of hanging every later run.
 LOCK_TIMEOUT_S = 10.0
 SOCKET_NAME = "api.sock"
+GATEWAY_PORT_NAME = "gateway-port"
+# Stable gateway ports come from below Linux's ephemeral range (32768-60999), where outgoing
+# connections would take them at random.
+_GATEWAY_PORTS = range(20000, 30000)
 LOCK_NAME = "ipfs-execute.lock"
 # A unix socket path is at most 107 bytes (sun_path is 108 with its NUL; Go refuses 108).
 _SOCKET_PATH_MAX = 107
@@ -75,46 +85,29 @@ def api_url(multiaddr: str) -> str:
     )
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (http.client speaks TCP only)."""
-
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = socket_path
-
-    def connect(self) -> None:
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.settimeout(self.timeout)
-            connection.connect(self._socket_path)
-        except OSError:
-            connection.close()
-            raise
-        self.sock = connection
-
-
 def rpc_post(multiaddr: str, path: str, timeout: float) -> int:
     """POST one RPC path (`/api/v0/id`) to the daemon at `multiaddr`; the HTTP status."""
-    connection: http.client.HTTPConnection
-    if multiaddr.startswith("/unix/"):
-        connection = _UnixHTTPConnection(multiaddr.removeprefix("/unix"), timeout)
-    else:
-        url = api_url(multiaddr)
-        if not url.startswith("http://"):
-            raise NodeError(f"cannot probe {multiaddr!r}: only plain http is supported here")
-        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=timeout)
     try:
-        connection.request("POST", path)
-        return connection.getresponse().status
+        endpoint = rpc_http.parse_multiaddr(multiaddr)
+    except rpc_http.AddressError:
+        url = urllib.parse.urlsplit(api_url(multiaddr))  # NodeError if not an http URL either
+        if url.scheme != "http" or not url.hostname or url.port is None:
+            raise NodeError(
+                f"cannot probe {multiaddr!r}: only plain http is supported here"
+            ) from None
+        endpoint = rpc_http.Endpoint(None, url.hostname, url.port, False, url.netloc)
+    client = rpc_http.Client(endpoint, "", {}, timeout=timeout)
+    try:
+        return client.request(path, ()).status
     finally:
-        connection.close()
+        client.close()
 
 
 def daemon_answers(multiaddr: str, timeout: float = 2.0) -> bool:
     """True when a Kubo daemon answers POST /api/v0/id at this address."""
     try:
         return rpc_post(multiaddr, "/api/v0/id", timeout) == 200
-    except (NodeError, OSError, http.client.HTTPException, ValueError):
+    except (NodeError, OSError, rpc_http.ProtocolError, ValueError):
         return False
 
 
@@ -159,6 +152,40 @@ def _write_private(path: Path, text: str) -> None:
         file.write(text)
 
 
+def default_gateway_port(home: Path) -> int:
+    """The first gateway port tried for a data directory: derived from its path, so that two
+    data directories of one user rarely want the same port."""
+    digest = int.from_bytes(hashlib.sha256(os.fsencode(home)).digest()[:4], "big")
+    return _GATEWAY_PORTS.start + digest % len(_GATEWAY_PORTS)
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:`port` (a closed connection's TIME_WAIT is no
+    obstacle: Kubo binds with SO_REUSEADDR, as this probe does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def stored_gateway_port(home: Path) -> int | None:
+    """The embedded node's gateway port for this data directory, once it was chosen."""
+    try:
+        port = int((home / GATEWAY_PORT_NAME).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
+
+
+def stored_gateway_url(home: Path) -> str | None:
+    """`http://127.0.0.1:PORT`: the embedded node's gateway, running or not, once chosen."""
+    port = stored_gateway_port(home)
+    return f"http://127.0.0.1:{port}" if port else None
+
+
 def _describe_process(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
@@ -191,19 +218,6 @@ class NodeStatus:
     api: str | None  # multiaddr, when running
     pid: int | None
     running: bool
-
-    def describe(self) -> str:
-        lines = [f"repo: {self.repo}"]
-        if self.running:
-            lines.append(f"api:  {self.api}")
-            lines.append(f"pid:  {self.pid}")
-            lines.append(
-                f"use the Kubo CLI with it: IPFS_PATH={self.repo} ipfs ...  "
-                f"(or ipfs --api={self.api} ...)"
-            )
-        else:
-            lines.append("state: stopped (it starts on first use)")
-        return "\n".join(lines)
 
 
 class EmbeddedNode:
@@ -369,14 +383,18 @@ class EmbeddedNode:
             ) from None
         before = json.dumps(config, sort_keys=True)
         addresses["API"] = [self.api_multiaddr()]
-        # Any other user can reach the gateway's port, so it serves loopback only, read-only.
+        if self.settings.swarm:
+            addresses["Swarm"] = list(self.settings.swarm)
+        # Any other user can reach the gateway's port, so it serves loopback only, read-only;
+        # on one port per data directory, so that saved links keep working.
         gateways = addresses.get("Gateway") or []
         gateways = [gateways] if isinstance(gateways, str) else list(gateways)
-        addresses["Gateway"] = [
+        loopback = [
             address
             for address in gateways
             if isinstance(address, str) and address.startswith(_LOOPBACK_PREFIXES)
-        ] or ["/ip4/127.0.0.1/tcp/0"]
+        ]
+        addresses["Gateway"] = [f"/ip4/127.0.0.1/tcp/{self._gateway_port(loopback)}"]
         # The socket is the credential; a secret here would only lock the tool out.
         api_section.pop("Authorizations", None)
         gateway_section.pop("Writable", None)  # gone since Kubo 0.20; never let it come back
@@ -390,6 +408,42 @@ class EmbeddedNode:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, config_path)
+
+    def _gateway_port(self, configured: list[str]) -> int:
+        """The gateway's port for this start (the lock is held): the one stored in the data
+        directory; at the first start, a port the repo's config already fixed (a user's
+        choice) or one derived from the data directory's path. Taken by another process:
+        the next free one, stored, and said in one line."""
+        path = self.settings.home / GATEWAY_PORT_NAME
+        stored = stored_gateway_port(self.settings.home)
+        wanted = stored
+        if wanted is None:
+            fixed = [
+                int(a.split("/")[4])
+                for a in configured
+                if re.fullmatch(r"/ip4/[^/]+/tcp/[1-9][0-9]*", a)
+            ]
+            wanted = fixed[0] if fixed else default_gateway_port(self.settings.home)
+        port = wanted
+        for _ in range(len(_GATEWAY_PORTS)):
+            if port_is_free(port):
+                break
+            port = port + 1 if port + 1 in _GATEWAY_PORTS else _GATEWAY_PORTS.start
+        else:
+            raise NodeError(
+                f"no free loopback port for the embedded node's gateway in "
+                f"{_GATEWAY_PORTS.start}-{_GATEWAY_PORTS.stop - 1}: free one, or write a free "
+                f"port into {path}"
+            )
+        if stored is not None and port != stored:
+            print(
+                f"ipfs-execute: the embedded node's gateway port {stored} is taken by another "
+                f"process; using {port} from now on (kept in {path})",
+                file=sys.stderr,
+            )
+        if port != stored:
+            _write_private(path, f"{port}\n")
+        return port
 
     def _start(self) -> str:
         binary = find_kubo_binary(self.settings)
@@ -454,7 +508,7 @@ class EmbeddedNode:
         if api is None and pid is None:
             return False
         if api:
-            with contextlib.suppress(NodeError, OSError, http.client.HTTPException):
+            with contextlib.suppress(NodeError, OSError, rpc_http.ProtocolError):
                 rpc_post(api, "/api/v0/shutdown", timeout=5)
         elif pid is not None:
             # Alive but unreachable (its socket file was removed): Kubo shuts down on SIGTERM.

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .params import check_params
 from .settings import Limits
 
 RECORD_FORMAT = "ipfs-execute/run-record/1"
@@ -39,6 +40,15 @@ class RunRequest:
     # `/sbin/init INTERPRETER /input/SCRIPT_PATH ARGS...` (the notebook cell body).
     script: str | None = None
     interpreter: str = "sh"
+    # Parameters (papermill's word): environment variables of the payload, in the cache key.
+    params: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_params(self.params)
+
+    def env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The payload's environment: `base` (the sandbox's) with the parameters added."""
+        return {**base, **dict(self.params)}
 
     def argv(self) -> tuple[str, ...]:
         if self.script is not None:
@@ -112,6 +122,13 @@ class RunRecord:
     # What adding /output had to leave out, one line each ("/output/p: a named pipe (FIFO),
     # left out ..."): FIFOs, sockets and devices have no form in IPFS.
     output_warnings: list[str] = field(default_factory=list)
+    # The request's parameters (also in `env`): what the widget and lineage show of them.
+    params: dict[str, str] = field(default_factory=dict)
+    # The peer ID of the IPFS node that ran it and holds its output, when that is a cluster
+    # worker's (cluster.py); None: the node of the data directory that recorded it.
+    node: str | None = None
+    # The writer's attestation (trust.Attestation as a dict): its key signed (key, output).
+    attestation: dict[str, str] | None = None
     format: str = RECORD_FORMAT
 
     @property

@@ -92,6 +92,10 @@ class RunResult:
     record_cid: str | None = None  # the run record in IPFS (`ipfs cat` it)
     cache_hit: bool = False  # True: nothing ran, this is the recorded result of an earlier run
     disagreement: str | None = None  # a forced re-run gave another output than the cache had
+    # Who attests this output (trust.TrustSummary.describe()), e.g. "reproduced by 3 keys,
+    # 2 trusted"; and a note when a hit was served on no trusted key's word (--trust-any).
+    trust: str | None = None
+    trust_note: str | None = None
     _listing: list[FileEntry] | None = field(default=None, repr=False, compare=False)
 
     # -- the CIDs --------------------------------------------------------------------------

@@ -17,18 +17,21 @@ import json
 import re
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .cid import IpfsPath, is_cid, raw_leaf_cid
 from .errors import InvalidPathError, IpfsError, UsageError
 from .record import RunRecord
 from .store import Store
+from .trust import Attestation
 
 INDEX_ROOT = "/ipfs-execute"
 CACHE_DIR = f"{INDEX_ROOT}/cache"
 OUTPUTS_DIR = f"{INDEX_ROOT}/outputs"
 COMPOSED_DIR = f"{INDEX_ROOT}/composed"  # CID -> JSON {name: path} of an ipfs-mkdir directory
+# KEY/NAME -> an attestation of the computation KEY beyond the one its cached record carries:
+# a verifying re-run's, a colleague's record's, or one of another output (a conflict).
+ATTESTATIONS_DIR = f"{INDEX_ROOT}/attestations"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -43,6 +46,8 @@ class ImportReport:
     added: int
     already_present: int
     rejected: tuple[str, ...]  # entry names that were not valid records for their key
+    problems: tuple[str, ...] = ()  # one line a rejected entry or attestation: which, and why
+    attestations: int = 0  # attestations kept beside the records
 
 
 class ResultCache:
@@ -52,16 +57,13 @@ class ResultCache:
         self._memo: dict[str, StoredRecord] = {}
         # Index entries are written in the background (two MFS round trips a run that the
         # caller need not wait for); every read of the index, and close, waits for them.
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-writer")
-        self._pending: list[Future[None]] = []
+        self._pending: list[_IndexWrite] = []
+        self._last: _IndexWrite | None = None
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        """Write what is pending, then stop the writer thread."""
-        try:
-            self.flush()
-        finally:
-            self._writer.shutdown(wait=True)
+        """Write what is pending."""
+        self.flush()
 
     def __enter__(self) -> ResultCache:
         return self
@@ -78,20 +80,17 @@ class ResultCache:
         """
         with self._lock:
             pending, self._pending = self._pending, []
-        for future in pending:
+        for write in pending:
             try:
-                future.result()
+                write.result()
             except IpfsError:
                 if strict:
                     raise
 
     def _link_later(self, links: list[tuple[str, str]]) -> None:
-        def write() -> None:
-            for path, target in links:
-                self.store.mfs_link(path, target)
-
         with self._lock:
-            self._pending.append(self._writer.submit(write))
+            self._last = _IndexWrite(self.store, links, after=self._last)
+            self._pending.append(self._last)
 
     # -- records ---------------------------------------------------------------------------
 
@@ -213,23 +212,71 @@ class ResultCache:
         return [name for name in self.store.mfs_ls(CACHE_DIR) if _KEY.match(name)]
 
     def export(self) -> str:
-        """The CID of the whole cache index (pinned), to give to someone else."""
+        """The CID of the cache index and its attestations (pinned), to give to someone else:
+        a directory of `cache/` (KEY -> record) and `attestations/` (KEY/NAME)."""
         self.flush(strict=True)
-        cid = self.store.mfs_hash(CACHE_DIR)
-        if cid is None:
-            cid = self.store.empty_directory()
-        self.store.pin(cid)
-        return cid
+        parts = {}
+        for name, path in (("cache", CACHE_DIR), ("attestations", ATTESTATIONS_DIR)):
+            cid = self.store.mfs_hash(path)
+            parts[name] = cid if cid is not None else self.store.empty_directory()
+        exported = self.store.compose(parts)
+        return exported
+
+    # -- attestations ----------------------------------------------------------------------
+
+    def attest(self, attestation: Attestation) -> None:
+        """Keep an attestation of a computation beside its cached record."""
+        if not attestation.valid():
+            raise UsageError(f"the attestation by {attestation.signer} does not verify: not kept")
+        cid = self.store.add_bytes(attestation.to_json(), name="attestation.json", pin=True)
+        self._link_later([(f"{ATTESTATIONS_DIR}/{attestation.key}/{attestation.entry_name}", cid)])
+
+    def attestations(self, key: str) -> list[Attestation]:
+        """Every attestation this node knows of the computation `key` (not yet checked):
+        the cached record's own, then those kept beside it."""
+        self.flush()
+        found = []
+        stored = self.lookup(key)
+        if stored is not None and stored.record.attestation:
+            try:
+                found.append(Attestation.from_dict(stored.record.attestation))
+            except ValueError:
+                pass
+        for name in self.store.mfs_ls(f"{ATTESTATIONS_DIR}/{key}"):
+            data = self.store.mfs_read(f"{ATTESTATIONS_DIR}/{key}/{name}")
+            try:
+                found.append(Attestation.from_json(data or b""))
+            except ValueError:
+                continue
+        return found
 
     def import_(self, exported: str) -> ImportReport:
-        """Merge an exported cache. Each record is checked against its key before use."""
+        """Merge an exported cache, with every attestation, whoever signed it.
+
+        Each record is checked against its key, and a record that carries an attestation
+        against it: a signature that does not verify, or one over another key or output (the
+        record was edited after it was signed), rejects the entry. Trusting what was imported
+        is the lookup's business (trust.TrustPolicy), not the import's.
+        """
         root = self.store.resolve(exported)
+        top = {entry.name: entry for entry in self.store.ls(root)}
+        if "cache" in top and top["cache"].kind == "directory":
+            records_root = top["cache"].cid
+            attestations_root = top["attestations"].cid if "attestations" in top else None
+        else:  # an export of an older version: the cache directory itself
+            records_root, attestations_root = root, None
         present = set(self.entries())
-        added = already = 0
+        added = already = kept = 0
         rejected: list[str] = []
-        for entry in self.store.ls(root):
+        problems: list[str] = []
+
+        def reject(name: str, why: str) -> None:
+            rejected.append(name)
+            problems.append(f"{name}: {why}")
+
+        for entry in self.store.ls(records_root):
             if not _KEY.match(entry.name) or entry.kind != "file":
-                rejected.append(entry.name)
+                reject(entry.name, "not a cache key naming a record file")
                 continue
             if entry.name in present:
                 already += 1
@@ -238,10 +285,14 @@ class ResultCache:
                 record_bytes = self.store.cat(entry.cid)
                 record = RunRecord.from_json(record_bytes)
             except (ValueError, TypeError, UnicodeDecodeError):
-                rejected.append(entry.name)
+                reject(entry.name, f"{entry.cid} is not a run record")
+                continue
+            problem = _attestation_problem(record, entry.name)
+            if problem is not None:
+                reject(entry.name, f"record {entry.cid}: {problem}")
                 continue
             if record.recomputed_key() != entry.name or not record.cacheable:
-                rejected.append(entry.name)
+                reject(entry.name, f"record {entry.cid} is not a cacheable run with this key")
                 continue
             # Stored again here with our import settings: then its CID is the raw-leaf CID of its
             # bytes, as for every record made here (lookups compute it without a round trip).
@@ -251,7 +302,56 @@ class ResultCache:
             if record.output and self.store.mfs_read(f"{OUTPUTS_DIR}/{record.output}") is None:
                 self.store.mfs_link(f"{OUTPUTS_DIR}/{record.output}", local)
             added += 1
-        return ImportReport(added, already, tuple(rejected))
+        if attestations_root is not None:
+            for key_entry in self.store.ls(attestations_root):
+                if not _KEY.match(key_entry.name) or key_entry.kind != "directory":
+                    continue
+                for item in self.store.ls(key_entry.cid):
+                    try:
+                        attestation = Attestation.from_json(self.store.cat(item.cid))
+                    except ValueError as error:
+                        problems.append(f"attestation {key_entry.name}/{item.name}: {error}")
+                        continue
+                    if attestation.key != key_entry.name or not attestation.valid():
+                        problems.append(
+                            f"attestation {key_entry.name}/{item.name} by {attestation.signer}: "
+                            "its signature does not verify for this key and output; not kept"
+                        )
+                        continue
+                    self.attest(attestation)
+                    kept += 1
+        self.flush()
+        return ImportReport(added, already, tuple(rejected), tuple(problems), kept)
+
+
+class _IndexWrite:
+    """One batch of index links, written in a thread of its own once the batch before it is
+    (in order, as one writer would). A plain thread: importing concurrent.futures (and
+    logging) cost a CLI run about 5 ms. Not a daemon thread: an exit waits for the write."""
+
+    def __init__(
+        self, store: Store, links: list[tuple[str, str]], after: _IndexWrite | None
+    ) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._write, args=(store, links, after), name="index-writer"
+        )
+        self._thread.start()
+
+    def _write(self, store: Store, links: list[tuple[str, str]], after: _IndexWrite | None) -> None:
+        if after is not None:
+            after._thread.join()
+        try:
+            for path, target in links:
+                store.mfs_link(path, target)
+        except BaseException as error:  # handed to whoever waits for it
+            self.error = error
+
+    def result(self) -> None:
+        """Wait for the write; raise what it raised."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _parse_record(data: bytes) -> RunRecord | None:
@@ -260,3 +360,23 @@ def _parse_record(data: bytes) -> RunRecord | None:
         return RunRecord.from_json(data)
     except (ValueError, TypeError, UnicodeDecodeError):
         return None
+
+
+def _attestation_problem(record: RunRecord, key: str) -> str | None:
+    """Why a record's own attestation disproves it, or None (also when it carries none)."""
+    if record.attestation is None:
+        return None
+    try:
+        attestation = Attestation.from_dict(record.attestation)
+    except ValueError as error:
+        return f"its attestation is malformed ({error})"
+    if attestation.key != key:
+        return f"its attestation by {attestation.signer} is for another computation"
+    if record.recomputed_key() != key or attestation.output != record.output:
+        return (
+            f"it was edited after {attestation.signer} signed it (the signature is over key "
+            f"{key[:12]}... and output {attestation.output}; the record no longer says that)"
+        )
+    if not attestation.valid():
+        return f"its signature by {attestation.signer} does not verify: it was tampered with"
+    return None

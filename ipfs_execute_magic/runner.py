@@ -12,13 +12,13 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import secrets
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,15 @@ from .result_cache import ResultCache, StoredRecord
 from .settings import Limits, Settings, check_home
 from .staging import ProgressCallback, Stager
 from .staging_cache import StagingCache, remove_tree
-from .store import Store
+from .store import AddProgress, AddProgressCallback, Store
+from .trust import (
+    Attestation,
+    SigningKey,
+    TrustedKeys,
+    TrustPolicy,
+    TrustSummary,
+    parse_key_id,
+)
 
 OutputCallback = Callable[[bytes], None]
 
@@ -66,6 +74,20 @@ class RunConditions:
 ORDINARY = RunConditions()
 
 
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request's paths resolved to CIDs, and its cache key (before any staging)."""
+
+    rootfs_path: IpfsPath
+    input_path: IpfsPath | None
+    rootfs: str
+    given_input: str  # the input as given (the empty directory when none)
+    input: str  # what the payload sees: the given input with the script
+    script: str | None
+    argv: tuple[str, ...]
+    key: str
+
+
 class Runner:
     """Holds what is worth keeping between runs: the store connection and the caches."""
 
@@ -79,6 +101,11 @@ class Runner:
         self._sandbox_checked = False
         # (input, script hash) -> input with the script: composing costs several RPCs.
         self._scripted_inputs: dict[tuple[str, str], tuple[str, str]] = {}
+        self._script_bases: set[str] = set()  # inputs known to take a script
+        self._signing_key: SigningKey | None = None
+        self._trust_policy: TrustPolicy | None = None
+        # The peer ID records name as the node that ran them: set on a cluster worker.
+        self.node: str | None = None
 
     @property
     def store(self) -> Store:
@@ -127,27 +154,26 @@ class Runner:
         hit reads like the run it stands for.
         """
         t0 = time.monotonic()
-        rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
-        input_path = IpfsPath.parse(request.input) if request.input else None
-        rootfs_cid = self.store.resolve(rootfs_path)
-        given_input = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
-        staging.check_codecs(rootfs_cid, given_input)
-        input_cid, script_cid = given_input, None
-        if request.script is not None:
-            input_cid, script_cid = self.add_script(given_input, request.script)
-        argv = request.argv()
-        key = cache_key(
-            rootfs=rootfs_cid,
-            input=input_cid,
-            argv=argv,
-            env=sandbox.DEFAULT_ENV,
-            sandbox=sandbox_profile(request),
-        )
+        resolved = self.resolve(request)
+        rootfs_path, input_path = resolved.rootfs_path, resolved.input_path
+        rootfs_cid, given_input = resolved.rootfs, resolved.given_input
+        input_cid, script_cid = resolved.input, resolved.script
+        argv, key = resolved.argv, resolved.key
         resolve_s = time.monotonic() - t0
 
         cached = self.results.lookup(key) if not request.interactive else None
-        if cached is not None and conditions.use_cache:
-            return self._replay(cached, on_stdout, on_stderr)
+        cached_trust = self._trust_of(cached) if cached is not None else None
+        if cached is not None and cached_trust is not None and conditions.use_cache:
+            if cached_trust.trusted:
+                return self._replay(cached, on_stdout, on_stderr, cached_trust)
+            if self.settings.trust_any:
+                note = (
+                    f"served on the word of untrusted keys only ({cached_trust.describe()}): "
+                    f"check it with `ipfs-execute verify {cached.cid}`"
+                )
+                return self._replay(cached, on_stdout, on_stderr, cached_trust, note=note)
+        # Not trusted: the run executes, and its own (trusted) record becomes the answer.
+        untrusted = cached is not None and cached_trust is not None and not cached_trust.trusted
 
         stdout, stderr = _Capture(on_stdout), _Capture(on_stderr)
         record = self._execute(
@@ -167,18 +193,34 @@ class Runner:
             stderr=stderr,
             on_progress=on_progress,
         )
+        if record.cacheable and record.output:
+            attestation = self.signing_key.attest(key, record.output)
+            record = replace(record, attestation=attestation.to_dict())
         disagrees = (
             cached is not None and record.succeeded and cached.record.output != record.output
         )
-        # A disagreeing forced run does not replace the cached result: the first one recorded
-        # stays the answer, and the disagreement is reported instead of hidden.
+        # A disagreeing forced run does not replace a trusted cached result: the first one
+        # recorded stays the answer, and the disagreement is reported instead of hidden. An
+        # untrusted one is replaced by this run's, and kept beside it as the other's word.
         record_cid = (
-            self.results.save(record, index=conditions.index, cache=not disagrees)
+            self.results.save(record, index=conditions.index, cache=untrusted or not disagrees)
             if record.output
             else None
         )
+        if cached is not None and conditions.index and record.cacheable and record.output:
+            if untrusted and cached.record.attestation:
+                self._keep_attestation(cached.record.attestation)
+            elif disagrees and not untrusted and record.attestation:
+                self._keep_attestation(record.attestation)  # a conflict, on the record
         disagreement = None
-        if disagrees and cached is not None:
+        if disagrees and cached is not None and untrusted and cached_trust is not None:
+            signers = ", ".join(cached_trust.signers) or "no key"
+            disagreement = (
+                f"CONFLICT: the cached record {cached.cid}, attested by {signers} (not "
+                f"trusted here), says output {cached.record.output}; this run gave "
+                f"{record.output}. The untrusted result was not used"
+            )
+        elif disagrees and cached is not None:
             disagreement = (
                 f"this run's output {record.output} differs from the cached output "
                 f"{cached.record.output} of the same computation (record "
@@ -186,6 +228,12 @@ class Runner:
                 f"deterministic; `ipfs-execute verify {record_cid}` shows the "
                 "differing files"
             )
+        trust = None
+        if record.attestation is not None and record.output:
+            known = [Attestation.from_dict(record.attestation)]
+            if untrusted and cached is not None and cached.record.attestation:
+                known.append(Attestation.from_dict(cached.record.attestation))
+            trust = self.trust_policy.summarize(record.output, known).describe()
         return RunResult(
             record,
             stdout.value(),
@@ -193,13 +241,92 @@ class Runner:
             store=self.store,
             record_cid=record_cid,
             disagreement=disagreement,
+            trust=trust,
         )
+
+    def resolve(self, request: RunRequest) -> ResolvedRequest:
+        """The request's content CIDs (the script added to the input) and its cache key."""
+        rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
+        input_path = IpfsPath.parse(request.input) if request.input else None
+        rootfs_cid = self.store.resolve(rootfs_path)
+        given_input = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
+        staging.check_codecs(rootfs_cid, given_input)
+        input_cid, script_cid = given_input, None
+        if request.script is not None:
+            input_cid, script_cid = self.add_script(given_input, request.script)
+        argv = request.argv()
+        key = cache_key(
+            rootfs=rootfs_cid,
+            input=input_cid,
+            argv=argv,
+            env=request.env(sandbox.DEFAULT_ENV),
+            sandbox=sandbox_profile(request),
+        )
+        return ResolvedRequest(
+            rootfs_path, input_path, rootfs_cid, given_input, input_cid, script_cid, argv, key
+        )
+
+    # -- trust -----------------------------------------------------------------------------
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """This data directory's key, made on first use."""
+        if self._signing_key is None:
+            self._signing_key = SigningKey.load_or_create(self.settings.signing_key_path)
+        return self._signing_key
+
+    def _load_signing_key(self) -> None:
+        try:
+            _ = self.signing_key
+        except Exception:
+            pass  # raised again, to the caller, where the key is used
+
+    @property
+    def trust_policy(self) -> TrustPolicy:
+        if self._trust_policy is None:
+            trusted = {
+                *TrustedKeys(self.settings.trusted_keys_path).load(),
+                *(parse_key_id(key) for key in self.settings.trusted_keys),
+            }
+            self._trust_policy = TrustPolicy(
+                SigningKey.public_id_at(self.settings.signing_key_path),
+                trusted,
+                trust_any=self.settings.trust_any,
+            )
+        return self._trust_policy
+
+    def _trust_of(self, cached: StoredRecord) -> TrustSummary:
+        """Who attests a cached result: its record's own attestation first (no round trip),
+        then, only when that is not a trusted key's, every attestation kept for it."""
+        output = cached.record.output or ""
+        known: list[Attestation] = []
+        if cached.record.attestation:
+            try:
+                known.append(Attestation.from_dict(cached.record.attestation))
+            except ValueError:
+                pass
+        # The index holds only records signed here or verified on import: no need to verify
+        # the signature again on the hit path (that would load cryptography on every hit).
+        known = [a for a in known if a.key == cached.record.key and a.output == output]
+        summary = self.trust_policy.summarize(output, known, checked=True)
+        if summary.trusted or cached.record.key is None:
+            return summary
+        return self.trust_policy.summarize(output, self.results.attestations(cached.record.key))
+
+    def _keep_attestation(self, attestation: dict[str, str]) -> None:
+        try:
+            self.results.attest(Attestation.from_dict(attestation))
+        except (ValueError, UsageError):
+            pass  # an attestation that does not verify is worth nothing to keep
 
     def _replay(
         self,
         cached: StoredRecord,
         on_stdout: OutputCallback | None,
         on_stderr: OutputCallback | None,
+        trust: TrustSummary,
+        *,
+        note: str | None = None,
     ) -> RunResult:
         """The result of a cache hit, its recorded output printed again through the callbacks."""
         printed = []
@@ -220,6 +347,8 @@ class Runner:
             store=self.store,
             record_cid=cached.cid,
             cache_hit=True,
+            trust=trust.describe(),
+            trust_note=note,
         )
 
     def _execute(
@@ -245,7 +374,7 @@ class Runner:
         durations: dict[str, float] = {"resolve": resolve_s}
         if not self._sandbox_checked:
             check_home(self.settings)  # before anything is staged there
-            sandbox.check_available()
+            sandbox.check_available(self.settings.home)  # remembered there: no probe next time
             self._sandbox_checked = True
 
         # Held until the sandbox has ended: an entry a run uses is never evicted.
@@ -259,12 +388,14 @@ class Runner:
             in_use.enter_context(staging_cache.use("rootfs", rootfs_cid))
             rootfs = stager.stage_rootfs(rootfs_cid)
             durations["stage_rootfs"] = rootfs.seconds
-            in_use.enter_context(staging_cache.use("input", input_cid))
-            staged_input = stager.stage_input(input_cid)
+            # A shuffled view shows one directory tree: the input is staged whole for it.
+            staged_input = stager.stage_input(
+                input_cid, hold=in_use, by_parts=not conditions.shuffle_directories
+            )
             durations["stage_input"] = staged_input.seconds
 
             run_dir = self._new_run_dir()
-            output = sandbox.OutputArea(run_dir / "output")
+            output = sandbox.OutputArea(run_dir / "output", self.settings.home / "output-templates")
             keep_output = False
             try:
                 # Its own size-limited file system when root may make one (sandbox/output_area.py).
@@ -278,19 +409,27 @@ class Runner:
                     spec = sandbox.SandboxSpec(
                         rootfs=rootfs_dir,
                         input_dir=input_dir,
+                        input_parts=staged_input.parts,
                         output_dir=output_dir,
                         argv=argv,
                         limits=request.limits,
                         interactive=request.interactive,
+                        env=request.env(sandbox.DEFAULT_ENV),
                         clock_start_s=(
                             sandbox.CLOCK_START_S
                             if conditions.clock_start_s is None
                             else conditions.clock_start_s
                         ),
                     )
+                    # Loading the signing key (and cryptography) overlaps the sandbox.
+                    key_loader = threading.Thread(target=self._load_signing_key, daemon=True)
+                    key_loader.start()
                     t_run = time.monotonic()
+                    if on_progress is not None:
+                        on_progress(staging.PHASE_RUNNING, 0, None)
                     result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
                     durations["sandbox"] = time.monotonic() - t_run
+                    key_loader.join()
 
                 # From here on the output exists: it is kept on disk until it is safely in IPFS.
                 keep_output = True
@@ -299,7 +438,9 @@ class Runner:
                     # Root reads whatever the payload left, whatever its modes.
                     if os.geteuid() != 0:
                         _make_readable(output_dir)
-                    added = self.store.add_tree(output_dir, pin=True)
+                    added = self.store.add_tree(
+                        output_dir, pin=True, on_progress=_adding(on_progress)
+                    )
                     stdout_cid = self._add_printed(stdout.value(), "stdout")
                     stderr_cid = self._add_printed(stderr.value(), "stderr")
                 except IpfsError as error:
@@ -360,6 +501,8 @@ class Runner:
             pure=not request.interactive,
             killed_by=result.killed_by,
             output_warnings=[f"/output/{entry}" for entry in added.left_out],
+            params=dict(request.params),
+            node=self.node,
         )
 
     def _add_printed(self, data: bytes, name: str) -> str:
@@ -373,24 +516,26 @@ class Runner:
         memo_key = (input_cid, hashlib.sha256(script.encode()).hexdigest())
         if memo_key in self._scripted_inputs:
             return self._scripted_inputs[memo_key]
-        staging.check_input_is_directory(self.store, input_cid)
-        if any(entry.name == SCRIPT_DIR for entry in self.store.ls(input_cid)):
-            raise UsageError(
-                f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
-                "reserved for the cell's script: rename it in your input"
-            )
-        script_cid = self.store.add_bytes(script.encode(), name="script")
-        composed = self.store.compose({SCRIPT_PATH: script_cid}, base=input_cid), script_cid
+        if input_cid not in self._script_bases:  # facts about a CID: checked once
+            staging.check_input_is_directory(self.store, input_cid)
+            if any(entry.name == SCRIPT_DIR for entry in self.store.ls(input_cid)):
+                raise UsageError(
+                    f"input {input_cid} already has a {SCRIPT_DIR}/ entry, the name "
+                    "reserved for the cell's script: rename it in your input"
+                )
+            self._script_bases.add(input_cid)
+        composed = self.store.add_file_into(input_cid, SCRIPT_PATH, script.encode())
         self._scripted_inputs[memo_key] = composed
         return composed
 
     def versions(self) -> dict[str, str]:
+        system = os.uname()  # what platform.release() and .machine() say, without its import
         return {
             "ipfs-execute": __version__,
             "kubo": self.store.version(),
             "bwrap": sandbox.bwrap_version(),
-            "kernel": platform.release(),
-            "machine": platform.machine(),
+            "kernel": system.release,
+            "machine": system.machine,
         }
 
     def _new_run_dir(self) -> Path:
@@ -463,6 +608,18 @@ def _make_readable(root: Path) -> None:
             continue  # add_path reports whatever is still unreadable
 
 
+def _adding(on_progress: ProgressCallback | None) -> AddProgressCallback | None:
+    """The add of /output reported as the phase PHASE_ADDING_OUTPUT: (files sent, total)."""
+    if on_progress is None:
+        return None  # and the add keeps its shortcut for an empty /output
+    callback = on_progress
+
+    def report(progress: AddProgress) -> None:
+        callback(staging.PHASE_ADDING_OUTPUT, progress.files, progress.files_total)
+
+    return report
+
+
 def _lineage_path(path: IpfsPath, resolved: str) -> str:
     """An /ipfs/ path whose root is the CID the content came from (IPNS resolved)."""
     if path.namespace == "ipfs":
@@ -470,4 +627,4 @@ def _lineage_path(path: IpfsPath, resolved: str) -> str:
     return f"/ipfs/{resolved}"
 
 
-__all__ = ["ORDINARY", "RunConditions", "Runner", "sandbox_profile"]
+__all__ = ["ORDINARY", "ResolvedRequest", "RunConditions", "Runner", "sandbox_profile"]

@@ -11,6 +11,8 @@
 | IPFS_EXECUTE_ONLINE       | 1: the embedded node joins the network (sharing results)  |
 | IPFS_EXECUTE_UID_RANGE    | FIRST-LAST: host uids of sandboxes when run as root       |
 | IPFS_EXECUTE_STAGING_LIMIT| size the staging cache is kept under (e.g. 20G)           |
+| IPFS_EXECUTE_GATEWAY      | HTTP gateway for links (default: the node's own, stable) |
+| IPFS_EXECUTE_GATEWAY_STYLE| path (GW/ipfs/CID) or subdomain (CID.ipfs.GW)             |
 """
 
 from __future__ import annotations
@@ -128,6 +130,29 @@ def parse_uid_range(text: str | tuple[int, int]) -> tuple[int, int]:
     return first, last
 
 
+GATEWAY_STYLES = ("path", "subdomain")
+
+
+def parse_gateway(text: str) -> str:
+    """`https://dweb.link/` -> `https://dweb.link`: the base URL of an HTTP gateway."""
+    url = str(text).strip().rstrip("/")
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https") or not rest or any(c in rest for c in "?#/ "):
+        raise UsageError(
+            f"{text!r} is not a gateway base URL: give scheme and host only, e.g. "
+            "https://dweb.link or http://127.0.0.1:8080"
+        )
+    return url
+
+
+def parse_gateway_style(text: str) -> str:
+    """`path` (GATEWAY/ipfs/CID) or `subdomain` (CID.ipfs.GATEWAY-HOST)."""
+    style = str(text).strip().lower()
+    if style not in GATEWAY_STYLES:
+        raise UsageError(f"gateway style {text!r} is not one of: {', '.join(GATEWAY_STYLES)}")
+    return style
+
+
 # The limits a user may override, by the names every front end uses for them: CLI options
 # (--tmp-size -> tmp_size), magic options and traits, and the keywords of `ie.run`.
 # Each name maps to the Limits field it sets.
@@ -226,16 +251,30 @@ class Settings:
     fetch_timeout: float = 60.0
     limits: Limits = field(default_factory=Limits)
     online: bool = False  # embedded node joins the public network only when asked
+    # Multiaddrs the embedded node's swarm listens on (a cluster worker's, cluster.py);
+    # empty: what its repo says (a random loopback port).
+    swarm: tuple[str, ...] = ()
     # Host uids of sandboxes when the tool runs as root: one of them per concurrent run.
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     # The staging cache evicts least recently used entries no run holds to stay under this.
     staging_limit_bytes: int = DEFAULT_STAGING_LIMIT
+    # Base URL of the HTTP gateway that links in results point to (None: the node's own
+    # gateway, on a port that stays the same for a data directory), and how a CID goes in it.
+    gateway: str | None = None
+    gateway_style: str = "path"
+    # Keys whose attestations make a cached result a hit, beyond this data directory's own
+    # and those in trusted-keys.json; `trust_any`: any valid attestation does (trust.py).
+    trusted_keys: tuple[str, ...] = ()
+    trust_any: bool = False
 
     def __post_init__(self) -> None:
         # Absolute always: the sandbox and the daemon resolve it from other working dirs.
         object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
         object.__setattr__(self, "uid_range", parse_uid_range(self.uid_range))
         object.__setattr__(self, "staging_limit_bytes", parse_size(self.staging_limit_bytes))
+        if self.gateway is not None:
+            object.__setattr__(self, "gateway", parse_gateway(self.gateway))
+        object.__setattr__(self, "gateway_style", parse_gateway_style(self.gateway_style))
 
     @property
     def repo_dir(self) -> Path:
@@ -249,6 +288,15 @@ class Settings:
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """This data directory's private signing key (0600, never in IPFS)."""
+        return self.home / "keys" / "signing.key"
+
+    @property
+    def trusted_keys_path(self) -> Path:
+        return self.home / "trusted-keys.json"
 
     @property
     def kept_outputs_dir(self) -> Path:
@@ -291,8 +339,20 @@ class Settings:
                 values["staging_limit_bytes"] = parse_size(env["IPFS_EXECUTE_STAGING_LIMIT"])
             except UsageError as error:
                 raise UsageError(f"IPFS_EXECUTE_STAGING_LIMIT: {error}") from None
+        if env.get("IPFS_EXECUTE_GATEWAY"):
+            try:
+                values["gateway"] = parse_gateway(env["IPFS_EXECUTE_GATEWAY"])
+            except UsageError as error:
+                raise UsageError(f"IPFS_EXECUTE_GATEWAY: {error}") from None
+        if env.get("IPFS_EXECUTE_GATEWAY_STYLE"):
+            try:
+                values["gateway_style"] = parse_gateway_style(env["IPFS_EXECUTE_GATEWAY_STYLE"])
+            except UsageError as error:
+                raise UsageError(f"IPFS_EXECUTE_GATEWAY_STYLE: {error}") from None
         if env.get("IPFS_EXECUTE_ONLINE", "").lower() in ("1", "true", "yes"):
             values["online"] = True
+        if env.get("IPFS_EXECUTE_TRUST_ANY", "").lower() in ("1", "true", "yes"):
+            values["trust_any"] = True
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

@@ -12,6 +12,8 @@ can be shuffled on purpose with `shuffled_view`, to expose payloads that depend 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import shutil
 import stat as stat_module
@@ -23,16 +25,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from . import archive
+from . import sandbox  # its names load when used: a cache hit needs none of them
 from .cid import EMPTY_DIRECTORY_CID, cid_codec
 from .errors import BadRootfsError, StagingError, TruncatedStreamError, UsageError
-from .sandbox import SOURCE_DATE_EPOCH, die_with_parent, mount_point_problem
+from .sandbox.determinism import SOURCE_DATE_EPOCH
 from .staging_cache import StagingCache
-from .store import Stat, Store
+from .store import Entry, Stat, Store
 
 ENTRY_POINT = "sbin/init"
 
-ProgressCallback = Callable[[str, int, "int | None"], None]  # (what, bytes so far, total)
+# (what, done, total): staging reports "rootfs CID", "input CID" or "input entry NAME (CID)"
+# with bytes; the runner adds the phases PHASE_RUNNING (0, None) and PHASE_ADDING_OUTPUT
+# (files sent, files in /output), so one callback can show where a run is.
+ProgressCallback = Callable[[str, int, "int | None"], None]
+PHASE_RUNNING = "running"
+PHASE_ADDING_OUTPUT = "adding output"
+
+
+# An input of at least this many bytes is staged by parts (one staged tree per top-level
+# entry, reused by CID): below it, one fetch of the whole is as quick as the parts' round trips.
+PARTS_MIN_BYTES = 4 * 1024 * 1024
+# More entries than this and the input is staged whole: each part is one mount for bwrap.
+PARTS_MAX_ENTRIES = 256
+# An entry changed in more places than this is staged anew rather than shown as its earlier
+# version with the changes bound over it.
+REPLACED_MAX = 64
+# How many recently staged inputs are searched for an earlier version of an entry.
+EARLIER_VERSIONS_SCANNED = 32
+# A part's tree is this entry of its staging cache entry (a file part is a file).
+_PART_TREE = "t"
+_SKELETON_TREE = "tree"
+_PARTS_MANIFEST = "parts.json"
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,9 @@ class StagedTree:
     path: Path
     was_cached: bool
     seconds: float
+    # Staged by parts: `path` holds a mount point per top-level entry, and each entry's
+    # own staged tree is bound over it, read-only (SandboxSpec.input_parts).
+    parts: tuple[tuple[str, Path], ...] = ()
 
 
 class _CountingReader:
@@ -108,18 +134,156 @@ class Stager:
         )
         return StagedTree(cid, path, False, time.monotonic() - started)
 
-    def stage_input(self, cid: str) -> StagedTree:
+    def stage_input(
+        self,
+        cid: str,
+        *,
+        hold: contextlib.ExitStack | None = None,
+        by_parts: bool = True,
+    ) -> StagedTree:
+        """The input's tree, staged whole or by parts.
+
+        A big input is staged by parts: each top-level entry is a staged tree of its own,
+        keyed by the entry's CID, so that an input differing from a staged one in a few entries
+        (the cell's script, a replaced file, an added directory) costs only those. The payload
+        sees the same tree either way. `hold` keeps every entry used against eviction until
+        it is closed; `by_parts=False` stages whole (what a shuffled view needs).
+        """
         started = time.monotonic()
+
+        def use(kind: str, key: str) -> None:
+            if hold is not None:
+                hold.enter_context(self.staging_cache.use(kind, key))
+
+        use("input", cid)
         ready = self.staging_cache.get("input", cid)
         if ready is not None:
             _settle_old_entry(ready)
             return StagedTree(cid, ready, True, time.monotonic() - started)
+        if by_parts and cid != EMPTY_DIRECTORY_CID:
+            use("parts", cid)
+            skeleton = self.staging_cache.get("parts", cid)
+            if skeleton is not None:
+                manifest = json.loads((skeleton / _PARTS_MANIFEST).read_text())
+                binds = [(str(path), str(part)) for path, part in manifest["binds"]]
+                return StagedTree(
+                    cid,
+                    skeleton / _SKELETON_TREE,
+                    True,
+                    time.monotonic() - started,
+                    self._stage_parts(binds, use),
+                )
         if cid == EMPTY_DIRECTORY_CID:
             path = self.staging_cache.fill("input", cid, set_tree_mtimes)
-        else:
-            check_input_is_directory(self.store, cid)
-            path = self.staging_cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
+            return StagedTree(cid, path, False, time.monotonic() - started)
+        found = check_input_is_directory(self.store, cid)
+        entries = self.store.ls(cid) if by_parts and found.size >= PARTS_MIN_BYTES else []
+        if entries and _stageable_by_parts(entries):
+            binds = []
+            for entry in entries:
+                use("part", entry.cid)
+                reuse = None
+                if entry.kind == "directory" and self.staging_cache.get("part", entry.cid) is None:
+                    reuse = self._replacement_binds(entry.name, entry.cid, use)
+                binds.extend(reuse or [(entry.name, entry.cid)])
+            skeleton = self.staging_cache.fill(
+                "parts", cid, functools.partial(_make_skeleton, entries=entries, binds=binds)
+            )
+            return StagedTree(
+                cid,
+                skeleton / _SKELETON_TREE,
+                False,
+                time.monotonic() - started,
+                self._stage_parts(binds, use),
+            )
+        path = self.staging_cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
+
+    def _stage_parts(
+        self, binds: list[tuple[str, str]], use: Callable[[str, str], None]
+    ) -> tuple[tuple[str, Path], ...]:
+        """Each bind's part staged (fetched if it is not), as (path under /input, tree)."""
+        parts = []
+        for path, part_cid in binds:
+            use("part", part_cid)  # before get or fill: never evicted between them
+            entry = self.staging_cache.get("part", part_cid)
+            if entry is None:
+                entry = self.staging_cache.fill(
+                    "part", part_cid, functools.partial(self._fill_part, part_cid, path)
+                )
+            parts.append((path, entry / _PART_TREE))
+        return tuple(parts)
+
+    def _replacement_binds(
+        self, name: str, cid: str, use: Callable[[str, str], None]
+    ) -> list[tuple[str, str]] | None:
+        """Binds that show directory `cid` at `name` as a staged earlier version of it with
+        the entries that changed bound over their old selves, or None.
+
+        An earlier version is a part staged under the same name for another input (the data
+        set before one of its files was replaced). It serves when every difference, however
+        deep, replaces an entry by one of the same kind and name: then the old entry is the
+        mount point of the new one. A directory whose names changed is replaced whole (its new
+        version fetched as a part); a file that became a directory, or the other way round,
+        and more than REPLACED_MAX changes, stage the new version whole.
+        """
+        for old in self._earlier_versions(name, cid):
+            use("part", old)
+            old_tree = self.staging_cache.get("part", old)
+            if old_tree is None:
+                continue
+            replaced: list[tuple[str, str]] = []
+            if self._replacements(old, cid, old_tree / _PART_TREE, name, replaced):
+                return [(name, old), *replaced]
+        return None
+
+    def _replacements(
+        self, old: str, new: str, old_tree: Path, path: str, replaced: list[tuple[str, str]]
+    ) -> bool:
+        """Append to `replaced` the (path, CID) binds that turn `old` into `new` at `path`;
+        False when they cannot (names differ, a kind changed, too many)."""
+        changes = self.store.directory_changes(old, new)
+        if changes is None:
+            return False
+        for entry, (old_cid, new_cid) in changes.items():
+            if len(replaced) >= REPLACED_MAX:
+                return False
+            mount_point = old_tree / entry
+            # The staged old tree is ours and never changes; lstat: a symlink is no mount point.
+            old_mode = os.lstat(mount_point).st_mode
+            if stat_module.S_ISDIR(old_mode):
+                deeper: list[tuple[str, str]] = []
+                if self._replacements(old_cid, new_cid, mount_point, f"{path}/{entry}", deeper):
+                    replaced.extend(deeper)
+                elif self.store.unixfs_kind(new_cid) == "directory":
+                    replaced.append((f"{path}/{entry}", new_cid))  # this directory, whole
+                else:
+                    return False
+            elif stat_module.S_ISREG(old_mode) and self.store.unixfs_kind(new_cid) == "file":
+                replaced.append((f"{path}/{entry}", new_cid))
+            else:
+                return False
+        return True
+
+    def _earlier_versions(self, name: str, cid: str) -> list[str]:
+        """CIDs staged as parts at top-level `name` of recently staged inputs, newest first."""
+        manifests = []
+        for key in self.staging_cache.entries("parts"):
+            manifest = self.staging_cache.path_for("parts", key) / _PARTS_MANIFEST
+            try:
+                manifests.append((manifest.stat().st_mtime, manifest))
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+        found: list[str] = []
+        for _, manifest in sorted(manifests, reverse=True)[:EARLIER_VERSIONS_SCANNED]:
+            try:
+                binds = json.loads(manifest.read_text())["binds"]
+            except (OSError, ValueError, KeyError):
+                continue
+            for path, part in binds:
+                if path == name and part != cid and part not in found:
+                    found.append(str(part))
+        return found
 
     # -- filling ---------------------------------------------------------------------------
 
@@ -138,6 +302,8 @@ class Stager:
         return found
 
     def _fill_rootfs(self, cid: str, found: Stat, dest: Path) -> None:
+        from . import archive  # extraction only: a warm run never imports it
+
         if found.kind == "directory":
             self._extract_directory(cid, dest, what=f"rootfs {cid}")
             _make_files_executable(dest)
@@ -172,7 +338,25 @@ class Stager:
         self._extract_directory(cid, dest, what=f"input {cid}")
         set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
 
+    def _fill_part(self, cid: str, name: str, dest: Path) -> None:
+        """One top-level entry of an input (a file or a directory) at dest/_PART_TREE."""
+        from . import archive  # extraction only: a warm run never imports it
+
+        what = f"input entry {name} ({cid})"
+        stream = _CountingReader(self.store.tar_stream(cid), what, None, self.on_progress)
+        try:
+            archive.extract(stream, dest, name=what, compression="tar", require_end_marker=True)
+        finally:
+            stream.close()
+        top = dest / cid
+        if not stat_module.S_ISDIR(os.lstat(top).st_mode) and not top.is_file():
+            raise StagingError(f"fetching {what} gave an unexpected tar layout")
+        os.rename(top, dest / _PART_TREE)
+        set_tree_mtimes(dest / _PART_TREE)
+
     def _extract_directory(self, cid: str, dest: Path, *, what: str) -> None:
+        from . import archive  # extraction only: a warm run never imports it
+
         total = None
         stream = _CountingReader(self.store.tar_stream(cid), what, total, self.on_progress)
         try:
@@ -214,14 +398,46 @@ def check_codecs(rootfs_cid: str, input_cid: str) -> None:
         )
 
 
-def check_input_is_directory(store: Store, cid: str) -> None:
+def check_input_is_directory(store: Store, cid: str) -> Stat:
     """Refuse an input that the node says is a file (a dag-pb file looks like a directory)."""
-    kind = store.stat(cid)
-    if kind.kind != "directory":
+    found = store.stat(cid)
+    if found.kind != "directory":
         raise UsageError(
-            f"input {cid} is a {kind.kind}, not a directory: put it in one, "
+            f"input {cid} is a {found.kind}, not a directory: put it in one, "
             f"e.g. `ipfs-mkdir data.bin {cid}`"
         )
+    return found
+
+
+def _stageable_by_parts(entries: list[Entry]) -> bool:
+    """Whether each entry can be a part: a file or directory with a plain name, not too many.
+
+    A top-level symlink cannot be bound over a mount point, and a name the extractor would
+    refuse must reach it (staging whole) to be refused with its own message.
+    """
+    return len(entries) <= PARTS_MAX_ENTRIES and all(
+        entry.kind in ("file", "directory")
+        and entry.name not in ("", ".", "..")
+        and "/" not in entry.name
+        and "\0" not in entry.name
+        for entry in entries
+    )
+
+
+def _make_skeleton(dest: Path, *, entries: list[Entry], binds: list[tuple[str, str]]) -> None:
+    """The /input of an input staged by parts: a mount point per entry, with the mode and
+    mtime a whole staging gives the input's root, and beside it the manifest of the binds
+    that show the input's tree over it."""
+    tree = dest / _SKELETON_TREE
+    os.mkdir(tree)
+    for entry in entries:
+        if entry.kind == "directory":
+            os.mkdir(tree / entry.name, 0o755)
+        else:
+            os.close(os.open(tree / entry.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    os.chmod(tree, 0o755)
+    set_tree_mtimes(tree)
+    (dest / _PARTS_MANIFEST).write_text(json.dumps({"binds": binds}))
 
 
 def _hoist_single_top(dest: Path, top_name: str) -> None:
@@ -277,7 +493,7 @@ def check_rootfs(root: Path, cid: str) -> None:
     They must be real directories because bwrap 0.8 follows symlinks while creating mount
     points (it could create files on the host).
     """
-    problem = mount_point_problem(root, create_missing=True)
+    problem = sandbox.mount_point_problem(root, create_missing=True)
     if problem is not None:
         name, kind = problem
         raise BadRootfsError(
@@ -356,7 +572,7 @@ def shuffled_view(path: Path, *, parent: Path | None = None) -> Iterator[Path]:
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
                 start_new_session=True,
-                preexec_fn=die_with_parent(),
+                preexec_fn=sandbox.die_with_parent(),
             )
             _wait_mounted(mount_point, process, errors, path)
         yield mount_point

@@ -1,15 +1,14 @@
 """All access to IPFS, in one place: resolve, add, fetch, list, compose, pin.
 
-This is the only module that imports ipfshttpclient, and where its gaps are covered:
-- `connect()` refuses every modern Kubo, so the client is built directly and the daemon's
-  version is checked here;
-- its `add` sends other import flags than the Kubo CLI, drops symlinks and hangs on many
-  files (it sends the whole body before it reads the daemon's per-file replies), so trees are
-  added with a streamed multipart body of our own, sent while the replies are read
-  (`duplex_http`), that sends every import flag explicitly and keeps symlinks as UnixFS
-  symlinks;
-- its `get` extracts without any safety filter, so the raw tar stream is handed to
-  `archive.extract` instead.
+This is the only module that knows Kubo's RPC API: its commands, options and error answers.
+The HTTP underneath is the standard library's (`rpc_http`), not an RPC client package: a CLI
+run makes a handful of small calls, and importing requests (with ipfshttpclient) alone took
+about 100 ms, most of a warm run's budget (docs/architecture.md, "Start-up").
+- trees are added with a streamed multipart body of our own, sent while the daemon's per-file
+  replies are read (`duplex_http`): sent whole before reading, both sides stop on many files;
+  every import flag is sent explicitly and symlinks are kept as UnixFS symlinks;
+- `get` is read as the raw tar stream and handed to `archive.extract` (its safety filter);
+- the daemon's version is checked here (Kubo >= MIN_KUBO_VERSION).
 """
 
 from __future__ import annotations
@@ -24,18 +23,25 @@ import socket
 import stat as stat_module
 import time
 import urllib.parse
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import ipfshttpclient
-import ipfshttpclient.exceptions as ipfs_exceptions
-from ipfshttpclient.http_common import multiaddr_to_url_data
-
-from . import duplex_http
-from .cid import EMPTY_FILE_CID, IpfsPath, is_cid
+from . import rpc_http
+from .cid import (
+    EMPTY_DIRECTORY_CID,
+    EMPTY_FILE_CID,
+    IpfsPath,
+    cid_codec,
+    dag_pb_block,
+    dag_pb_cid,
+    dag_pb_fields,
+    dag_pb_link,
+    dag_pb_link_bytes,
+    is_cid,
+    raw_leaf_cid,
+)
 from .errors import (
     DaemonAuthError,
     DaemonUnreachableError,
@@ -48,10 +54,6 @@ from .errors import (
 )
 from .node import EmbeddedNode, reachable_socket_path
 from .settings import MIN_KUBO_VERSION, Settings
-
-# ipfshttpclient 0.7 passes `strict=` to urllib3 2.x on every request; harmless, and not the
-# user's concern.
-warnings.filterwarnings("ignore", message="The 'strict' parameter", category=FutureWarning)
 
 # The import settings of Kubo's `unixfs-v1-2025` profile, sent explicitly on every add so that a
 # daemon with other defaults gives the same CIDs as the embedded node and the Kubo CLI.
@@ -71,6 +73,10 @@ IMPORT_OPTIONS: Mapping[str, str] = {
     "preserve-mtime": "false",
 }
 UPLOAD_CHUNK = 256 * 1024
+# add_file_into builds a directory itself only below this many links, far from where Kubo
+# would shard it (a HAMT, which it then leaves to MFS).
+_BUILT_DIRECTORY_MAX_LINKS = 1000
+_UNIXFS_DIRECTORY = b"\x08\x01"  # UnixFS Data of a plain directory: Type = Directory
 # How Kubo says that a node is not UnixFS (files/stat, cat, get, ls, files/cp).
 _NOT_UNIXFS = (
     "not unixfs node",
@@ -82,6 +88,9 @@ _NOT_UNIXFS = (
 # An add is given up when no byte has gone to the daemon or come back for this long; a big add
 # that keeps moving may take as long as it needs.
 ADD_STALL_TIMEOUT_S = 120.0
+# A tree whose multipart body is at most this is added in one plain request (no sender thread).
+SMALL_ADD_BYTES = 1024 * 1024
+SMALL_ADD_PIECES = 1000  # pieces of that body: every entry is at least two
 
 
 @dataclass(frozen=True)
@@ -208,16 +217,21 @@ class Store:
                 "only unix sockets whose path has lowercase letters, digits and / . _ - (at "
                 "most 107 bytes); link it from such a path (`ln -s`) and give that"
             )
+        try:
+            self._endpoint = rpc_http.parse_multiaddr(api)
+        except rpc_http.AddressError:
+            raise UsageError(
+                f"cannot use the API address {api!r}: give a multiaddr like "
+                "/ip4/127.0.0.1/tcp/5001 (or /unix/PATH, /dns/HOST/tcp/PORT/https)"
+            ) from None
         self.api = api
         self.fetch_timeout = fetch_timeout
-        # Sent with every request, also by calls that bypass the client's transport.
+        # Sent with every request, also by the /add of a tree (its own connection).
         self.request_headers = {"Authorization": authorization_header(auth)} if auth else {}
-        # Built directly: ipfshttpclient.connect() refuses every Kubo >= 0.8 (version check is ours).
-        self._client = ipfshttpclient.Client(
-            addr=api, session=True, timeout=None, headers=self.request_headers or None
-        )
-        self._http = self._client._client  # the client's transport, for the calls it gets wrong
+        self._rpc = rpc_http.Client(self._endpoint, "/api/v0", self.request_headers)
         self._version: str | None = None
+        # Set once this node is known to hold the empty directory pinned (add_tree).
+        self._empty_directory_pinned = False
         self.repo: Path | None = None  # set for the embedded node: Kubo writes facts there
 
     @classmethod
@@ -234,7 +248,7 @@ class Store:
 
     def close(self) -> None:
         try:
-            self._client.close()
+            self._rpc.close()
         except Exception:  # closing a dead connection must not mask the real error
             pass
 
@@ -261,45 +275,57 @@ class Store:
         request_opts = dict(opts or {})
         if timeout is not None:
             request_opts.setdefault("timeout", f"{timeout:g}s")  # Kubo's own per-command timeout
+        params = [("arg", arg) for arg in args] + list(request_opts.items())
+        params.append(("stream-channels", "true"))
         try:
-            answer = self._http.request(
-                path,
-                args,
-                opts=request_opts,
-                decoder=decoder,
-                stream=stream,
-                data=data,
-                headers=headers or {},
-            )
-            # The JSON decoder returns a list of the objects the daemon streamed; most
-            # commands stream exactly one.
-            if decoder == "json" and not stream and isinstance(answer, list) and len(answer) == 1:
-                return answer[0]
-            return answer
-        except ipfs_exceptions.ConnectionError:
+            if stream:
+                status, chunks = self._rpc.stream(path, params, headers=headers)
+                if status == 200:
+                    return chunks
+                body = chunks.read_all()
+            else:
+                content = b"".join(data) if data is not None else None
+                status, body, trailers = self._rpc.request(
+                    path, params, body=content, headers=headers
+                )
+                if status == 200 and trailers.get("x-stream-error"):
+                    # The command failed after its answer had begun (a 200 with a trailer).
+                    raise self._translate(trailers["x-stream-error"], what or " ".join(args))
+        except OSError:
             raise DaemonUnreachableError(
                 f"no IPFS daemon answers at {self.api}: start it (`ipfs daemon`), fix --api / "
                 "IPFS_EXECUTE_API, or unset them to use the embedded node"
             ) from None
-        except ipfs_exceptions.TimeoutError:
-            raise NotRetrievableError(
-                f"{what or path}: not retrievable within {self.fetch_timeout:g} s"
+        except rpc_http.ProtocolError as error:
+            raise IpfsError(
+                f"IPFS {path} {' '.join(args)} failed: the daemon at {self.api} sent a broken "
+                f"answer ({type(error).__name__}: {error})"
             ) from None
-        except ipfs_exceptions.ErrorResponse as error:
-            raise self._translate(error, what or " ".join(args)) from None
-        except ipfs_exceptions.StatusError as error:
-            status = getattr(getattr(error.original, "response", None), "status_code", None)
-            if status in (401, 403):
-                raise DaemonAuthError(
-                    f"the IPFS daemon at {self.api} refused {path} (HTTP {status}): give its "
-                    "credentials with --api-auth / IPFS_EXECUTE_API_AUTH (bearer:TOKEN or "
-                    "basic:USER:PASSWORD, as in its API.Authorizations), with access to /api/v0"
-                ) from None
-            raise IpfsError(f"IPFS {path} {' '.join(args)} failed: {error}") from None
-        except ipfs_exceptions.Error as error:
-            raise IpfsError(f"IPFS {path} {' '.join(args)} failed: {error}") from None
+        if status in (401, 403):
+            raise DaemonAuthError(
+                f"the IPFS daemon at {self.api} refused {path} (HTTP {status}): give its "
+                "credentials with --api-auth / IPFS_EXECUTE_API_AUTH (bearer:TOKEN or "
+                "basic:USER:PASSWORD, as in its API.Authorizations), with access to /api/v0"
+            )
+        if status != 200:
+            answer = _json_objects(body)
+            if answer and isinstance(answer[0], dict) and "Message" in answer[0]:
+                raise self._translate(str(answer[0]["Message"]), what or " ".join(args))
+            text = body.decode("utf-8", "replace").strip()[:200]
+            raise IpfsError(f"IPFS {path} {' '.join(args)} failed: HTTP {status} {text}".strip())
+        if decoder != "json":
+            return body
+        objects = _json_objects(body)
+        if objects is None:
+            raise IpfsError(f"IPFS {path} {' '.join(args)} failed: its answer is not JSON")
+        for item in objects:
+            # An error after part of the answer was sent comes as an object of its own.
+            if isinstance(item, dict) and item.get("Type") == "error" and "Message" in item:
+                raise self._translate(str(item["Message"]), what or " ".join(args))
+        # The daemon streams one object per result; most commands have exactly one.
+        return objects[0] if len(objects) == 1 else objects
 
-    def _translate(self, error: Exception, what: str) -> IpfsExecuteError:
+    def _translate(self, error: Exception | str, what: str) -> IpfsExecuteError:
         message = str(error).strip()
         lowered = message.lower()
         if "deadline" in lowered or "context canceled" in lowered:
@@ -369,6 +395,15 @@ class Store:
                 return f"http://{host}:{parts[4]}"
         return None
 
+    def repo_size(self) -> int | None:
+        """The daemon's repo size in bytes (`ipfs repo stat --size-only`), None if unknown."""
+        try:
+            answer = self._call("/repo/stat", opts={"size-only": "true"}, what="repo size")
+        except IpfsError:
+            return None
+        size = answer.get("RepoSize") if isinstance(answer, dict) else None
+        return size if isinstance(size, int) else None
+
     # -- reading ---------------------------------------------------------------------------
 
     def resolve(self, path: str | IpfsPath) -> str:
@@ -424,6 +459,42 @@ class Store:
             _IteratorReader(chunks, close=chunks.close), buffer_size=1024 * 1024
         )
 
+    def unixfs_kind(self, cid: str) -> str:
+        """What one block says it is: "file", "directory", "symlink", "sharded-directory" or
+        "other"; one block read, never its children (`stat` and `ls` read those too)."""
+        return self._unixfs_block(cid)[0]
+
+    def directory_changes(self, old: str, new: str) -> dict[str, tuple[str, str]] | None:
+        """{name: (old CID, new CID)} of the entries two plain directories hold under the same
+        names with other content; None when their names differ or either is not a plain
+        directory. Reads one block of each, and decodes only the links that differ."""
+        old_kind, old_links, _ = self._unixfs_block(old)
+        new_kind, new_links, _ = self._unixfs_block(new)
+        if old_kind != "directory" or new_kind != "directory" or len(old_links) != len(new_links):
+            return None
+        unchanged = set(old_links) & set(new_links)
+        gone = dict(dag_pb_link(link) for link in old_links if link not in unchanged)
+        came = dict(dag_pb_link(link) for link in new_links if link not in unchanged)
+        if gone.keys() != came.keys():
+            return None
+        return {name: (gone[name], came[name]) for name in sorted(came)}
+
+    def _unixfs_block(self, cid: str) -> tuple[str, list[bytes], bytes]:
+        """(UnixFS kind, encoded links, Data) of one block."""
+        if cid_codec(cid) == "raw":
+            return "file", [], b""
+        block = self._call("/block/get", cid, decoder="none", timeout=self.fetch_timeout, what=cid)
+        try:
+            data, links = dag_pb_fields(block)
+        except ValueError:
+            return "other", [], b""
+        # UnixFS Data: field 1 (Type) as a varint, first; the types fit in one byte.
+        unixfs_type = data[1] if len(data) >= 2 and data[0] == 0x08 else -1
+        kind = {1: "directory", 2: "file", 0: "file", 4: "symlink", 5: "sharded-directory"}.get(
+            unixfs_type, "other"
+        )
+        return kind, links, data
+
     def ls(self, cid: str) -> list[Entry]:
         answer = self._call(
             "/ls",
@@ -475,6 +546,9 @@ class Store:
             raise InvalidPathError(f"{path}: no such file or directory") from None
         if not (stat_module.S_ISDIR(st.st_mode) or stat_module.S_ISREG(st.st_mode)):
             raise InvalidPathError(f"{path}: only a regular file or a directory can be added")
+        if self._empty_directory_pinned and on_progress is None and _is_empty_directory(path):
+            # Many runs leave /output empty: its CID is known, and the node has it pinned.
+            return Added(EMPTY_DIRECTORY_CID, ())
         boundary = secrets.token_hex(16)
         left_out: list[LeftOut] = []
         counter = _AddCounter(str(path), on_progress) if on_progress is not None else None
@@ -494,6 +568,8 @@ class Store:
                 f"cannot add {path}: reading {error.path} failed ({error.reason}); make it "
                 "readable (or remove it) and add again"
             ) from None
+        if cid == EMPTY_DIRECTORY_CID and pin:
+            self._empty_directory_pinned = True
         return Added(cid, tuple(left_out))
 
     def _post_add(
@@ -509,22 +585,36 @@ class Store:
         first and read after, the two fill each other's buffers and both sides stop."""
         opts = dict(IMPORT_OPTIONS)
         opts.update({"pin": "true" if pin else "false", "quieter": "true", "progress": "false"})
-        base_url, uds_path, family, _ = multiaddr_to_url_data(self.api, "api/v0")
-        url = urllib.parse.urlsplit(base_url)
-        endpoint = duplex_http.Endpoint(
-            family=family if uds_path is None else socket.AF_UNIX,
-            address=uds_path if uds_path is not None else (url.hostname or "", url.port or 80),
-            host_header="localhost" if uds_path is not None else url.netloc,
-            tls=url.scheme == "https",
-        )
         query = urllib.parse.urlencode({"stream-channels": "true", **opts})
+        content_type = f"multipart/form-data; boundary={boundary}"
+        # A small tree (an ordinary run's /output) goes as one plain request: its replies (a
+        # line per entry at most) cannot fill a socket buffer before the body is sent.
+        first: list[bytes] = []
+        size = 0
+        chunks = iter(body)
+        for chunk in chunks:
+            first.append(chunk)
+            size += len(chunk)
+            if size > SMALL_ADD_BYTES or len(first) > SMALL_ADD_PIECES:
+                break
+        else:
+            return self._post_small_add(b"".join(first), query, content_type, what=what)
+        from . import duplex_http  # h11 and a thread: only for a big tree
+
+        rpc = self._endpoint
+        endpoint = duplex_http.Endpoint(
+            family=socket.AF_UNIX if rpc.unix_path is not None else socket.AF_INET,
+            address=rpc.unix_path if rpc.unix_path is not None else (rpc.host, rpc.port),
+            host_header=rpc.host_header,
+            tls=rpc.tls,
+        )
         headers = dict(self.request_headers)  # the credentials, if any
-        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        headers["Content-Type"] = content_type
         try:
             reply = duplex_http.post(
                 endpoint,
-                f"{url.path}add?{query}",
-                body,
+                f"/api/v0/add?{query}",
+                _chained(first, chunks),
                 headers=headers,
                 stall_timeout=self.add_stall_timeout,
                 on_wait=on_wait,
@@ -545,25 +635,68 @@ class Store:
                 f"adding {what}: the connection to the IPFS daemon at {self.api} broke "
                 f"({error}); add again"
             ) from None
-        if reply.status in (401, 403):
+        return self._added_cid(
+            reply.status, reply.last_line, reply.error_body, reply.trailers, what=what
+        )
+
+    def _post_small_add(self, body: bytes, query: str, content_type: str, *, what: str) -> str:
+        try:
+            status, answer, trailers = self._rpc.request(
+                f"/add?{query}",
+                (),
+                body=body,
+                headers={"Content-Type": content_type},
+                stall_timeout=self.add_stall_timeout,
+            )
+        except TimeoutError:
+            raise IpfsError(
+                f"adding {what}: the IPFS daemon at {self.api} neither took nor sent a byte for "
+                f"{self.add_stall_timeout:g} s; check that it is running and not out of disk, "
+                "then add again"
+            ) from None
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise DaemonUnreachableError(
+                f"no IPFS daemon answers at {self.api}: start it (`ipfs daemon`), fix --api / "
+                "IPFS_EXECUTE_API, or unset them to use the embedded node"
+            ) from None
+        except (OSError, rpc_http.ProtocolError) as error:
+            raise IpfsError(
+                f"adding {what}: the connection to the IPFS daemon at {self.api} broke "
+                f"({error}); add again"
+            ) from None
+        lines = [line for line in answer.splitlines() if line.strip()]
+        last_line = lines[-1] if lines and status == 200 else b""
+        return self._added_cid(status, last_line, answer, trailers, what=what)
+
+    def _added_cid(
+        self,
+        status: int,
+        last_line: bytes,
+        error_body: bytes,
+        trailers: Mapping[str, str],
+        *,
+        what: str,
+    ) -> str:
+        """The root CID from an /add answer, or the error it stands for."""
+        if status in (401, 403):
             raise DaemonAuthError(
-                f"the IPFS daemon at {self.api} refused /add (HTTP {reply.status}): give its "
+                f"the IPFS daemon at {self.api} refused /add (HTTP {status}): give its "
                 "credentials with --api-auth / IPFS_EXECUTE_API_AUTH (bearer:TOKEN or "
                 "basic:USER:PASSWORD, as in its API.Authorizations), with access to /api/v0"
             )
         refusal = (
-            (_error_message(reply.error_body) or f"HTTP {reply.status}")
-            if reply.status != 200
-            else reply.trailers.get("x-stream-error")
+            (_error_message(error_body) or f"HTTP {status}")
+            if status != 200
+            else trailers.get("x-stream-error")
         )
         if refusal:
             raise IpfsError(f"adding {what}: the IPFS daemon at {self.api} failed: {refusal}")
         try:
-            last = json.loads(reply.last_line)
+            last = json.loads(last_line)
             return str(last["Hash"])
         except (ValueError, KeyError, TypeError):
             raise IpfsError(
-                f"adding {what} gave no CID (the daemon answered {reply.last_line!r:.200})"
+                f"adding {what} gave no CID (the daemon answered {last_line!r:.200})"
             ) from None
 
     def add_bytes(self, data: bytes, *, name: str = "file", pin: bool = True) -> str:
@@ -586,11 +719,88 @@ class Store:
         results = answer if isinstance(answer, list) else [answer]
         return str(results[-1]["Hash"])
 
+    def add_file_into(self, base: str, path: str, data: bytes) -> tuple[str, str]:
+        """A new directory: `base` with a file of `data` at `path` (a/b/name), whose first
+        step is no entry of `base`. Returns (directory CID, file CID); pinned.
+
+        The same directory `compose` makes, built here when it is small and plain (a cell's
+        script in its input): three round trips instead of seven through MFS, which made a
+        script edit cost more than the run it starts. Otherwise it is `compose`.
+        """
+        steps = path.strip("/").split("/")
+        kind, links, base_data = (
+            self._unixfs_block(base) if len(data) <= 1024 * 1024 else ("", [], b"")
+        )
+        named = [dag_pb_link(link) for link in links] if kind == "directory" else []
+        if (
+            kind != "directory"
+            or len(links) > _BUILT_DIRECTORY_MAX_LINKS
+            or any(name == steps[0] for name, _ in named)
+        ):
+            file_cid = self.add_bytes(data, name=steps[-1])
+            return self.compose({path: file_cid}, base=base), file_cid
+        file_cid = raw_leaf_cid(data)
+        child, child_size, made = file_cid, len(data), []
+        for step in reversed(steps[1:]):
+            block = dag_pb_block(_UNIXFS_DIRECTORY, [dag_pb_link_bytes(step, child, child_size)])
+            child, child_size = dag_pb_cid(block), child_size + len(block)
+            made.append(block)
+        new_link = dag_pb_link_bytes(steps[0], child, child_size)
+        # dag-pb sorts links by the bytes of their names.
+        order = sorted(
+            [*zip((name for name, _ in named), links, strict=True), (steps[0], new_link)],
+            key=lambda pair: pair[0].encode("utf-8", "surrogateescape"),
+        )
+        root = dag_pb_block(base_data, [link for _, link in order])
+        made.append(root)
+        self._put_blocks([data], codec="raw", expected=[file_cid])
+        self._put_blocks(made, codec="dag-pb", expected=[dag_pb_cid(block) for block in made])
+        root_cid = dag_pb_cid(root)
+        self.pin(root_cid, based_on=base)
+        return root_cid, file_cid
+
+    def _put_blocks(self, blocks: list[bytes], *, codec: str, expected: list[str]) -> None:
+        boundary = secrets.token_hex(16)
+        body: list[bytes] = []
+        for block in blocks:
+            body += [_part_header(boundary, "block", "application/octet-stream"), block, b"\r\n"]
+        body.append(f"--{boundary}--\r\n".encode())
+        answer = self._call(
+            "/block/put",
+            opts={"cid-codec": codec, "mhtype": "sha2-256", "pin": "false"},
+            data=iter(body),
+            what="put blocks",
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        keys = [str(item["Key"]) for item in (answer if isinstance(answer, list) else [answer])]
+        if keys != expected:
+            raise IpfsError(
+                f"the IPFS daemon at {self.api} stored blocks as {keys}, not {expected}: "
+                "report this with `ipfs version --all`"
+            )
+
     def empty_directory(self) -> str:
         """The CID of an empty UnixFS directory (with the import settings above)."""
         return self.compose({})
 
-    def pin(self, cid: str) -> None:
+    def pin(self, cid: str, *, based_on: str | None = None) -> None:
+        """Pin `cid` recursively. With `based_on` (a recursively pinned CID that `cid` shares
+        most blocks with, such as the base of a composition) the node walks only what differs
+        (`pin update --unpin=false`): pinning a script composed into a 1 GB input costs what
+        the script costs, not a walk of every block of the input."""
+        if based_on is not None and based_on != cid:
+            try:
+                self._call(
+                    "/pin/update",
+                    f"/ipfs/{based_on}",
+                    f"/ipfs/{cid}",
+                    opts={"unpin": "false"},
+                    timeout=self.fetch_timeout,
+                    what=f"pin {cid}",
+                )
+                return
+            except IpfsError:
+                pass  # `based_on` is not pinned recursively: pin the whole DAG
         self._call(
             "/pin/add",
             f"/ipfs/{cid}",
@@ -653,7 +863,7 @@ class Store:
                 )
             answer = self._call("/files/stat", scratch, opts={"hash": "true"}, what="compose")
             cid = str(answer["Hash"])
-            self.pin(cid)
+            self.pin(cid, based_on=base)
             return cid
         finally:
             try:
@@ -720,8 +930,155 @@ class Store:
         peer = str(answer["ID"])
         return [a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in answer.get("Addresses") or []]
 
+    def peer_id(self) -> str:
+        """This node's peer ID."""
+        return str(self._call("/id", what="node identity")["ID"])
+
     def swarm_connect(self, address: str) -> None:
         self._call("/swarm/connect", address, timeout=self.fetch_timeout, what=f"connect {address}")
+
+    def is_pinned(self, cid: str) -> bool:
+        """Whether this node pins `cid` recursively (so holds all of it); asks no peer."""
+        try:
+            self._call(
+                "/pin/ls",
+                f"/ipfs/{cid}",
+                opts={"type": "recursive"},
+                timeout=self.fetch_timeout,
+                what=f"pin ls {cid}",
+            )
+        except IpfsError as error:
+            if "not pinned" in str(error) or type(error) is NotRetrievableError:
+                return False
+            raise
+        return True
+
+    # -- CAR files: a notebook's bundle ----------------------------------------------------
+
+    def dag_export(self, cid: str, dest: Path) -> int:
+        """Write the whole DAG under `cid` to `dest` as a CAR file, streamed (memory stays flat
+        whatever its size) and atomically; returns its size in bytes."""
+        chunks = self._call(
+            "/dag/export",
+            cid,
+            opts={"progress": "false"},
+            decoder="none",
+            stream=True,
+            what=f"export {cid}",
+        )
+        partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
+        size = 0
+        try:
+            try:
+                with open(partial, "wb") as out:
+                    for chunk in chunks:
+                        out.write(chunk)
+                        size += len(chunk)
+            except (ConnectionError, TimeoutError) as error:
+                raise IpfsError(
+                    f"exporting {cid}: the daemon's answer broke off ({error})"
+                ) from None
+            except OSError as error:
+                raise UsageError(
+                    f"cannot write the bundle {dest}: {error.strerror or error}"
+                ) from None
+            refusal = chunks.trailers.get("x-stream-error")
+            if refusal:
+                raise IpfsError(f"exporting {cid} as a CAR failed: {refusal}")
+            os.replace(partial, dest)
+        except BaseException:
+            chunks.close()
+            partial.unlink(missing_ok=True)
+            raise
+        return size
+
+    def dag_import(self, car: Path) -> list[str]:
+        """Import a CAR file (sent streamed, never read whole) and pin its roots; the roots."""
+        try:
+            handle = open(car, "rb")  # noqa: SIM115 (closed by the body generator)
+        except OSError as error:
+            raise UsageError(f"cannot read the bundle {car}: {error.strerror or error}") from None
+        boundary = secrets.token_hex(16)
+
+        def body() -> Iterator[bytes]:
+            with handle:
+                yield _part_header(boundary, car.name, "application/vnd.ipld.car")
+                while chunk := handle.read(UPLOAD_CHUNK):
+                    yield chunk
+                yield f"\r\n--{boundary}--\r\n".encode()
+
+        from . import duplex_http  # h11 and a thread: the body is streamed
+
+        rpc = self._endpoint
+        endpoint = duplex_http.Endpoint(
+            family=socket.AF_UNIX if rpc.unix_path is not None else socket.AF_INET,
+            address=rpc.unix_path if rpc.unix_path is not None else (rpc.host, rpc.port),
+            host_header=rpc.host_header,
+            tls=rpc.tls,
+        )
+        headers = dict(self.request_headers)
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        query = urllib.parse.urlencode(
+            {"stream-channels": "true", "pin-roots": "true", "stats": "false"}
+        )
+        try:
+            reply = duplex_http.post(
+                endpoint,
+                f"/api/v0/dag/import?{query}",
+                body(),
+                headers=headers,
+                stall_timeout=self.add_stall_timeout,
+            )
+        except duplex_http.StalledError:
+            raise IpfsError(
+                f"importing {car}: the IPFS daemon at {self.api} neither took nor sent a byte "
+                f"for {self.add_stall_timeout:g} s; check that it is running, then import again"
+            ) from None
+        except OSError as error:
+            raise IpfsError(
+                f"importing {car}: the connection to the IPFS daemon at {self.api} broke "
+                f"({error}); import again"
+            ) from None
+        refusal = (
+            (_error_message(reply.error_body) or f"HTTP {reply.status}")
+            if reply.status != 200
+            else reply.trailers.get("x-stream-error")
+        )
+        if refusal:
+            raise IpfsError(f"importing {car}: the IPFS daemon refused it: {refusal}")
+        roots = []
+        for item in _json_objects(reply.last_line) or []:
+            root = item.get("Root") if isinstance(item, dict) else None
+            if isinstance(root, dict):
+                if root.get("PinErrorMsg"):
+                    raise IpfsError(
+                        f"importing {car}: pinning its root failed: {root['PinErrorMsg']}"
+                    )
+                roots.append(str(root["Cid"]["/"]))
+        if not roots:
+            raise IpfsError(f"importing {car}: the daemon named no root (is it a CAR file?)")
+        return roots
+
+    def pin_remote(self, cid: str, service: str, *, name: str) -> None:
+        """Ask a remote pinning service configured in the node (`ipfs pin remote service
+        add`) to pin `cid`; returns once the request is queued there."""
+        try:
+            self._call(
+                "/pin/remote/add",
+                f"/ipfs/{cid}",
+                opts={"service": service, "name": name, "background": "true"},
+                what=f"pin {cid} remotely",
+            )
+        except IpfsExecuteError as error:
+            if "service" in str(error).lower() and (
+                "not" in str(error).lower() or "unknown" in str(error).lower()
+            ):
+                raise UsageError(
+                    f"no remote pinning service named {service!r} in the IPFS node's "
+                    f"configuration: add it with `ipfs pin remote service add {service} "
+                    "ENDPOINT TOKEN` (docs/trust.md)"
+                ) from None
+            raise
 
 
 def _as_path(text: str) -> str:
@@ -818,6 +1175,38 @@ def _error_message(body: bytes) -> str:
         return body.decode("utf-8", "replace").strip()[:500]
 
 
+def _chained(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    """`first`, then `rest`; closing this closes `rest` (a generator reading a file)."""
+    try:
+        yield from first
+        yield from rest
+    finally:
+        close = getattr(rest, "close", None)
+        if close is not None:
+            close()
+
+
+def _json_objects(body: bytes) -> list[Any] | None:
+    """The JSON values of an answer, one after another (Kubo streams one per line), or None."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    objects: list[Any] = []
+    index, end = 0, len(text)
+    while True:
+        while index < end and text[index].isspace():
+            index += 1
+        if index == end:
+            return objects
+        try:
+            value, index = decoder.raw_decode(text, index)
+        except ValueError:
+            return None
+        objects.append(value)
+
+
 def _part_header(boundary: str, name: str, content_type: str) -> bytes:
     # Kubo unescapes file names with Go's url.QueryUnescape, so escape everything ('+' too).
     # The name's own bytes are escaped, so a name that is not UTF-8 arrives as it is on disk.
@@ -899,3 +1288,10 @@ def _multipart_tree(
 
     yield from emit(str(root), root_name, "")
     yield f"--{boundary}--\r\n".encode()
+
+
+def _is_empty_directory(path: Path) -> bool:
+    if not stat_module.S_ISDIR(path.lstat().st_mode):
+        return False
+    with os.scandir(path) as entries:
+        return next(entries, None) is None

@@ -64,6 +64,7 @@ class Verdict:
     record_cid: str
     record: RunRecord
     reruns: tuple[RerunResult, ...] = field(default_factory=tuple)
+    trust: str | None = None  # who attests the recorded output, after this verification
 
     @property
     def reproducible(self) -> bool:
@@ -77,6 +78,8 @@ class Verdict:
                 verdict += f" (exit status {rerun.exit_status})"
             lines.append(f"  re-run, {rerun.condition}: {verdict}")
             lines.extend(f"    {diff.describe()}" for diff in rerun.diffs)
+        if self.trust:
+            lines.append(f"attestations: {self.trust}")
         lines.append(
             "verdict: reproducible"
             if self.reproducible
@@ -110,7 +113,11 @@ def request_of(record: RunRecord) -> RunRequest:
     """The request that repeats a recorded run exactly (its input already holds the script)."""
     limits = Limits(**{k: v for k, v in record.limits.items() if k in Limits.__dataclass_fields__})
     return RunRequest(
-        rootfs=record.rootfs, input=record.input, args=tuple(record.args), limits=limits
+        rootfs=record.rootfs,
+        input=record.input,
+        args=tuple(record.args),
+        limits=limits,
+        params=tuple(sorted(record.params.items())),
     )
 
 
@@ -144,7 +151,17 @@ def verify(
         reruns.append(rerun)
         if on_rerun is not None:
             on_rerun(rerun)
-    return Verdict(stored.cid, record, tuple(reruns))
+    trust = None
+    if record.key is not None and record.key == record.recomputed_key():
+        # What this node got, signed and kept beside the record: an agreeing verification
+        # adds its key to those that attest the output, a disagreeing one records a conflict.
+        for output in dict.fromkeys(r.output for r in reruns if r.output is not None):
+            runner.results.attest(runner.signing_key.attest(record.key, output))
+        summary = runner.trust_policy.summarize(
+            record.output, runner.results.attestations(record.key)
+        )
+        trust = summary.describe()
+    return Verdict(stored.cid, record, tuple(reruns), trust)
 
 
 def _rerun(runner: Runner, request: RunRequest, condition: str) -> RunRecord:
@@ -195,6 +212,63 @@ def records_in_notebook(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+@dataclass(frozen=True)
+class StaleCell:
+    """A saved result that read a variable since bound to another CID by an earlier cell."""
+
+    cell: int  # index in the notebook's cells
+    execution_count: int | None
+    variable: str
+    read: str  # the CID the variable held when the cell ran
+    bound: str  # what the earlier cell's saved result binds it to
+    bound_by: int  # that cell's index
+
+    def describe(self) -> str:
+        shown = f" (In [{self.execution_count}])" if self.execution_count is not None else ""
+        return (
+            f"cell {self.cell}{shown}: stale: ${self.variable} changed (it read {self.read}; "
+            f"cell {self.bound_by} binds it to {self.bound} now): run it again"
+        )
+
+
+def stale_cells(path: Path) -> list[StaleCell]:
+    """The cells of a saved notebook whose results are stale: each result's metadata names the
+    variables its magic line read (with their CIDs) and the one it bound (-o NAME); a variable
+    an earlier cell's saved result binds to another CID makes the reader stale."""
+    try:
+        cells = json.loads(path.read_text()).get("cells", [])
+    except (OSError, ValueError, AttributeError) as error:
+        raise UsageError(f"{path}: not a readable notebook ({error})") from None
+    bound: dict[str, tuple[str, int]] = {}  # variable -> (output CID, cell index)
+    found: list[StaleCell] = []
+    for index, cell in enumerate(cells):
+        if not isinstance(cell, dict):
+            continue
+        binds: dict[str, str] = {}
+        for output in cell.get("outputs", []):
+            meta = (output.get("metadata") or {}).get("ipfs_execute")
+            if not isinstance(meta, dict):
+                continue
+            reads = meta.get("reads")
+            for name, cid in reads.items() if isinstance(reads, dict) else ():
+                if name in bound and bound[name][0] != cid:
+                    found.append(
+                        StaleCell(
+                            index,
+                            cell.get("execution_count"),
+                            str(name),
+                            str(cid),
+                            bound[name][0],
+                            bound[name][1],
+                        )
+                    )
+            if isinstance(meta.get("binds"), str) and meta.get("output"):
+                binds[meta["binds"]] = str(meta["output"])
+        # Bound after the cell's own reads: a cell reading and rebinding a name is not stale.
+        bound.update({name: (cid, index) for name, cid in binds.items()})
+    return found
+
+
 # -- a whole notebook --------------------------------------------------------------------------
 
 
@@ -227,6 +301,7 @@ class NotebookVerdict:
 
     path: str
     cells: tuple[CellVerdict, ...]
+    stale: tuple[StaleCell, ...] = ()  # results whose inputs were rebound (see stale_cells)
 
     @property
     def reproducible(self) -> bool:
@@ -239,7 +314,10 @@ class NotebookVerdict:
         return len(self.cells)
 
     def describe(self) -> str:
-        return "\n".join(cell.describe() for cell in self.cells)
+        return "\n".join([cell.describe() for cell in self.cells] + self.stale_lines())
+
+    def stale_lines(self) -> list[str]:
+        return [stale.describe() for stale in self.stale]
 
 
 def execution_counts(path: Path) -> dict[int, int | None]:
@@ -270,6 +348,7 @@ def verify_notebook(
     found = records_in_notebook(path)  # raises UsageError for a bad file
     if not found:
         raise UsageError(f"{path}: no recorded runs in it (was it executed and saved?)")
+    stale = tuple(stale_cells(path))
     counts = execution_counts(path)
     done: dict[str, CellVerdict] = {}
     cells: list[CellVerdict] = []
@@ -294,4 +373,4 @@ def verify_notebook(
         cells.append(outcome)
         if on_cell is not None:
             on_cell(outcome)
-    return NotebookVerdict(str(path), tuple(cells))
+    return NotebookVerdict(str(path), tuple(cells), stale)

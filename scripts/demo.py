@@ -13,6 +13,9 @@ text output is echoed here as it runs. Written to out/ (gitignored):
     out/NAME.ipynb   the executed notebook: outputs, widget state, every CID
     out/NAME.html    a static HTML export, readable in any browser without a kernel
 
+The shipped notebooks write nothing beside themselves (their images come from %ipfs_image,
+built in the data directory): with --out outside the checkout the repository stays as it was.
+
 The IPFS node is the embedded default (`ipfs-execute node status` shows it);
 IPFS_EXECUTE_HOME or IPFS_EXECUTE_API choose another, as everywhere.
 """

@@ -16,9 +16,6 @@ from pathlib import Path
 import pytest
 from helpers import world_traversable_tmpdir as _world_traversable_tmpdir
 
-PROJECT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT / "examples"))  # the image builders (`import images`)
-
 
 @pytest.fixture(scope="session")
 def home() -> Iterator[Path]:
@@ -74,7 +71,7 @@ def image_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def busybox_tarball(image_dir: Path) -> Path:
-    import images
+    from ipfs_execute_magic.images import builders as images
 
     return images.build_busybox(image_dir)
 

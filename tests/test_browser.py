@@ -5,6 +5,9 @@ output's files with their sizes and preview a file on click. The saved notebook 
 on a second server that has never seen it (another notebook secret, as on a colleague's
 machine): untrusted, so JupyterLab shows the results' static text/html instead of the widget.
 Screenshots of both go to artifacts/ (quickstart-widget.png, quickstart-untrusted.png).
+Links point to the node's gateway on its kept port, and a CID's copy button fills the clipboard.
+A second notebook checks a Markdown file's rendered preview, a CSV's right-aligned numbers and
+links through a configured subdomain gateway.
 
 The servers' kernels use the session's embedded node (IPFS_EXECUTE_HOME). The notebook runs in
 a temporary root laid out like the project (notebooks/, examples/ linked, build/).
@@ -33,6 +36,7 @@ from helpers import world_traversable_tmpdir
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 
 from ipfs_execute_magic.jupyter.display import human_size
+from ipfs_execute_magic.node import stored_gateway_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -164,6 +168,7 @@ def page() -> Iterator[Page]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1280, "height": 1000})
+        context.grant_permissions(["clipboard-read", "clipboard-write"])  # the copy buttons
         try:
             yield context.new_page()
         finally:
@@ -220,6 +225,19 @@ def test_quickstart_in_jupyterlab(
         files.filter(has_text="total.txt").click()
         expect(widget).to_contain_text("total.txt (3 B)")
         expect(widget.locator("pre").last).to_have_text("34\n")
+        # A CID's link goes to the node's gateway on the port kept for the data directory
+        # (it still answers tomorrow), and its copy button puts the CID on the clipboard.
+        gateway = stored_gateway_url(home)
+        copy = widget.locator("button.ipfs-execute-copy").first
+        cid = copy.get_attribute("data-cid")
+        assert gateway and cid
+        link = widget.locator("a", has_text=f"ipfs://{cid}").first
+        assert link.get_attribute("href") == f"{gateway}/ipfs/{cid}"
+        with urllib.request.urlopen(f"{gateway}/ipfs/{cid}/counts.txt", timeout=10) as answer:
+            assert b"6 the" in answer.read()
+        copy.click()
+        expect(copy).to_have_text("copied")
+        assert page.evaluate("navigator.clipboard.readText()") == cid
         expect(
             cell_output(page, "%%ipfs_execute $busybox $counts -o top").locator(
                 ".widget-vbox button.jupyter-button"
@@ -248,8 +266,133 @@ def test_quickstart_in_jupyterlab(
         expect(static.locator("a", has_text="total.txt")).to_be_visible()
         expect(static).to_contain_text(size)
         expect(static).to_contain_text("6 the")  # the saved preview
+        # The saved links name the stable gateway and keep the ipfs:// text; no copy buttons.
+        assert static.locator("a", has_text=f"ipfs://{cid}").first.get_attribute("href") == (
+            f"{gateway}/ipfs/{cid}"
+        )
+        expect(static.locator("button")).to_have_count(0)
         expect(page.locator(".jp-NotebookPanel .widget-vbox")).to_have_count(0)
         expect(page.get_by_text("Error displaying widget")).to_have_count(0)
         static.scroll_into_view_if_needed()
         page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "quickstart-untrusted.png"))
+
+
+def test_markdown_preview_and_configured_gateway_links(
+    root: Path, page: Page, home: Path, busybox_cid: str, tmp_path: Path
+) -> None:
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    notebook.cells = [
+        nbformat.v4.new_code_cell(
+            "%load_ext ipfs_execute_magic\n"
+            "%config IpfsExecuteMagics.gateway = 'https://dweb.link'\n"
+            "%config IpfsExecuteMagics.gateway_style = 'subdomain'"
+        ),
+        nbformat.v4.new_code_cell(
+            f"%%ipfs_execute {busybox_cid} -o notes\n"
+            "printf '# Notes\\n\\n*three* pears\\n' > /output/notes.md\n"
+            # A payload's Markdown is untrusted: its HTML must show as text, never run.
+            "echo '<img src=x onerror=\"document.title=1\"> [go](javascript:document.title=2)'"
+            " >> /output/notes.md\n"
+            "printf 'fruit,count\\npear,3\\n' > /output/table.csv"
+        ),
+    ]
+    nbformat.write(notebook, root / "notebooks" / "markdown.ipynb")
+    with jupyter_lab(root, tmp_path / "lab", home) as lab:
+        open_notebook(page, lab, "markdown.ipynb")
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(
+            ".lm-Menu-item:not(.lm-mod-hidden) .lm-Menu-itemLabel", has_text="Run All Cells"
+        ).first.click()
+        widget = cell_output(page, "%%ipfs_execute").locator(".widget-vbox").first
+        expect(widget).to_contain_text("✓ exit 0", timeout=RUN_ALL * 1000)
+        # The first file, notes.md, is rendered as Markdown, not shown as its text.
+        expect(widget.locator("h1", has_text="Notes")).to_be_visible()
+        expect(widget.locator("em", has_text="three")).to_be_visible()
+        rendered = widget.locator(".jp-RenderedMarkdown")
+        expect(rendered).to_contain_text("<\u200bimg src=x onerror=")  # shown, not made
+        expect(rendered.locator("img")).to_have_count(0)
+        href = rendered.locator("a", has_text="go").get_attribute("href") or ""
+        assert not href.lower().startswith("javascript:"), href
+        assert page.title() != "1"
+        widget.locator("button.jupyter-button", has_text="table.csv").click()
+        expect(widget.locator("h1", has_text="Notes")).to_have_count(0)
+        expect(widget.get_by_role("cell", name="3", exact=True)).to_have_css("text-align", "right")
+        expect(widget.get_by_role("cell", name="pear", exact=True)).to_have_css(
+            "text-align", "left"
+        )
+        # The configured gateway, subdomain style, beside the ipfs:// text.
+        copy = widget.locator("button.ipfs-execute-copy").first
+        cid = copy.get_attribute("data-cid")
+        link = widget.locator("a", has_text=f"ipfs://{cid}").first
+        assert link.get_attribute("href") == f"https://{cid}.ipfs.dweb.link"
+
+
+def test_live_status_line_and_stale_marker(
+    root: Path, page: Page, home: Path, busybox_cid: str, tmp_path: Path
+) -> None:
+    """A 3 s cell shows "running · N s" and its phase while it runs; re-running the upstream
+    cell (a new CID in `counts`) marks the reader's live header stale. Screenshots of both go
+    to artifacts/ (live-status.png, stale-marker.png) for docs/notebooks.md."""
+    import nbformat
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    tag = secrets.token_hex(4)
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    upstream = "%%ipfs_execute $busybox -o counts -p run={next(runs)}"
+    reader = "%%ipfs_execute $busybox $counts -o report"
+    notebook.cells = [
+        nbformat.v4.new_code_cell(
+            f"%load_ext ipfs_execute_magic\nimport itertools\nruns = itertools.count()\n"
+            f"busybox = {busybox_cid!r}"
+        ),
+        # Each run of the cell gets the next parameter: another output, another CID.
+        nbformat.v4.new_code_cell(f"{upstream}\nsleep 3\necho {tag} $run > /output/counts.txt"),
+        nbformat.v4.new_code_cell(f"{reader}\nwc -c < /input/counts.txt > /output/size.txt"),
+    ]
+    nbformat.write(notebook, root / "notebooks" / "stale.ipynb")
+    with jupyter_lab(root, tmp_path / "lab", home) as lab:
+        open_notebook(page, lab, "stale.ipynb")
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(
+            ".lm-Menu-item:not(.lm-mod-hidden) .lm-Menu-itemLabel", has_text="Run All Cells"
+        ).first.click()
+        status = cell_output(page, upstream).locator(".ipfs-execute-status")
+        expect(status).to_contain_text("payload running", timeout=60_000)
+        first = status.inner_text()
+        assert first.startswith("running · "), first
+        page.wait_for_timeout(1100)  # the line is updated about every 0.5 s
+        assert status.inner_text() != first
+        cell_output(page, upstream).scroll_into_view_if_needed()  # each update is a new line
+        expect(status).to_contain_text("payload running")
+        page.screenshot(path=str(ARTIFACTS / "live-status.png"))
+
+        widget = cell_output(page, reader).locator(".widget-vbox").first
+        expect(widget).to_contain_text("✓ exit 0", timeout=RUN_ALL * 1000)
+        # Done: the line became a static summary, no longer updated.
+        expect(cell_output(page, upstream)).to_contain_text("finished after ")
+        expect(cell_output(page, upstream).locator(".ipfs-execute-status")).to_have_count(0)
+        expect(widget).not_to_contain_text("stale")
+
+        # The upstream cell runs again: `counts` holds another CID, the reader is stale.
+        page.locator(".jp-CodeCell").filter(
+            has=page.locator(".jp-InputArea-editor", has_text=upstream)
+        ).locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        marker = widget.locator(".ipfs-execute-stale")
+        expect(marker).to_contain_text("stale: $counts changed", timeout=60_000)
+        widget.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "stale-marker.png"))

@@ -694,3 +694,98 @@ def test_add_shows_progress_only_on_a_terminal(home: Path, scratch: Path) -> Non
     assert f"adding {tree}: " in terminal and "of 2,001 files" in terminal, terminal
     assert "MB/s" in terminal
     assert terminal.endswith("\r\x1b[K")  # the line is cleared once the CID is known
+
+
+def test_node_status_of_the_embedded_node_and_of_your_own_daemon(home: Path, store) -> None:
+    from ipfs_execute_magic.node import stored_gateway_url
+
+    gateway = stored_gateway_url(home)
+    assert gateway is not None and gateway.startswith("http://127.0.0.1:")
+    status = ipfs_execute(home, "node", "status")
+    assert status.returncode == 0, status.stderr
+    lines = dict(line.split(":", 1) for line in status.stdout.splitlines() if ":" in line)
+    assert lines["node"].strip().startswith("embedded, running (pid ")
+    assert lines["api"].strip() == store.api
+    assert lines["gateway"].strip() == gateway
+    assert lines["links"].strip().startswith(f"{gateway} ")
+    assert lines["repo"].strip() == str(home / "kubo")
+    assert lines["size"].strip().endswith(("KiB", "MiB", "GiB"))
+
+    # The same node as "your own daemon": API and gateway from its config, size from the API.
+    own = ipfs_execute(
+        home,
+        "node",
+        "status",
+        "--gateway",
+        "https://dweb.link",
+        "--gateway-style",
+        "subdomain",
+        env=cli_env(home, IPFS_EXECUTE_API=store.api),
+    )
+    assert own.returncode == 0, own.stderr
+    lines = dict(line.split(":", 1) for line in own.stdout.splitlines() if ":" in line)
+    assert lines["node"].strip() == "your own daemon (IPFS_EXECUTE_API / --api), answers"
+    assert lines["api"].strip() == store.api
+    assert lines["gateway"].strip() == gateway
+    assert lines["links"].strip().startswith("https://dweb.link, subdomain style")
+    assert "repo" not in lines and lines["size"].strip().endswith(("KiB", "MiB", "GiB"))
+
+    # Nothing answers there: said, not an error.
+    gone = ipfs_execute(
+        home, "node", "status", env=cli_env(home, IPFS_EXECUTE_API="/ip4/127.0.0.1/tcp/9")
+    )
+    assert gone.returncode == 0, gone.stderr
+    assert "does not answer" in gone.stdout
+
+
+def test_a_closed_pipe_ends_cache_list_quietly(
+    home: Path, busybox_cid: str, empty_cid: str
+) -> None:
+    # At least one cached run to list.
+    run = ipfs_execute(home, busybox_cid, empty_cid, "sh", "-c", "echo piped > /output/p")
+    assert run.returncode == 0, run.stderr
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as `| head` ends
+    try:
+        listed = subprocess.run(
+            [str(BIN / "ipfs-execute"), "cache", "list"],
+            env=cli_env(home),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert listed.stderr == ""
+    assert listed.returncode == 128 + 13  # as a command SIGPIPE stopped
+    # Through a shell pipeline too: `head` takes one line and the rest ends quietly.
+    shell = subprocess.run(
+        ["sh", "-c", "ipfs-execute cache list | head -n 1"],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shell.returncode == 0 and shell.stderr == "" and len(shell.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["lst"], "unknown command 'lst' (one of: add, get, verify,"),
+        (["nod", "status"], "unknown command 'nod' (did you mean node?)"),
+        (["cache", "lst"], "unknown command 'lst' (did you mean list?)"),
+        (["node", "stauts"], "unknown command 'stauts' (did you mean status?)"),
+        (["node", "--gateway", "https://x.example", "statuss"], "(did you mean status?)"),
+        (["frobnicate"], "unknown command 'frobnicate' (one of: add, get,"),
+    ],
+)
+def test_a_mistyped_command_names_the_closest(
+    tmp_path: Path, words: list[str], expected: str
+) -> None:
+    result = ipfs_execute(tmp_path, *words)
+    assert result.returncode == EXIT_USAGE
+    assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stdout == ""

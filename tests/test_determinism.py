@@ -37,7 +37,7 @@ PROBES = Path(__file__).resolve().parent.parent / "examples" / "determinism"
 
 @pytest.fixture(scope="module")
 def python_cid(store, image_dir: Path) -> str:
-    import images
+    from ipfs_execute_magic.images import builders as images
 
     return store.add_path(images.build_python(image_dir))
 

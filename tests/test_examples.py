@@ -21,15 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from ipfs_execute_magic.images import builders as images
+
 # Builds images (fetching pinned .debs once) and runs them in real sandboxes.
 pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import images  # noqa: E402
-
-di = images.di  # examples/pkg-install/debinstall.py, put on sys.path by images
+di = images.di  # ipfs_execute_magic/images/debinstall.py
 
 EPOCH = 315532800
 SANDBOX_ENV = {

@@ -96,7 +96,7 @@ def test_output_streams_while_the_payload_runs(kernel: Kernel) -> None:
 
 @pytest.fixture(scope="module")
 def python_cid(store, image_dir: Path) -> str:
-    import images
+    from ipfs_execute_magic.images import builders as images
 
     return store.add_path(images.build_python(image_dir))
 
@@ -125,13 +125,14 @@ def test_python_payload_streams_unbuffered_and_progress_is_replaced(
     lead = (sent_at(reply) - sent_at(streams[0])).total_seconds()
     assert lead > 1.0, f"python buffered its output: first line only {lead:.2f} s before the end"
 
-    # Fetching the python image showed progress under one display id, and its last update
-    # is a static line: nothing of a widget is left to save.
+    # The status line (a display call from a thread: it reaches the cell) showed the python
+    # image being fetched under one display id, and its last update is a static line:
+    # nothing of a widget is left to save.
     shown = [
         m
         for m in messages
         if m["msg_type"] == "display_data"
-        and m["content"]["data"].get("text/plain", "").startswith("fetching rootfs")
+        and m["content"]["data"].get("text/plain", "").startswith("running · ")
     ]
     assert len(shown) == 1
     display_id = shown[0]["content"]["transient"]["display_id"]
@@ -141,7 +142,9 @@ def test_python_payload_streams_unbuffered_and_progress_is_replaced(
         if m["msg_type"] == "update_display_data"
         and m["content"]["transient"]["display_id"] == display_id
     ]
-    assert updates and updates[-1]["content"]["data"]["text/plain"].startswith("fetched rootfs")
+    texts = [m["content"]["data"]["text/plain"] for m in updates]
+    assert any(" · staging rootfs " in text for text in texts)
+    assert updates and "fetched rootfs" in texts[-1]
     assert set(updates[-1]["content"]["data"]) == {"text/plain", "text/html"}
 
 

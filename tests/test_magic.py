@@ -6,6 +6,7 @@ Most payloads use the busybox image with `sh` (it has sort, awk, sleep ...).
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import signal
 import subprocess
@@ -25,10 +26,11 @@ from ipfs_execute_magic.errors import UsageError as CoreUsageError
 from ipfs_execute_magic.jupyter import magics
 from ipfs_execute_magic.jupyter.display import (
     HTML_PREVIEWS,
+    LiveStatus,
     OutputBrowser,
     ResultView,
-    StagingProgress,
     human_size,
+    inert_markdown,
     preview_html,
 )
 from ipfs_execute_magic.jupyter.magics import (
@@ -37,6 +39,8 @@ from ipfs_execute_magic.jupyter.magics import (
     PayloadFailedError,
     split_payload_args,
 )
+from ipfs_execute_magic.links import Gateway
+from ipfs_execute_magic.node import GATEWAY_PORT_NAME, stored_gateway_url
 from ipfs_execute_magic.record import SCRIPT_DIR, RunRequest
 from ipfs_execute_magic.result import IpfsRef, RunResult
 
@@ -64,7 +68,8 @@ def counts(ip: InteractiveShell, data: IpfsRef) -> RunResult:
         "sort /input/words.txt | uniq -c | awk '{print $2\",\"$1}' > /output/counts.csv\n"
         "mkdir -p /output/deep/er && echo nested > /output/deep/er/note.txt\n"
         'echo \'<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>\''
-        " > /output/dot.svg\n",
+        " > /output/dot.svg\n"
+        "printf '# Notes\\n\\n*three* pears\\n' > /output/notes.md\n",
     )
     return ip.user_ns["counts"]
 
@@ -353,12 +358,17 @@ def sandbox_processes(marker: str) -> list[str]:
 # -- display -------------------------------------------------------------------------------
 
 
-def test_mimebundle_has_widget_html_and_text(ip: InteractiveShell, counts: RunResult) -> None:
+def test_mimebundle_has_widget_html_and_text(
+    ip: InteractiveShell, counts: RunResult, home: Path
+) -> None:
     bundle, _ = ip.display_formatter.format(counts)
     assert {WIDGET_MIME, "text/html", "text/plain"} <= set(bundle)
     html, plain = bundle["text/html"], bundle["text/plain"]
     gateway = ip.magics_manager.registry["IpfsExecuteMagics"].gateway_for(counts.store)
-    assert gateway.startswith("http://127.0.0.1:") and not gateway.endswith(":0")
+    # The gateway on the port kept for the data directory, not one daemon's random port.
+    port = (home / GATEWAY_PORT_NAME).read_text().strip()
+    assert gateway == Gateway(f"http://127.0.0.1:{port}")
+    assert set(re.findall(r'href="http://127\.0\.0\.1:(\d+)/', html)) == {port}
     for entry in counts.files():
         assert entry.path.rsplit("/", 1)[-1] in html and entry.cid in html
         assert entry.cid in plain
@@ -373,6 +383,11 @@ def test_mimebundle_has_widget_html_and_text(ip: InteractiveShell, counts: RunRe
     assert "<th" in html and "pear" in html  # the CSV preview as a table
     assert "data:image/svg+xml;base64," in html  # the SVG preview
     assert "nested" in html  # small text preview
+    assert '<pre style="max-height:24em;overflow:auto;margin:0;font-family:monospace">' in html
+    assert '<td style="text-align:right;padding:0 0.6em">3</td>' in html  # numbers line up
+    assert '<td style="text-align:left;padding:0 0.6em">pear</td>' in html
+    assert "# Notes\n\n*three* pears" in html  # Markdown as escaped text in the static HTML
+    assert 'class="ipfs-execute-copy"' not in html  # no script in saved HTML
 
 
 def test_widget_tree_and_previews(ip: InteractiveShell, counts: RunResult) -> None:
@@ -385,13 +400,65 @@ def test_widget_tree_and_previews(ip: InteractiveShell, counts: RunResult) -> No
     assert "nested" in browser.preview.value
     assert browser.buttons["deep/er/note.txt"].button_style == "info"
     assert browser.buttons["counts.csv"].button_style == ""
+    browser.buttons["notes.md"].click()  # rendered by the front end, as text/markdown
+    assert "notes.md" in browser.preview.value and "<pre" not in browser.preview.value
+    assert browser.rendered.layout.display == "block"
+    (shown,) = browser.rendered.outputs
+    assert shown["data"]["text/markdown"] == "# Notes\n\n*three* pears\n"
     browser.buttons["dot.svg"].click()
     assert "data:image/svg+xml;base64," in browser.preview.value
+    assert browser.rendered.outputs == () and browser.rendered.layout.display == "none"
+    header = browser.children[0].value  # a copy button beside each CID
+    for cid in (counts.output, counts.input, counts.rootfs):
+        assert f'data-cid="{cid}"' in header and f"ipfs://{cid}" in header
     folder = browser.buttons["deep"]
     folder.click()
     assert folder.icon == "folder"
     folder.click()
     assert folder.icon == "folder-open"
+
+
+def test_node_status_magic_and_api(ip: InteractiveShell, counts: RunResult, home: Path) -> None:
+    gateway = stored_gateway_url(home)
+    status = ie.node_status()
+    assert status.embedded and status.running and status.pid
+    assert status.api == counts.store.api and status.gateway == gateway
+    assert status.links == Gateway(str(gateway)) and status.repo == home / "kubo"
+    assert status.repo_size is not None and status.repo_size > 0
+    with capture_output() as captured:
+        ok(ip, "%ipfs_node")
+    assert captured.stdout == status.describe() + "\n"
+    assert f"gateway: {gateway}" in captured.stdout and "embedded, running" in captured.stdout
+    try:
+        ok(ip, "%config IpfsExecuteMagics.gateway = 'https://dweb.link'")
+        ok(ip, "%config IpfsExecuteMagics.gateway_style = 'subdomain'")
+        with capture_output() as captured:
+            ok(ip, "%ipfs_node")
+        assert "links:   https://dweb.link, subdomain style" in captured.stdout
+        bundle, _ = ip.display_formatter.format(counts)
+        assert f'href="https://{counts.output}.ipfs.dweb.link"' in bundle["text/html"]
+        run(ip, "%config IpfsExecuteMagics.gateway_style = 'sideways'")  # refused
+        assert ip.magics_manager.registry["IpfsExecuteMagics"].gateway_style == "subdomain"
+    finally:
+        ok(ip, "%config IpfsExecuteMagics.gateway = ''")
+        ok(ip, "%config IpfsExecuteMagics.gateway_style = ''")
+
+
+def test_markdown_from_a_payload_cannot_carry_html_or_script_links() -> None:
+    hostile = (
+        "# Report <img src=x onerror=alert(1)>\n"
+        "<script>alert(2)</script> &#106;avascript `a < b && c`\n"
+        "[one](javascript:alert(3)) [two]( \x01JavaScript :alert(4))\n"
+        "[ref]: vbscript:msgbox(5)\n"
+        "[fine](https://example.org/a?b=1)\n"
+    )
+    inert = inert_markdown(hostile)
+    assert re.search(r"<[A-Za-z!/?]", inert) is None  # no tag, comment or autolink can open
+    assert re.search(r"&[#A-Za-z]", inert) is None  # no entity can form
+    assert re.search(r"(?i)(javascript|vbscript)\s*:", inert) is None
+    assert "[fine](https://example.org/a?b=1)" in inert  # ordinary links stay
+    # What a reader sees is unchanged (the added characters have no width).
+    assert inert.replace("\u200b", "").startswith(hostile.split("[one]")[0])
 
 
 def test_image_and_binary_previews() -> None:
@@ -432,10 +499,12 @@ def test_staging_progress_is_replaced_by_a_static_line(
     ip.user_ns["fresh"] = fresh  # never staged before: its input is fetched now
     with capture_output() as captured:
         ok(ip, "%%ipfs_execute $busybox $fresh\nwc -c < /input/noise.bin > /output/n")
-    progress = [out for out in captured.outputs if "fetch" in out.data.get("text/plain", "")]
-    assert progress and progress[0].data["text/plain"].startswith("fetching input")
+    progress = [out for out in captured.outputs if "input" in out.data.get("text/plain", "")]
+    assert progress and progress[0].data["text/plain"].startswith("running · ")
+    assert "staging input" in progress[0].data["text/plain"]
     last = progress[-1]
-    assert last.update and last.data["text/plain"].startswith("fetched input")
+    assert last.update and last.data["text/plain"].startswith("finished after ")
+    assert "fetched input" in last.data["text/plain"]
     assert set(last.data) == {"text/plain", "text/html"}  # no widget state to save
     assert all(WIDGET_MIME not in out.data for out in progress)
 
@@ -470,7 +539,7 @@ def test_add_progress_is_silent_for_a_quick_add(ip: InteractiveShell, data_dir: 
 
 
 def test_progress_is_silent_for_quick_staging() -> None:
-    progress = StagingProgress(delay=60)
+    progress = LiveStatus(delay=60)
     with capture_output() as captured:
         progress("rootfs x", 10, 100)
         progress.finish()

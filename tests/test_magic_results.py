@@ -436,10 +436,14 @@ def test_every_result_display_names_its_run(ip: InteractiveShell, stable: RunRes
             "output": stable.output,
             "rootfs": stable.rootfs,
             "input": stable.input,
+            # What the magic line read and bound: a saved notebook can tell stale cells.
+            "reads": {"busybox": ip.user_ns["busybox"]},
+            "binds": "stable",
         }
     }
     assert "text/html" in data  # the data itself is unchanged
     hit = ok(ip, "%%ipfs_execute $busybox\n" + stable.input.read_text(".ipfs-execute/script"))
+    del metadata["ipfs_execute"]["binds"]  # no -o this time
     assert hit.cache_hit and shown(ip, hit)[1] == metadata  # a hit names the recorded run
 
 
@@ -474,7 +478,8 @@ def test_executed_notebook_keeps_the_records_for_verify(
             out for out in saved.cells[index].outputs if out.output_type == "execute_result"
         ]
         meta = result.metadata["ipfs_execute"]
-        assert set(meta) == {"record", "output", "rootfs", "input"}, meta
+        assert set(meta) == {"record", "output", "rootfs", "input", "reads", "binds"}, meta
+        assert meta["reads"]["busybox"] == busybox_cid  # the variables the line read
         assert (
             meta["rootfs"] == busybox_cid
             and f"ipfs://{meta['output']}" in result.data["text/plain"]

@@ -23,7 +23,7 @@ from helpers import BIN, cli_env, world_traversable_tmpdir
 
 from ipfs_execute_magic.cid import raw_leaf_cid
 from ipfs_execute_magic.errors import DaemonAuthError, NodeError, UsageError
-from ipfs_execute_magic.node import LOCK_NAME, EmbeddedNode, daemon_answers
+from ipfs_execute_magic.node import GATEWAY_PORT_NAME, LOCK_NAME, EmbeddedNode, daemon_answers
 from ipfs_execute_magic.record import RunRequest
 from ipfs_execute_magic.result_cache import CACHE_DIR, OUTPUTS_DIR, ResultCache
 from ipfs_execute_magic.runner import Runner
@@ -211,14 +211,16 @@ def test_a_repo_with_a_tcp_api_is_migrated_to_the_private_socket() -> None:
         assert not daemon_answers(old_api)
         config = json.loads((repo / "config").read_text())
         assert config["Addresses"]["API"] == [api]
-        assert config["Addresses"]["Gateway"] == ["/ip4/127.0.0.1/tcp/0"]
+        # The gateway on loopback only, on the port kept for this data directory.
+        port = (home / GATEWAY_PORT_NAME).read_text().strip()
+        assert config["Addresses"]["Gateway"] == [f"/ip4/127.0.0.1/tcp/{port}"]
         assert "Authorizations" not in config["API"]
         assert "Writable" not in config["Gateway"]
         assert stat.S_IMODE(repo.stat().st_mode) == 0o700
         assert stat.S_IMODE((repo / "config").stat().st_mode) == 0o600
         assert stat.S_IMODE((repo / LOCK_NAME).stat().st_mode) == 0o600
         gateway = (repo / "gateway").read_text().strip()
-        assert gateway.startswith("http://127.0.0.1:")
+        assert gateway == f"http://127.0.0.1:{port}"
         with Store(api) as store:
             assert store.version() == "0.43.1"
     finally:

@@ -10,10 +10,14 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,12 @@ from helpers import ipfs_execute
 
 from ipfs_execute_magic.record import RunRecord
 from ipfs_execute_magic.sandbox import SandboxSpec, create_output_area, run_sandbox
-from ipfs_execute_magic.sandbox.output_area import OutputWatch, image_size, loop_mount_problem
+from ipfs_execute_magic.sandbox.output_area import (
+    OutputWatch,
+    image_size,
+    loop_mount_problem,
+    template_path,
+)
 from ipfs_execute_magic.settings import Limits
 
 MiB = 1024**2
@@ -48,6 +57,11 @@ def _loop_mounts_of(path: Path) -> list[str]:
     return [
         line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(path) in line
     ]
+
+
+def _loop_devices_of(path: Path) -> list[str]:
+    listing = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True)
+    return [line for line in listing.stdout.splitlines() if str(path) in line]
 
 
 def _run(base: Path, script: str, limits: Limits):
@@ -264,7 +278,195 @@ def test_an_image_left_mounted_by_a_killed_run_is_unmounted_by_the_next(tmp_path
     finally:
         alive.release()
         subprocess.run(["umount", "-l", str(runs / "dead" / "output")], capture_output=True)
-    assert not _loop_mounts_of(tmp_path)
+    assert not _loop_mounts_of(tmp_path) and not _loop_devices_of(tmp_path)
+
+
+# --- templates and the syscall path -------------------------------------------------------
+
+
+def _new_area(parent: Path, limits: Limits, templates: Path):
+    parent.mkdir(parents=True)
+    return create_output_area(parent / "output", limits, templates)
+
+
+@pytest.mark.slow  # real loop devices and mounts
+@needs_root
+def test_output_images_are_copies_of_one_template_made_once(tmp_path: Path) -> None:
+    limits = Limits(output_bytes=64 * MiB, output_files=1000)
+    templates = tmp_path / "templates"
+    # Four runs at once, none of them finding a template: each sees a whole one (or makes its
+    # own), and each attaches a loop device of its own (some lose a race for a free one).
+    with ThreadPoolExecutor(4) as pool:
+        areas = list(pool.map(lambda name: _new_area(tmp_path / name, limits, templates), "abcd"))
+    template = template_path(templates, limits)
+    made = template.stat()
+    try:
+        # Four file systems from one template mounted at once (one UUID four times).
+        for area in areas:
+            assert area.image is not None
+            assert os.listdir(area.path) == []  # lost+found gone
+            info = os.stat(area.path)
+            assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o755, 0, 0)
+            (line,) = _loop_mounts_of(area.path)
+            options = line.split()[5].split(",")
+            assert "nosuid" in options and "nodev" in options, line
+            space = os.statvfs(area.path)
+            assert limits.output_bytes <= space.f_blocks * space.f_frsize <= image_size(limits)
+            assert 1000 <= space.f_ffree < 1000 + 64
+        for index, area in enumerate(areas):
+            (area.path / f"f{index}").write_bytes(b"1" * MiB)
+        assert [os.listdir(area.path) for area in areas] == [["f0"], ["f1"], ["f2"], ["f3"]]
+        assert len(_loop_devices_of(tmp_path)) == 4
+    finally:
+        for area in areas:
+            area.release()
+    _new_area(tmp_path / "e", limits, templates).release()
+    again = template.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)  # reused
+    assert [path.name for path in templates.iterdir()] == [template.name]  # nothing partial
+    assert again.st_blocks * 512 < MiB  # sparse, like the images copied from it
+    assert not _loop_mounts_of(tmp_path) and not _loop_devices_of(tmp_path)
+    assert not list(tmp_path.glob("*/output.img"))
+
+
+def _truncate(template: Path) -> None:
+    os.truncate(template, template.stat().st_size // 2)
+
+
+def _zero_superblock(template: Path) -> None:
+    with template.open("r+b") as file:
+        file.seek(1024)
+        file.write(bytes(1024))
+
+
+def _garble_group_descriptors(template: Path) -> None:
+    # The superblock still looks right: only mount(2) finds the damage.
+    with template.open("r+b") as file:
+        file.seek(4096)
+        file.write(b"\xa5" * 4096)
+
+
+def _head(template: Path) -> bytes:
+    with template.open("rb") as file:
+        return file.read(8192)
+
+
+@pytest.mark.slow  # real loop devices and mounts
+@needs_root
+@pytest.mark.parametrize("damage", [_truncate, _zero_superblock, _garble_group_descriptors])
+def test_a_damaged_template_is_made_anew(tmp_path: Path, damage) -> None:
+    limits = Limits(output_bytes=16 * MiB, output_files=100)
+    templates = tmp_path / "templates"
+    _new_area(tmp_path / "a", limits, templates).release()
+    template = template_path(templates, limits)
+    damage(template)
+    damaged = _head(template)
+    area = _new_area(tmp_path / "b", limits, templates)
+    try:
+        assert area.image is not None and os.path.ismount(area.path)
+        assert os.listdir(area.path) == []
+    finally:
+        area.release()
+    assert _head(template) != damaged and template.stat().st_size == image_size(limits)
+    assert not _loop_mounts_of(tmp_path) and not _loop_devices_of(tmp_path)
+
+
+@pytest.mark.slow  # real loop devices and mounts
+@needs_root
+def test_without_a_usable_template_output_is_a_watched_directory(tmp_path: Path) -> None:
+    limits = Limits(output_bytes=16 * MiB)
+    templates = tmp_path / "not-a-directory"
+    templates.write_text("")
+    area = _new_area(tmp_path / "a", limits, templates)
+    try:
+        assert area.image is None and area.path.is_dir() and not os.path.ismount(area.path)
+        assert "watch" in OutputWatch(area.path, limits).enforced()["output_bytes"]
+    finally:
+        area.release()
+    assert not _loop_mounts_of(tmp_path) and not _loop_devices_of(tmp_path)
+    assert not list(tmp_path.glob("*/output.img"))
+
+
+_INTERRUPTED_RUN = """
+import sys
+from pathlib import Path
+from ipfs_execute_magic.sandbox import OutputArea, SandboxSpec, run_sandbox
+from ipfs_execute_magic.settings import Limits
+base, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+limits = Limits(timeout=120)
+area = OutputArea(run_dir / "output", base / "templates")
+try:
+    area.create(limits)
+    run_sandbox(SandboxSpec(rootfs=base / "rootfs", input_dir=base / "input",
+        output_dir=area.path, limits=limits,
+        argv=("/sbin/init", "sh", "-c", "touch /output/started; exec sleep 100")))
+finally:
+    area.release()
+"""
+
+
+def _wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow  # real loop devices and mounts
+@needs_root
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_runs_leave_no_mount_or_loop_device_behind(base_dir: Path, how) -> None:
+    from ipfs_execute_magic.sandbox import release_stale_outputs
+
+    def left_behind() -> tuple[list[str], list[str]]:
+        return _loop_mounts_of(base_dir), _loop_devices_of(base_dir)
+
+    runs = base_dir / "runs"
+    # A run that ends normally first, from the same template.
+    area, result = _run_with_template(base_dir, runs / "ended")
+    assert result.exit_status == 0 and area.image is not None
+    area.release()
+    assert left_behind() == ([], [])
+
+    run_dir = runs / "interrupted"
+    run_dir.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_RUN, str(base_dir), str(run_dir)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    try:
+        assert _wait_for(lambda: (run_dir / "output" / "started").exists())
+        mounts, devices = left_behind()
+        assert len(mounts) == 1 and len(devices) == 1
+        process.send_signal(how)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    if how == signal.SIGKILL:
+        # Nothing could unmount: the next run does (its run directory is no longer locked).
+        release_stale_outputs(runs)
+        assert (run_dir / "output.img").exists()  # what it wrote is kept
+    # The loop device goes with its last user: the payload, killed with its parent.
+    assert _wait_for(lambda: left_behind() == ([], []), 10), left_behind()
+
+
+def _run_with_template(base: Path, run_dir: Path):
+    run_dir.mkdir(parents=True)
+    limits = Limits(timeout=60)
+    area = create_output_area(run_dir / "output", limits, base / "templates")
+    spec = SandboxSpec(
+        rootfs=base / "rootfs",
+        input_dir=base / "input",
+        output_dir=area.path,
+        argv=("/sbin/init", "sh", "-c", "ls -a /output > /tmp/seen; cat /tmp/seen > /output/seen"),
+        limits=limits,
+    )
+    result = run_sandbox(spec)
+    assert (area.path / "seen").read_text() == ".\n..\n"
+    return area, result
 
 
 def test_the_magic_takes_the_output_limits_as_options_and_config(ip) -> None:

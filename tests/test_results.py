@@ -375,6 +375,20 @@ def test_a_second_node_gets_a_hit_from_an_imported_cache(busybox_tarball: Path) 
         assert imported.returncode == 0, imported.stderr
         assert "imported 1 cached runs" in imported.stdout
 
+        # B trusts A's key: A's attested result is a hit on B.
+        key_a = subprocess.run(
+            [str(BIN / "ipfs-execute"), "trust", "key"],
+            env=env_a,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        subprocess.run(
+            [str(BIN / "ipfs-execute"), "trust", "add", key_a, "--name", "A"],
+            env=env_b,
+            check=True,
+            capture_output=True,
+        )
         run_b = subprocess.run(
             [
                 str(BIN / "ipfs-execute"),
@@ -391,6 +405,7 @@ def test_a_second_node_gets_a_hit_from_an_imported_cache(busybox_tarball: Path) 
         )
         assert run_b.returncode == 0, run_b.stderr
         assert run_b.stdout.strip() == output and "cache hit" in run_b.stderr
+        assert "attested by 1 key (trusted)" in run_b.stderr
         assert not (homes[1] / "cache" / "rootfs").exists()  # B never staged, so never ran
         with Store.connect(Settings(home=homes[1])) as store_b:
             assert store_b.cat(f"{output}/result") == b"computed on A\n"  # fetched from A

@@ -242,3 +242,72 @@ def test_add_reports_growing_progress_ending_at_the_totals(store: Store, scratch
     # Throttled: nowhere near one call per file.
     assert len(seen) <= last.seconds / 0.1 + 2
     assert seen[0].files_total == 3002 and seen[0].bytes_total == total_bytes
+
+
+def _recursive_pins(kubo_env: dict[str, str]) -> set[str]:
+    listed = subprocess.run(
+        ["ipfs", "pin", "ls", "--type=recursive", "--quiet"],
+        env=kubo_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(listed.stdout.split())
+
+
+def test_a_composition_is_pinned_whether_or_not_its_base_is(store: Store, kubo_env) -> None:
+    """On a pinned base, the pin of a composition walks only what differs (`pin update`); on
+    an unpinned one it falls back to pinning the whole: either way it is pinned, and the
+    base's own pin state is left as it was."""
+    pinned_base = store.compose({"a": store.add_bytes(b"pinned base\n")})
+    loose_base = store.compose({"a": store.add_bytes(b"loose base\n", pin=False)})
+    subprocess.run(["ipfs", "pin", "rm", loose_base], env=kubo_env, check=True, capture_output=True)
+    on_pinned = store.compose({"b": store.add_bytes(b"b\n")}, base=pinned_base)
+    on_loose = store.compose({"b": store.add_bytes(b"b\n")}, base=loose_base)
+    pins = _recursive_pins(kubo_env)
+    assert {pinned_base, on_pinned, on_loose} <= pins
+    assert loose_base not in pins
+
+
+def test_directory_changes_name_what_two_directories_hold_differently(store: Store) -> None:
+    """Read from the blocks (dag-pb decoded here), checked against what the node resolves."""
+    entries = {f"file-{index:04d}": store.add_bytes(b"%d\n" % index) for index in range(300)}
+    base = store.compose({**entries, "sub/x": store.add_bytes(b"x\n")})
+    replaced = store.compose(
+        {"file-0007": store.add_bytes(b"seven\n"), "sub/x": store.add_bytes(b"y\n")}, base=base
+    )
+    assert store.directory_changes(base, base) == {}
+    changes = store.directory_changes(base, replaced)
+    assert changes is not None and sorted(changes) == ["file-0007", "sub"]
+    for name, (old, new) in changes.items():
+        assert (old, new) == (store.resolve(f"{base}/{name}"), store.resolve(f"{replaced}/{name}"))
+    added = store.compose({"new": store.add_bytes(b"new\n")}, base=base)
+    assert store.directory_changes(base, added) is None  # the names differ
+    assert store.directory_changes(base, entries["file-0001"]) is None  # a file
+    assert store.unixfs_kind(base) == "directory"
+    assert store.unixfs_kind(entries["file-0001"]) == "file"
+
+
+def test_binary_cids_read_from_blocks_are_written_as_the_node_writes_them() -> None:
+    import base64
+
+    from ipfs_execute_magic.cid import _BASE58, _base_decode, cid_text, raw_leaf_cid
+
+    v0 = "Qmbvkmk9LFsGneteXk3G7YLqtLVME566ho6ibaQZZVHaC9"
+    assert cid_text(_base_decode(v0, _BASE58)) == v0
+    v1 = raw_leaf_cid(b"data")
+    assert cid_text(base64.b32decode(v1[1:].upper() + "=" * (-len(v1[1:]) % 8))) == v1
+
+
+@pytest.mark.parametrize("entries", [0, 3, 300])
+def test_a_file_added_into_a_directory_is_what_mfs_would_make(store: Store, entries: int) -> None:
+    """Built from blocks for speed, the directory must be the one `compose` (MFS) makes, or
+    cached runs of scripts composed before would no longer be found."""
+    files = {f"entry {index:03d}": store.add_bytes(b"%d\n" % index) for index in range(entries)}
+    base = store.compose({**files, "zz/deeper": store.add_bytes(b"z\n")})
+    script = b"echo built\n" * 10
+    built, script_cid = store.add_file_into(base, ".ipfs-execute/script", script)
+    assert script_cid == store.add_bytes(script)
+    assert built == store.compose({".ipfs-execute/script": script_cid}, base=base)
+    assert store.cat(f"{built}/.ipfs-execute/script") == script
+    assert store.cat(f"{built}/zz/deeper") == b"z\n"

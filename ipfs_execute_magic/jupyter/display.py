@@ -4,7 +4,8 @@ Every result carries all three because a shared notebook is often opened where w
 work: untrusted (JupyterLab shows text/html), on GitHub or without saved widget state. So the
 HTML repeats the widget's information (status, the three CIDs, the /output listing, previews of
 small files) statically, with http(s) gateway links: untrusted HTML drops `ipfs://` hrefs, so
-`ipfs://CID` is shown as link text only.
+`ipfs://CID` is shown as link text only. Which gateway and how a link is spelled is the core's
+(`links.Gateway`); the live widget adds a button that copies each CID.
 
 The core never imports this: the magics register `result_mimebundle` as IPython's mimebundle
 formatter for RunResult (and `ref_mimebundle` for IpfsRef).
@@ -17,8 +18,9 @@ import codecs
 import csv
 import html
 import io
+import re
+import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -27,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from ..errors import IpfsExecuteError
+from ..links import Gateway, as_gateway
+from ..per_entry import EntryResults
 from ..record import RunRecord
 from ..result import FileEntry, IpfsRef, RunResult
+from ..staging import PHASE_ADDING_OUTPUT, PHASE_RUNNING
 
 if TYPE_CHECKING:
     from ..store import AddProgress
-
-PUBLIC_GATEWAY = "https://ipfs.io"
 
 IMAGE_TYPES = {
     ".png": "image/png",
@@ -43,6 +46,17 @@ IMAGE_TYPES = {
     ".svg": "image/svg+xml",
 }
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+MARKDOWN_SUFFIXES = (".md", ".markdown")
+_NUMBER = re.compile(r"[-+]?(\d[\d_,]*(\.\d*)?|\.\d+)([eE][-+]?\d+)?%?")
+# The copy button's click: the clipboard API where the page may use it, else the older
+# selection command (a page served over plain http from another host).
+COPY_SCRIPT = (
+    "const b=this,c=b.dataset.cid,"
+    "done=()=>{b.textContent='copied';setTimeout(()=>{b.textContent='copy'},2000)};"
+    "const old=()=>{const t=document.createElement('textarea');t.value=c;"
+    "document.body.appendChild(t);t.select();document.execCommand('copy');t.remove();done()};"
+    "navigator.clipboard?navigator.clipboard.writeText(c).then(done,old):old()"
+)
 
 
 @dataclass(frozen=True)
@@ -102,9 +116,16 @@ def human_size(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-def gateway_href(gateway: str, cid: str, path: str = "") -> str:
-    href = f"{gateway.rstrip('/')}/ipfs/{cid}"
-    return f"{href}/{urllib.parse.quote(path)}" if path else href
+def gateway_href(gateway: Gateway | str, cid: str, path: str = "") -> str:
+    return as_gateway(gateway).url(cid, path)
+
+
+def copy_button(cid: str) -> str:
+    """A button copying `cid` (live widget only: saved or untrusted HTML drops the script)."""
+    return (
+        f'<button class="ipfs-execute-copy" data-cid="{_e(cid)}" title="copy the CID" '
+        f'onclick="{_e(COPY_SCRIPT)}" style="margin-left:0.5em;font-size:85%">copy</button>'
+    )
 
 
 def _e(text: object) -> str:
@@ -145,7 +166,10 @@ def preview_html(path: str, data: bytes, size: int, limits: PreviewLimits) -> st
         if more
         else ""
     )
-    return f'<pre style="max-height:24em;overflow:auto;margin:0">{_e(shown)}</pre>{note}'
+    return (
+        '<pre style="max-height:24em;overflow:auto;margin:0;font-family:monospace">'
+        f"{_e(shown)}</pre>{note}"
+    )
 
 
 def _decode_head(data: bytes) -> str | None:
@@ -157,6 +181,28 @@ def _decode_head(data: bytes) -> str | None:
         return None
 
 
+# A link destination or reference definition whose scheme runs code or embeds a document
+# (a browser skips control characters and spaces around a scheme).
+_UNSAFE_LINK = re.compile(
+    r"(\]\(|^[ ]{0,3}\[[^\]]*\]:)([\x00-\x20]*)(javascript|vbscript|data|file)([\x00-\x20]*):",
+    re.IGNORECASE | re.MULTILINE,
+)
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def inert_markdown(text: str) -> str:
+    """Markdown from a payload, made safe to hand to the front end's renderer: the widget's
+    output area is trusted, so raw HTML in it would run (`<img onerror=...>`). A zero-width
+    space after every `<` and `&` means no tag, comment, autolink or entity can form, in prose
+    and code alike, while the text looks the same; links lose the schemes that run code."""
+    text = text.replace("<", "<" + ZERO_WIDTH_SPACE).replace("&", "&" + ZERO_WIDTH_SPACE)
+    return _UNSAFE_LINK.sub(lambda m: f"{m.group(1)}{m.group(3)}%3A", text)
+
+
+def _is_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text.strip()) is not None
+
+
 def _table_html(text: str, delimiter: str, max_rows: int, truncated: bool) -> str:
     lines = text.splitlines()
     if truncated and lines:
@@ -165,15 +211,23 @@ def _table_html(text: str, delimiter: str, max_rows: int, truncated: bool) -> st
     if not rows:
         return "<i>(empty table)</i>"
     head, body = rows[0], rows[1 : max_rows + 1]
+    # A column of numbers is right-aligned, its header too, so that digits line up.
+    width = max(len(row) for row in rows[: max_rows + 1])
+    numeric = [
+        any(_is_number(row[i]) for row in body if i < len(row))
+        and all(_is_number(row[i]) or not row[i].strip() for row in body if i < len(row))
+        for i in range(width)
+    ]
+
+    def cell(tag: str, text: str, i: int) -> str:
+        align = "right" if numeric[i] else "left"
+        return f'<{tag} style="text-align:{align};padding:0 0.6em">{_e(text)}</{tag}>'
+
     parts = ['<table style="border-collapse:collapse;font-size:90%"><thead><tr>']
-    parts += [f'<th style="text-align:left;padding:0 0.6em">{_e(cell)}</th>' for cell in head]
+    parts += [cell("th", text, i) for i, text in enumerate(head)]
     parts.append("</tr></thead><tbody>")
     for row in body:
-        parts.append(
-            "<tr>"
-            + "".join(f'<td style="padding:0 0.6em">{_e(cell)}</td>' for cell in row)
-            + "</tr>"
-        )
+        parts.append("<tr>" + "".join(cell("td", text, i) for i, text in enumerate(row)) + "</tr>")
     parts.append("</tbody></table>")
     if truncated or len(lines) > max_rows + 1:
         parts.append(f"<div><i>… first {len(body)} rows</i></div>")
@@ -186,9 +240,13 @@ def _table_html(text: str, delimiter: str, max_rows: int, truncated: bool) -> st
 class ResultView:
     """Everything shown for one RunResult; reads /output once per rendering."""
 
-    def __init__(self, result: RunResult, gateway: str) -> None:
+    def __init__(
+        self, result: RunResult, gateway: Gateway | str, *, stale: str | None = None
+    ) -> None:
         self.result = result
-        self.gateway = gateway.rstrip("/") or PUBLIC_GATEWAY
+        self.gateway = as_gateway(gateway)
+        self.stale = stale  # "stale: $counts changed": an input variable was rebound since
+        self.browser: OutputBrowser | None = None  # the live widget, once made
         self._entries: list[FileEntry] | None = None
         self.listing_error: str | None = None
         self._heads: dict[tuple[str, int], bytes] = {}
@@ -225,11 +283,32 @@ class ResultView:
     def status_text(self) -> str:
         return record_status(self.result.record)
 
+    def timing_text(self) -> str:
+        """ "in 1.20 s" for a run, "cached · ran 1.20 s on 2026-11-30 by ed25519:Pu8y…" for a
+        hit: a hit's duration is the recorded run's, not this one's."""
+        record = self.result.record
+        if not self.result.cache_hit:
+            return f"in {self.result.duration:.2f} s"
+        by = ""
+        if record.attestation and record.attestation.get("signer"):
+            by = f" by {record.attestation['signer'][:16]}…"
+        return f"cached · ran {self.result.duration:.2f} s on {record.started_at[:10]}{by}"
+
     def summary_text(self) -> str:
         files = [e for e in self.entries if e.kind != "directory"]
         total = sum(e.size for e in files)
         count = f"{len(files)} file{'s' if len(files) != 1 else ''} ({human_size(total)})"
-        return f"{self.status_text()} in {self.result.duration:.2f} s, {count}"
+        return f"{self.status_text()} {self.timing_text()}, {count}"
+
+    def details(self) -> list[str]:
+        """Parameters and who attests the output: lines under the status."""
+        lines = []
+        if self.result.record.params:
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(self.result.record.params.items()))
+            lines.append(f"parameters: {shown}")
+        if self.result.trust:
+            lines.append(self.result.trust)
+        return lines
 
     def cids(self) -> list[tuple[str, str | None]]:
         record = self.result.record
@@ -245,24 +324,36 @@ class ResultView:
                 f"cached: nothing ran, this is the recorded result of an identical run "
                 f"({self.result.record.started_at}); --no-cache runs it again"
             )
+        if self.result.trust_note:
+            notes.append(f"warning: {self.result.trust_note}")
         if self.result.disagreement:
             notes.append(f"warning: {self.result.disagreement}")
         notes.extend(f"warning: {warning}" for warning in self.result.record.output_warnings)
         return notes
 
-    def header_html(self) -> str:
+    def header_html(self, copy: bool = False) -> str:
+        """Status and CIDs; `copy`: with a button copying each CID (the live widget)."""
         colour = "#1a7f37" if self.result.ok else "#cf222e"
         rows = []
         for label, cid in self.cids():
             shown = _link(gateway_href(self.gateway, cid), f"ipfs://{cid}") if cid else "—"
+            if cid and copy:
+                shown += copy_button(cid)
             rows.append(
                 f'<tr><td style="padding:0 0.8em 0 0;text-align:left">{label}</td>'
                 f'<td style="text-align:left"><code>{shown}</code></td></tr>'
             )
         notes = "".join(f"<div><i>{_e(note)}</i></div>" for note in self.notes())
+        details = "".join(f"<div>{_e(line)}</div>" for line in self.details())
+        stale = (
+            f'<div class="ipfs-execute-stale" style="color:#9a6700"><b>⚠ {_e(self.stale)}</b>'
+            " (%ipfs_rerun_stale runs it again)</div>"
+            if self.stale
+            else ""
+        )
         return (
-            f'<div><b style="color:{colour}">{_e(self.status_text())}</b> in '
-            f"{self.result.duration:.2f} s</div>{notes}"
+            f'<div><b style="color:{colour}">{_e(self.status_text())}</b> '
+            f"{_e(self.timing_text())}</div>{stale}{details}{notes}"
             f'<table style="border-collapse:collapse">{"".join(rows)}</table>'
         )
 
@@ -357,10 +448,25 @@ class ResultView:
             return None
         return preview_html(entry.path, data, entry.size, limits)
 
+    def markdown(self, entry: FileEntry, limits: PreviewLimits) -> str | None:
+        """A Markdown file's text (its head, within `limits`), or None for any other file."""
+        if not entry.path.lower().endswith(MARKDOWN_SUFFIXES) or entry.kind != "file":
+            return None
+        data = self.head(entry, limits.text_bytes)
+        if data is None or b"\0" in data[:8192]:
+            return None
+        text = _decode_head(data)
+        if text is not None and len(data) < entry.size:
+            text += f"\n\n*… first {human_size(len(data))} of {human_size(entry.size)}*\n"
+        return text
+
     # -- plain text ------------------------------------------------------------------------
 
     def to_plain(self) -> str:
         lines = [f"RunResult {self.summary_text()}"]
+        if self.stale:
+            lines.append(self.stale)
+        lines += self.details()
         lines += self.notes()
         lines += [f"{label:<7} ipfs://{cid}" for label, cid in self.cids() if cid]
         if self.listing_error:
@@ -380,7 +486,8 @@ class ResultView:
     def mimebundle(self) -> dict[str, Any]:
         bundle: dict[str, Any] = {}
         try:
-            bundle.update(OutputBrowser(self)._repr_mimebundle_())
+            self.browser = OutputBrowser(self)
+            bundle.update(self.browser._repr_mimebundle_())
         except Exception:
             pass
         # After the widget's bundle: its text/plain is only the widget's repr.
@@ -406,13 +513,16 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
         self.view = view
         self.buttons: dict[str, widgets.Button] = {}  # path -> the entry's button
         self._selected: widgets.Button | None = None
-        self.preview = widgets.HTML(
-            "<i>click a file to preview it</i>",
+        self.preview = widgets.HTML("<i>click a file to preview it</i>")
+        # A Markdown file is rendered by the front end (text/markdown), not shown as HTML.
+        self.rendered = widgets.Output(layout=widgets.Layout(display="none"))
+        preview_area = widgets.VBox(
+            [self.preview, self.rendered],
             layout=widgets.Layout(
                 border="1px solid #ccc", padding="4px", max_height="520px", overflow="auto"
             ),
         )
-        header = widgets.HTML(view.header_html())
+        header = self.header = widgets.HTML(view.header_html(copy=True))
         entries = view.entries
         if view.listing_error or not entries:
             note = view.listing_error or "/output is empty"
@@ -432,10 +542,15 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
                 )
             )
         tree = widgets.VBox(tree_rows, layout=widgets.Layout(max_height="360px", overflow="auto"))
-        super().__init__([header, tree, self.preview])
+        super().__init__([header, tree, preview_area])
         first = next((e for e in entries if e.kind == "file" and e.path in self.buttons), None)
         if first is not None:
             self.show(first.path)
+
+    def set_stale(self, text: str | None) -> None:
+        """Mark the live header stale ("stale: $counts changed"), or no longer."""
+        self.view.stale = text
+        self.header.value = self.view.header_html(copy=True)
 
     def _rows(
         self, children: dict[str, list[FileEntry]], parent: str, depth: int
@@ -486,6 +601,20 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
             self._selected.button_style = "info"
         link = _link(self.view._entry_href(entry), "open through the gateway")
         title = f"<div><code>{_e(path)}</code> ({human_size(entry.size)}) · {link}</div>"
+        markdown = self.view.markdown(entry, WIDGET_PREVIEW)
+        if markdown is not None:
+            self.preview.value = title
+            self.rendered.outputs = (
+                {
+                    "output_type": "display_data",
+                    "data": {"text/markdown": inert_markdown(markdown), "text/plain": markdown},
+                    "metadata": {},
+                },
+            )
+            self.rendered.layout.display = "block"
+            return
+        self.rendered.outputs = ()
+        self.rendered.layout.display = "none"
         snippet = self.view.preview(entry, WIDGET_PREVIEW)
         if snippet is None:
             snippet = "<i>no preview (binary or too large)</i>"
@@ -495,9 +624,12 @@ class OutputBrowser(widgets.VBox):  # type: ignore[misc]
 # -- IPython formatters ------------------------------------------------------------------------
 
 
-def result_metadata(result: RunResult) -> dict[str, Any]:
+def result_metadata(
+    result: RunResult, *, reads: dict[str, str] | None = None, binds: str | None = None
+) -> dict[str, Any]:
     """Output metadata naming the run: saved with the cell, so `ipfs-execute verify
-    NOTEBOOK.ipynb` finds every run of an executed notebook without reading its text."""
+    NOTEBOOK.ipynb` finds every run of an executed notebook without reading its text. `reads`
+    (variable -> the CID it held) and `binds` (-o NAME) let it tell stale cells too."""
     record = result.record
     named = {
         "record": result.record_cid,
@@ -505,16 +637,23 @@ def result_metadata(result: RunResult) -> dict[str, Any]:
         "rootfs": record.rootfs,
         "input": record.input,
     }
-    return {"ipfs_execute": {key: cid for key, cid in named.items() if cid}}
+    meta: dict[str, Any] = {key: cid for key, cid in named.items() if cid}
+    if reads:
+        meta["reads"] = dict(reads)
+    if binds:
+        meta["binds"] = binds
+    return {"ipfs_execute": meta}
 
 
-def result_mimebundle(result: RunResult, gateway: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def result_mimebundle(
+    result: RunResult, gateway: Gateway | str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(data, metadata), as IPython's mimebundle formatters may return."""
     view = ResultView(result, gateway)
     return view.mimebundle(), view.metadata()
 
 
-def ref_mimebundle(ref: IpfsRef, gateway: str) -> dict[str, Any]:
+def ref_mimebundle(ref: IpfsRef, gateway: Gateway | str) -> dict[str, Any]:
     """A bound CID (from %ipfs_add / %ipfs_mkdir): `ipfs://…` linked through the gateway."""
     path = str(ref).removeprefix("/ipfs/")
     cid, _, sub = path.partition("/")
@@ -522,66 +661,124 @@ def ref_mimebundle(ref: IpfsRef, gateway: str) -> dict[str, Any]:
     return {"text/plain": repr(ref), "text/html": f"<code>{_link(href, f'ipfs://{path}')}</code>"}
 
 
-# -- staging progress --------------------------------------------------------------------------
+# -- a running cell's status line -------------------------------------------------------------
+
+_LONG_CID = re.compile(r"\b(b[a-z2-7]{12})[a-z2-7]{38,}\b")
 
 
-def progress_bundle(what: str, done: int, total: int | None) -> dict[str, str]:
+def _short_cids(text: str) -> str:
+    return _LONG_CID.sub(lambda m: f"{m.group(1)}…", text)
+
+
+def phase_text(what: str, done: int, total: int | None) -> str:
+    """A run's phase, from the run's on_progress (staging.ProgressCallback) arguments."""
+    if what == PHASE_RUNNING:
+        return "payload running"
+    if what == PHASE_ADDING_OUTPUT:
+        return f"adding output: {done:,} of {total or done:,} files"
+    if what == "":
+        return "looking up"
     if total:
         share = min(done / total, 1.0)
-        plain = f"fetching {what}: {human_size(done)} of {human_size(total)} ({share:.0%})"
-        bar = f'<progress value="{done}" max="{total}"></progress> '
-    else:
-        plain = f"fetching {what}: {human_size(done)}"
-        bar = "<progress></progress> "
-    return {"text/plain": plain, "text/html": f"<div>{bar}{_e(plain)}</div>"}
+        return (
+            f"staging {_short_cids(what)}: {human_size(done)} of {human_size(total)} ({share:.0%})"
+        )
+    return f"staging {_short_cids(what)}: {human_size(done)}"
+
+
+def live_bundle(seconds: float, what: str, done: int, total: int | None) -> dict[str, str]:
+    """ "running · 12.3 s · staging rootfs bafy…: 45.0 MiB of 120.0 MiB (38%)", with a bar
+    while staging or adding has a total."""
+    plain = f"running · {seconds:.1f} s · {phase_text(what, done, total)}"
+    bar = ""
+    if total and what != PHASE_RUNNING:
+        bar = f'<progress value="{min(done, total)}" max="{total}"></progress> '
+    html_text = (
+        f'<div class="ipfs-execute-status">{bar}<b>running · {seconds:.1f} s</b> · '
+        f"{_e(phase_text(what, done, total))}</div>"
+    )
+    return {"text/plain": plain, "text/html": html_text}
 
 
 def static_line(text: str) -> dict[str, str]:
     return {"text/plain": text, "text/html": f"<div><i>{_e(text)}</i></div>"}
 
 
-class StagingProgress:
-    """Staging progress in the cell via display_id; replaced by a one-line summary at the end.
+class LiveStatus:
+    """A running cell's status line, and the run's on_progress callback.
 
-    Shown only once staging takes longer than `delay` seconds, so quick runs print nothing.
-    Plain display data (no widget): the saved notebook keeps only the summary line.
+    Shows "running · 12.3 s" and the phase (staging with bytes, the payload running, adding
+    output with files), refreshed every `interval` seconds by a thread: a payload that prints
+    nothing still shows it is alive. Shown only once the run has taken `delay` seconds, so a
+    quick run shows nothing. Plain display data under one display id (no widget), replaced by a
+    one-line summary at the end: the saved notebook keeps only that line.
     """
 
-    def __init__(self, delay: float = 0.5) -> None:
+    def __init__(self, delay: float = 0.5, interval: float = 0.5) -> None:
         self.delay = delay
+        self.interval = interval
         self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._phase: tuple[str, int, int | None] = ("", 0, None)
         self._handle: Any = None
         self._fetched: dict[str, tuple[int, float]] = {}  # what -> (bytes, seconds)
         self._first_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="ipfs-execute-status", daemon=True)
+        self._thread.start()
 
     def __call__(self, what: str, done: int, total: int | None) -> None:
         now = time.monotonic()
-        first = self._first_seen.setdefault(what, now)
-        self._fetched[what] = (done, now - first)
-        if self._handle is None and now - self._started < self.delay:
+        with self._lock:
+            self._phase = (what, done, total)
+            if what not in (PHASE_RUNNING, PHASE_ADDING_OUTPUT):
+                first = self._first_seen.setdefault(what, now)
+                self._fetched[what] = (done, now - first)
+        # A new phase or more bytes show at once (the core reports a few times a second).
+        if now - self._started >= self.delay and not self._stop.is_set():
+            self._render()
+
+    def _tick(self) -> None:
+        # Display calls from this thread reach the running cell: ipykernel falls back to the
+        # parent header of the request being executed when a thread has none of its own.
+        if self._stop.wait(self.delay):
             return
+        while True:
+            self._render()
+            if self._stop.wait(self.interval):
+                return
+
+    def _render(self) -> None:
         from IPython.display import display
 
-        bundle = progress_bundle(what, done, total)
-        if self._handle is None:
-            self._handle = display(bundle, raw=True, display_id=True)
-        else:
-            self._handle.update(bundle, raw=True)
+        with self._lock:
+            bundle = live_bundle(time.monotonic() - self._started, *self._phase)
+            try:
+                if self._handle is None:
+                    self._handle = display(bundle, raw=True, display_id=True)
+                else:
+                    self._handle.update(bundle, raw=True)
+            except Exception:
+                self._stop.set()  # no display to update (the shell went away): stay quiet
 
     @property
     def shown(self) -> bool:
         return self._handle is not None
 
     def finish(self, outcome: str = "") -> None:
-        """Replace the progress line with a static summary (only if it was shown)."""
+        """Stop the updates; replace the line with a static summary (only if it was shown)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
         if self._handle is None:
             return
-        fetched = "; ".join(
-            f"fetched {what}: {human_size(size)} in {seconds:.1f} s"
-            for what, (size, seconds) in self._fetched.items()
-        )
-        text = f"{fetched}{f' ({outcome})' if outcome else ''}"
-        self._handle.update(static_line(text), raw=True)
+        seconds = time.monotonic() - self._started
+        parts = [f"{outcome or 'finished'} after {seconds:.1f} s"]
+        parts += [
+            f"fetched {_short_cids(what)}: {human_size(size)} in {took:.1f} s"
+            for what, (size, took) in self._fetched.items()
+        ]
+        self._handle.update(static_line(" · ".join(parts)), raw=True)
         self._handle = None
 
 
@@ -598,7 +795,7 @@ def add_progress_bundle(progress: AddProgress) -> dict[str, str]:
 
 class AddProgressLine:
     """An add's progress in the cell via display_id (an AddProgressCallback); replaced by a
-    one-line summary when the add ends. Like StagingProgress: shown only once the add takes
+    one-line summary when the add ends. Like LiveStatus: shown only once the add takes
     longer than `delay` seconds, and plain display data, so the saved notebook keeps the
     summary line only."""
 
@@ -640,3 +837,39 @@ class AddProgressLine:
             text = f"adding {last.path}: {outcome} after {files}, {human_size(last.bytes)}"
         self._handle.update(static_line(text), raw=True)
         self._handle = None
+
+
+# -- one run per entry (--each) ----------------------------------------------------------------
+
+
+def entries_mimebundle(each: EntryResults, gateway: Gateway | str) -> dict[str, Any]:
+    """The runs of `--each`: the composed output's link, then one row per entry (its state,
+    the node that ran it on a cluster, its output); failed entries first."""
+    output = str(each.output)
+    rows = []
+    names = [*each.failed, *(name for name in each.results if name not in each.failed)]
+    for name in names:
+        result = each.results.get(name)
+        if name in each.failed:
+            state = f"✗ {each.failed[name]}"
+        else:
+            state = "✓ cached" if result is not None and result.cache_hit else "✓ ran"
+        node = result.record.node if result is not None and result.record.node else ""
+        out = ""
+        if result is not None and result.record.output and name not in each.failed:
+            cid = result.record.output
+            out = _link(gateway_href(gateway, cid), f"{cid[:12]}…")
+        cells = (html.escape(name), html.escape(state), html.escape(node[-12:]), out)
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    head = (
+        f"<div><b>{len(names)} entries</b>: {len(each.executed)} ran, "
+        f"{sum(1 for r in each.results.values() if r.cache_hit)} from the cache, "
+        f"{len(each.failed)} failed; output "
+        f"<code>{_link(gateway_href(gateway, output), f'ipfs://{output}')}</code></div>"
+    )
+    table = (
+        "<table><tr><th>entry</th><th>state</th><th>node</th><th>output</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    return {"text/plain": repr(each), "text/html": head + table}

@@ -1,5 +1,5 @@
-"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`, `%ipfs_verify`, `%ipfs_lineage`, `%ipfs_du`,
-`%ipfs_gc`: the notebook front end of the core.
+"""`%%ipfs_execute`, `%ipfs_add`, `%ipfs_mkdir`, `%ipfs_verify`, `%ipfs_lineage`, `%ipfs_node`,
+`%ipfs_du`, `%ipfs_gc`, `%ipfs_rerun_stale`: the notebook front end of the core.
 
 A thin layer: arguments become a RunRequest for the same Runner the Python API uses
 (`ipfs_execute_magic.default_runner()`), the payload's output streams into the cell as it is
@@ -16,14 +16,14 @@ import shlex
 import sys
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, kwds, magic_arguments
-from traitlets import Float, Int, TraitError, Unicode, Union, observe, validate
+from traitlets import Bool, Float, Int, List, TraitError, Unicode, Union, observe, validate
 
 import ipfs_execute_magic as ie
 
@@ -31,7 +31,10 @@ from .. import arguments
 from ..cid import IpfsPath
 from ..errors import IpfsExecuteError
 from ..errors import UsageError as CoreUsageError
+from ..explanation import Explanation, compare, reason
 from ..lineage_graph import LineageNode, lineage
+from ..links import PUBLIC_GATEWAY, Gateway, link_gateway
+from ..per_entry import EntryResults
 from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
 from ..settings import (
@@ -40,25 +43,37 @@ from ..settings import (
     LIMIT_OVERRIDES,
     Limits,
     Settings,
+    parse_gateway,
+    parse_gateway_style,
     parse_size,
 )
+from ..trust import parse_key_id
 from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
 from .display import (
-    PUBLIC_GATEWAY,
     AddProgressLine,
-    StagingProgress,
+    LiveStatus,
+    ResultView,
+    entries_mimebundle,
     human_size,
     ref_mimebundle,
-    result_mimebundle,
+    result_metadata,
 )
-from .provenance import LineageView, NotebookVerdictView, VerdictView, VerifyProgress
+from .provenance import (
+    ExplanationView,
+    LineageView,
+    NotebookVerdictView,
+    VerdictView,
+    VerifyProgress,
+)
+from .stale import CellRun, StaleLedger
 
 if TYPE_CHECKING:
     from ..runner import Runner
     from ..store import Store
 
 INTERRUPTED_LINE = "interrupted: the sandbox was stopped"
-PROGRESS_DELAY = 0.5  # seconds of staging or adding before a progress line appears
+PROGRESS_DELAY = 0.5  # seconds of a run or an add before a progress line appears
+STATUS_INTERVAL = 0.5  # seconds between updates of a running cell's status line
 STDERR_TAIL_LINES = 12  # of a failing payload's stderr, in its error
 _CORE_LIMITS = Limits()  # the defaults the traits fall back to, for their help
 Bundle = tuple[dict[str, Any], dict[str, Any]]  # a mimebundle formatter: (data, metadata)
@@ -168,6 +183,11 @@ def check_ipfs_path(label: str, text: str) -> None:
 _seconds = arguments.seconds
 _size = arguments.size
 _positive_int = arguments.count
+
+
+def _on_cluster(*args: Any, **options: Any) -> RunResult:
+    """`ie.run` on the configured Dask cluster."""
+    return ie.submit(*args, **options).result()
 
 
 class _StreamForwarder:
@@ -283,9 +303,14 @@ class IpfsExecuteMagics(Magics):
     ).tag(config=True)
     gateway = Unicode(
         "",
-        help="base URL of the HTTP gateway for links, e.g. "
-        "https://ipfs.io (empty: the node's own gateway, else "
-        f"{PUBLIC_GATEWAY})",
+        help="base URL of the HTTP gateway for links, e.g. https://dweb.link (empty: "
+        "$IPFS_EXECUTE_GATEWAY, else the embedded node's gateway on the port kept for its "
+        f"data directory, else your daemon's, else {PUBLIC_GATEWAY})",
+    ).tag(config=True)
+    gateway_style = Unicode(
+        "",
+        help="how links put a CID in the gateway's URL: 'path' (GATEWAY/ipfs/CID) or "
+        "'subdomain' (CID.ipfs.GATEWAY-HOST) (empty: $IPFS_EXECUTE_GATEWAY_STYLE, else path)",
     ).tag(config=True)
     home = Unicode(
         "",
@@ -337,6 +362,21 @@ class IpfsExecuteMagics(Magics):
         f"{_CORE_LIMITS.output_files})",
     ).tag(config=True)
 
+    trusted_keys = List(
+        Unicode(),
+        default_value=[],
+        help="public keys (ed25519:...) whose attested results are cache hits, beside this "
+        "data directory's own and those of `ipfs-execute trust add`",
+    ).tag(config=True)
+    trust_any = Bool(
+        False,
+        help="serve cached results whatever key attests them (and say so on the result)",
+    ).tag(config=True)
+    dask = Unicode(
+        "",
+        help="run cells on a Dask cluster: a scheduler address (tcp://HOST:8786) or 'local' "
+        "(worker processes on this machine); empty: run here (docs/cluster.md)",
+    ).tag(config=True)
     staging_limit = Union(
         [Int(), Unicode()],
         default_value=None,
@@ -348,7 +388,10 @@ class IpfsExecuteMagics(Magics):
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         # Before super().__init__: configured values notify the observers during it.
-        self._gateways: weakref.WeakKeyDictionary[Store, str] = weakref.WeakKeyDictionary()
+        self._gateways: weakref.WeakKeyDictionary[Store, Gateway] = weakref.WeakKeyDictionary()
+        # This kernel's runs: what each read, to mark results stale (stale.py).
+        self.ledger = StaleLedger()
+        self._cell: tuple[str, str | None] = ("", None)  # the cell running: (source, cell id)
         super().__init__(shell=shell, **kwargs)
 
     @property
@@ -383,9 +426,37 @@ class IpfsExecuteMagics(Magics):
         except CoreUsageError as error:
             raise TraitError(f"staging_limit: {error}") from None
 
-    @observe("api", "api_auth", "home", "staging_limit", *LIMIT_OVERRIDES)
+    @validate("gateway", "gateway_style")
+    def _valid_gateway(self, proposal: dict[str, Any]) -> Any:
+        value, name = proposal["value"], proposal["trait"].name
+        if not value:
+            return ""
+        try:
+            return parse_gateway(value) if name == "gateway" else parse_gateway_style(value)
+        except CoreUsageError as error:
+            raise TraitError(f"{name}: {error}") from None
+
+    @validate("trusted_keys")
+    def _valid_trusted_keys(self, proposal: dict[str, Any]) -> Any:
+        try:
+            return [parse_key_id(key) for key in proposal["value"]]
+        except CoreUsageError as error:
+            raise TraitError(f"trusted_keys: {error}") from None
+
+    @observe(
+        "api", "api_auth", "home", "staging_limit", "trusted_keys", "trust_any", *LIMIT_OVERRIDES
+    )
     def _settings_changed(self, _change: dict[str, Any]) -> None:
         self.apply_settings()
+
+    @observe("dask")
+    def _dask_changed(self, _change: dict[str, Any]) -> None:
+        with core_errors():
+            ie.configure(self.settings(), dask=self.dask or False)
+        cluster = ie.current_cluster()
+        if cluster is not None:
+            link = cluster.dashboard_link
+            print(f"Dask cluster: {cluster.client}" + (f", dashboard {link}" if link else ""))
 
     def settings(self) -> Settings:
         """The core's settings: the environment's, changed by this object's config."""
@@ -397,34 +468,73 @@ class IpfsExecuteMagics(Magics):
                 home=self.home or None,
                 limits=limits,
                 staging_limit_bytes=self.staging_limit,
+                gateway=self.gateway or None,
+                gateway_style=self.gateway_style or None,
+                trusted_keys=tuple(self.trusted_keys) or None,
+                trust_any=self.trust_any or None,
             )
 
     def apply_settings(self) -> None:
         """Rebuild the process's Runner (the one the Python API uses too)."""
         ie.configure(self.settings())
 
-    def gateway_for(self, store: Store | None) -> str:
-        if self.gateway:
-            return self.gateway.rstrip("/")
-        if store is None:
-            return PUBLIC_GATEWAY
+    def gateway_for(self, store: Store | None) -> Gateway:
+        """Where links point: the core decides (`links.link_gateway`); a daemon's own gateway
+        is asked once per connection."""
+        settings = self.settings()
+        if settings.gateway or settings.api is None or store is None:
+            return link_gateway(settings, store)
         if store not in self._gateways:
-            try:
-                url = store.gateway_url()
-            except IpfsExecuteError:
-                return PUBLIC_GATEWAY
-            self._gateways[store] = url or PUBLIC_GATEWAY
+            self._gateways[store] = link_gateway(settings, store)
         return self._gateways[store]
 
     # -- display (registered as IPython formatters by load_ipython_extension) ----------------
 
     def result_bundle(self, result: RunResult) -> Bundle:
-        return result_mimebundle(result, self.gateway_for(result.store))
+        run = self.ledger.find(result)
+        view = ResultView(
+            result, self.gateway_for(result.store), stale=run.stale_text() if run else None
+        )
+        data = view.mimebundle()
+        if run is None:
+            return data, view.metadata()
+        if view.browser is not None:
+            run.listeners.append(view.browser.set_stale)  # rebound later: the header says so
+        return data, result_metadata(result, reads=run.reads, binds=run.binds)
+
+    # -- stale results (stale.py) ------------------------------------------------------------
+
+    def cell_started(self, info: Any) -> None:
+        """pre_run_cell: the cell as written, to know which `$name`s a magic line read."""
+        self._cell = (str(info.raw_cell or ""), getattr(info, "cell_id", None))
+
+    def refresh_stale(self, *_args: Any) -> None:
+        """post_run_cell (and after each binding): mark the results whose inputs moved on."""
+        self.ledger.refresh(self.user_ns)
+
+    def _line_as_written(self, line: str, cell: str | None) -> str:
+        """The magic line before IPython expanded `$name` and `{expr}` in it, found in the
+        source of the cell running; the expanded line when it is not there."""
+        source = self._cell[0]
+        if cell is not None:
+            first, _, body = source.lstrip().partition("\n")
+            if first.startswith("%%ipfs_execute") and body.rstrip() == cell.rstrip():
+                return first.removeprefix("%%ipfs_execute").strip()
+            return line
+        written = [
+            text.strip().split("ipfs_execute", 1)[1].strip()
+            for text in source.splitlines()
+            if text.strip().startswith(("%ipfs_execute ", "%ipfs_execute\t"))
+        ]
+        return written[0] if len(written) == 1 else line
 
     def ref_bundle(self, ref: IpfsRef) -> dict[str, Any]:
         return ref_mimebundle(ref, self.gateway_for(ref._store))
 
-    def _node_gateway(self) -> str:
+    def entries_bundle(self, each: EntryResults) -> dict[str, Any]:
+        return entries_mimebundle(each, self.gateway_for(each.output._store))
+
+    def _node_gateway(self) -> Gateway:
         # Verdicts and lineage hold no store: they were made with the process's Runner.
         return self.gateway_for(ie.default_runner().store)
 
@@ -436,6 +546,9 @@ class IpfsExecuteMagics(Magics):
 
     def lineage_bundle(self, node: LineageNode) -> Bundle:
         return LineageView(node, self._node_gateway()).mimebundle()
+
+    def explanation_bundle(self, explanation: Explanation) -> Bundle:
+        return ExplanationView(explanation, self._node_gateway()).mimebundle()
 
     # -- magics ------------------------------------------------------------------------------
 
@@ -523,6 +636,23 @@ class IpfsExecuteMagics(Magics):
         "returned and its output shown again, without running)",
     )
     @argument(
+        "-p",
+        "--param",
+        action="append",
+        type=arguments.param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter: the environment variable NAME of the payload ($NAME in the "
+        "cell); repeatable; part of what identifies the run",
+    )
+    @argument(
+        "--each",
+        action="store_true",
+        help="run once per top-level entry of INPUT (the entry NAME at /input/NAME), in "
+        "parallel (on the Dask cluster when one is configured); -o binds a directory of "
+        "the outputs, one entry NAME each; each entry's run is cached on its own",
+    )
+    @argument(
         "--no-raise-error",
         action="store_true",
         help="a failing payload returns its result instead of raising",
@@ -534,7 +664,7 @@ class IpfsExecuteMagics(Magics):
         help="no live output and no progress; display the result only if it failed",
     )
     @line_cell_magic
-    def ipfs_execute(self, line: str, cell: str | None = None) -> RunResult | None:
+    def ipfs_execute(self, line: str, cell: str | None = None) -> RunResult | EntryResults | None:
         """Run the cell in a sandbox: ROOTFS as /, INPUT read-only at /input, an empty /output.
 
         /output is added to IPFS; its CID is the result. The payload's stdout and stderr
@@ -566,9 +696,11 @@ class IpfsExecuteMagics(Magics):
                 )
             script = cell if cell.endswith("\n") else cell + "\n"
 
+        if options.each:
+            return self._run_each(options, payload_args, script, interpreter, name)
         stdout = None if options.quiet else _StreamForwarder("stdout")
         stderr = None if options.quiet else _StreamForwarder("stderr")
-        progress = None if options.quiet else StagingProgress(PROGRESS_DELAY)
+        progress = None if options.quiet else LiveStatus(PROGRESS_DELAY, STATUS_INTERVAL)
 
         def flush_output() -> None:
             for forwarder in (stdout, stderr):
@@ -579,14 +711,16 @@ class IpfsExecuteMagics(Magics):
         try:
             with core_errors():
                 # The same call as the Python API's: on a cache hit it replays what the
-                # recorded run printed, so the cell reads the same either way.
-                result = ie.run(
+                # recorded run printed, so the cell reads the same either way. With a Dask
+                # cluster the run goes to a worker (what it printed comes when it ends).
+                result = (ie.run if ie.current_cluster() is None else _on_cluster)(
                     options.rootfs,
                     options.input,
                     *payload_args,
                     script=script,
                     interpreter=interpreter,
                     **{name: getattr(options, name) for name in LIMIT_OVERRIDES},
+                    params=dict(options.param),
                     use_cache=not options.no_cache,
                     on_stdout=stdout,
                     on_stderr=stderr,
@@ -605,13 +739,146 @@ class IpfsExecuteMagics(Magics):
             if progress is not None:
                 progress.finish(outcome)
 
+        written = self._line_as_written(line, cell)
+        self._say_why_it_ran(result, self._last_run_of(written, cell, name))
+        run = self.ledger.add(
+            written,
+            cell,
+            self.user_ns,
+            binds=name,
+            cell_id=self._cell[1],
+            execution_count=getattr(self.shell, "execution_count", None),
+        )
+        run.result = result
         if name is not None:
             self.user_ns[name] = result
+            self.refresh_stale()  # the results that read the old value are stale now
         if not result.ok and not options.no_raise_error:
             raise PayloadFailedError(result, name)
         if options.quiet and result.ok:
             return None
         return result
+
+    def _last_run_of(self, line: str, cell: str | None, binds: str | None) -> CellRun | None:
+        """The latest earlier run of this cell in this kernel (by the front end's cell id,
+        else by its -o NAME, else by its line and script), or None."""
+        cell_id = self._cell[1]
+        for earlier in reversed(self.ledger.runs):
+            if cell_id is not None and earlier.cell_id is not None:
+                if earlier.cell_id == cell_id:
+                    return earlier
+            elif (binds is not None and earlier.binds == binds) or (earlier.line, earlier.cell) == (
+                line,
+                cell,
+            ):
+                return earlier
+        return None
+
+    @staticmethod
+    def _say_why_it_ran(result: RunResult, earlier: CellRun | None) -> None:
+        """A cache miss of a cell that ran before: which part of the run changed, one line."""
+        before = earlier.result if earlier is not None else None
+        if result.cache_hit or before is None or before.record.key is None:
+            return
+        try:
+            why = reason(ie.default_runner().store, before.record, result.record)
+        except IpfsExecuteError:
+            return  # the line is a courtesy: never fail a run for it
+        if why is not None:
+            print(f"ran: {why} since this cell's last run", flush=True)
+
+    def _run_each(
+        self,
+        options: Any,
+        payload_args: list[str],
+        script: str | None,
+        interpreter: str,
+        name: str | None,
+    ) -> EntryResults | None:
+        """`--each`: one run per entry of INPUT; a line per entry as it ends, then the
+        composed output. A failed entry is named; the others' results stay bound."""
+        if options.input is None:
+            raise UsageError("--each needs an INPUT directory: its entries are what runs")
+        done = 0
+
+        def on_entry(entry: str, result: RunResult | None, error: str | None) -> None:
+            nonlocal done
+            done += 1
+            if options.quiet and error is None:
+                return
+            how = "cached" if result is not None and result.cache_hit else "ran"
+            if result is not None and not result.cache_hit and result.record.node:
+                how += f" on node …{result.record.node[-6:]}"  # a cluster worker's
+            state = f"✗ {error}" if error else f"✓ {how}"
+            print(f"[{done}] {entry}: {state}", flush=True)
+
+        with core_errors():
+            each = ie.map_entries(
+                options.rootfs,
+                options.input,
+                *payload_args,
+                script=script,
+                interpreter=interpreter,
+                **{limit: getattr(options, limit) for limit in LIMIT_OVERRIDES},
+                params=dict(options.param),
+                use_cache=not options.no_cache,
+                on_entry=on_entry,
+            )
+        if name is not None:
+            self.user_ns[name] = each
+            self.refresh_stale()
+        if each.failed and not options.no_raise_error:
+            names = ", ".join(each.failed)
+            bound = f"; the others' outputs are bound to {name}" if name else ""
+            raise UsageError(f"{len(each.failed)} of {done} entries failed: {names}{bound}")
+        return None if options.quiet else each
+
+    @line_magic
+    def ipfs_rerun_stale(self, line: str) -> None:
+        """Re-run, in order, every %%ipfs_execute cell of this kernel whose inputs changed.
+
+        A cell is stale when a `$name` or `{name}` its magic line read now holds another CID
+        (an upstream cell ran again). Each is run again from the source kept when it ran, its
+        variables expanded anew (a cache hit where the run is recorded); a cell that reads a
+        result re-run here is re-run after it. Prints what it re-ran.
+        """
+        if line.strip():
+            raise UsageError("%ipfs_rerun_stale takes no arguments")
+        self.refresh_stale()
+        last = 0
+        rerun = 0
+        while True:
+            pending = [run for run in self.ledger.stale_runs() if run.number > last]
+            if not pending:
+                break
+            run = pending[0]
+            last = run.number
+            rerun += 1
+            shown = f"In [{run.execution_count}]" if run.execution_count else f"run {run.number}"
+            changed = run.stale_text() or ""
+            print(f"re-running {shown} ({changed}): {run.source().splitlines()[0]}", flush=True)
+            result = self._rerun(run)
+            if result is not None:
+                from IPython.display import display
+
+                display(result)
+        print(f"re-ran {plural(rerun, 'stale cell')}" if rerun else "no stale cells", flush=True)
+
+    def _rerun(self, run: CellRun) -> RunResult | EntryResults | None:
+        from IPython.utils.text import DollarFormatter
+
+        try:
+            # IPython's own expansion of a magic line, over the namespace as it is now.
+            line = DollarFormatter().vformat(run.line, args=[], kwargs=dict(self.user_ns))
+        except Exception:
+            line = run.line  # as IPython does: a line that cannot be expanded stays as written
+        before = self._cell
+        self._cell = (run.source(), run.cell_id)
+        try:
+            result: RunResult | EntryResults | None = self.ipfs_execute(line, run.cell)
+            return result
+        finally:
+            self._cell = before
 
     @magic_arguments()
     @argument(
@@ -672,6 +939,37 @@ class IpfsExecuteMagics(Magics):
             entries[entry] = path
         with core_errors():
             ref = ie.mkdir(entries)
+        if name is not None:
+            self.user_ns[name] = ref
+        return ref
+
+    @magic_arguments()
+    @argument(
+        "image",
+        metavar="NAME",
+        help="an example image: busybox, empty, python or pkg-install",
+    )
+    @argument(
+        "-o",
+        "--out",
+        metavar="VAR",
+        help="bind the CID to this variable (default: NAME with - as _, e.g. pkg_install)",
+    )
+    @line_magic
+    def ipfs_image(self, line: str) -> IpfsRef:
+        """The CID of an example image (as `ie.images.build(NAME)`), bound to a variable.
+
+        Built on first use into the data directory from pinned Debian packages (the same
+        CID on every machine), then only looked up. Example: %ipfs_image python -o pyimage
+        """
+        from ..images.catalog import canonical_name
+
+        options = self.ipfs_image.parser.parse_args(shell_words(line))
+        with core_errors():
+            image = canonical_name(options.image)  # a typo is named before anything else
+        name = check_name(options.out or image.replace("-", "_"))
+        with core_errors():
+            ref = ie.images.build(image, on_progress=lambda text: print(text, flush=True))
         if name is not None:
             self.user_ns[name] = ref
         return ref
@@ -857,6 +1155,124 @@ class IpfsExecuteMagics(Magics):
             self.user_ns[name] = node
         return node
 
+    @magic_arguments()
+    @argument(
+        "a",
+        metavar="A",
+        help="a bound result, run record CID or output CID ($name and {expr} work too)",
+    )
+    @argument(
+        "b",
+        metavar="B",
+        nargs="?",
+        default=None,
+        help="the run to compare A with (default: the run of A's cell before A, in this kernel)",
+    )
+    @argument("-o", "--out", metavar="NAME", help="bind the explanation to this variable")
+    @line_magic
+    def ipfs_explain(self, line: str) -> Explanation:
+        """Why two runs differ, part by part: rootfs, input files (added, removed, changed,
+        with sizes), the script (a unified diff), arguments, parameters, environment, sandbox
+        profile, tool versions; then the output files that differ. With one result, it is
+        compared with the previous run of the same cell in this kernel. Returns the
+        Explanation (.differences, .output_diffs, .reason(), .describe()); the command-line
+        equivalent is `ipfs-execute explain A B`.
+        """
+        options = self.ipfs_explain.parser.parse_args(shell_words(line))
+        name = check_name(options.out)
+        runner = ie.default_runner()
+        with core_errors():
+            if options.b is None:
+                first, second = self._previous_of(options.a), options.a
+            else:
+                first, second = options.a, options.b
+            explanation = compare(
+                runner.store,
+                runner.results.find(self._record_cid_of(first)),
+                runner.results.find(self._record_cid_of(second)),
+            )
+        if name is not None:
+            self.user_ns[name] = explanation
+        return explanation
+
+    def _previous_of(self, word: str) -> str:
+        """The record CID of the run of the same cell before the result bound to `word`."""
+        value = self._target(word, "A")
+        run = self.ledger.find(value) if isinstance(value, RunResult) else None
+        if run is None:
+            raise UsageError(
+                f"{word}: not a result of %%ipfs_execute in this kernel; give two runs "
+                "(%ipfs_explain A B)"
+            )
+        index = self.ledger.runs.index(run)
+        for earlier in reversed(self.ledger.runs[:index]):
+            same = (
+                earlier.cell_id == run.cell_id
+                if run.cell_id is not None and earlier.cell_id is not None
+                else (run.binds is not None and earlier.binds == run.binds)
+                or (earlier.line, earlier.cell) == (run.line, run.cell)
+            )
+            if same and earlier.result is not None and earlier.result.record_cid:
+                return earlier.result.record_cid
+        raise UsageError(
+            f"{word}: its cell has not run before in this kernel; give two runs (%ipfs_explain A B)"
+        )
+
+    @magic_arguments()
+    @argument(
+        "path",
+        metavar="PATH.ipynb",
+        nargs="?",
+        default=None,
+        help="the executed, saved notebook (default: the one this kernel runs, when known)",
+    )
+    @argument("-o", "--output", metavar="BUNDLE.car", help="where to write the CAR file")
+    @argument(
+        "--pin-remote",
+        metavar="SERVICE",
+        help="ask this remote pinning service (configured in the node) to pin the bundle",
+    )
+    @line_magic
+    def ipfs_share(self, line: str) -> None:
+        """Bundle everything a saved, executed notebook names (rootfs, inputs, outputs, run
+        records with their attestations, compositions) into one CAR file beside it, for
+        `ipfs-execute import` elsewhere (no network needed). Save the notebook first: the
+        bundle holds what the file on disk shows. As `ipfs-execute share` and `ie.share`.
+        """
+        from ..bundle import share
+
+        options = self.ipfs_share.parser.parse_args(shell_words(line))
+        path = options.path or self._notebook_path()
+        with core_errors():
+            shared = share(
+                ie.default_runner(),
+                Path(path).expanduser(),
+                out=Path(options.output).expanduser() if options.output else None,
+                pin_remote=options.pin_remote,
+            )
+        print(shared.describe(), flush=True)
+
+    def _notebook_path(self) -> str:
+        """The notebook this kernel runs, as JupyterLab and VS Code tell it (__session__,
+        __vsc_ipynb_file__); a UsageError when neither does."""
+        for variable in ("__vsc_ipynb_file__", "__session__"):
+            value = self.user_ns.get(variable)
+            if isinstance(value, str) and value.endswith(".ipynb"):
+                return value
+        raise UsageError("give the notebook's path: %ipfs_share PATH.ipynb")
+
+    @line_magic
+    def ipfs_node(self, line: str) -> None:
+        """Show the IPFS node in use (as `ie.node_status()` and `ipfs-execute node status`):
+        embedded or your own daemon, its API and gateway, the gateway links point to (this
+        object's `gateway` config), the repo's size. Does not start the embedded node."""
+        if line.strip():
+            raise UsageError("%ipfs_node takes no arguments")
+        from ..node_info import node_status
+
+        with core_errors():
+            print(node_status(self.settings()).describe())
+
     @line_magic
     def ipfs_du(self, line: str) -> None:
         """Show what the data directory holds: staging cache, node repo, kept outputs, runs
@@ -892,6 +1308,13 @@ def load_ipython_extension(ipython: Any) -> None:
     """Register the magics, their config and the result formatters."""
     magics = IpfsExecuteMagics(ipython)
     ipython.register_magics(magics)
+    for old in ipython.configurables:  # a reload: the old object stops listening
+        if isinstance(old, IpfsExecuteMagics):
+            with suppress(ValueError):
+                ipython.events.unregister("pre_run_cell", old.cell_started)
+                ipython.events.unregister("post_run_cell", old.refresh_stale)
+    ipython.events.register("pre_run_cell", magics.cell_started)
+    ipython.events.register("post_run_cell", magics.refresh_stale)
     # `%config IpfsExecuteMagics...` finds configurables here; keep one (reloads).
     ipython.configurables[:] = [
         c for c in ipython.configurables if not isinstance(c, IpfsExecuteMagics)
@@ -899,6 +1322,8 @@ def load_ipython_extension(ipython: Any) -> None:
     formatter = ipython.display_formatter.mimebundle_formatter
     formatter.for_type(RunResult, magics.result_bundle)
     formatter.for_type(IpfsRef, magics.ref_bundle)
+    formatter.for_type(EntryResults, magics.entries_bundle)
     formatter.for_type(Verdict, magics.verdict_bundle)
     formatter.for_type(NotebookVerdict, magics.notebook_verdict_bundle)
     formatter.for_type(LineageNode, magics.lineage_bundle)
+    formatter.for_type(Explanation, magics.explanation_bundle)

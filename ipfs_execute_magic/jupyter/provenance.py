@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import shlex
 import time
-import urllib.parse
 from typing import Any
 
+from ..explanation import Explanation
 from ..lineage_graph import LineageNode
+from ..links import Gateway, as_gateway
 from ..record import RunRecord
 from ..verification import CellVerdict, FileDiff, NotebookVerdict, RerunResult, Verdict
-from .display import PUBLIC_GATEWAY, _e, _link, gateway_href, human_size, record_status, static_line
+from .display import _e, _link, gateway_href, human_size, record_status, static_line
 
 MAX_DIFF_ROWS = 200  # files listed per differing re-run; the rest are counted
 COMMAND_CHARS = 160  # of a command shown in HTML (the title has all of it)
@@ -41,14 +42,14 @@ def started_text(record: RunRecord) -> str:
     return record.started_at[:19].replace("T", " ") + " UTC"
 
 
-def path_link(gateway: str, path: str) -> str:
+def path_link(gateway: Gateway | str, path: str) -> str:
     """`/ipfs/CID/sub` (or /ipns/...) as `ipfs://CID/sub` linked through the gateway."""
-    href = f"{gateway.rstrip('/')}{urllib.parse.quote(path)}"
+    href = as_gateway(gateway).path_url(path)
     namespace, _, rest = path.lstrip("/").partition("/")
     return _link(href, f"{namespace}://{rest}")
 
 
-def cid_link(gateway: str, cid: str | None) -> str:
+def cid_link(gateway: Gateway | str, cid: str | None) -> str:
     if not cid:
         return "—"
     return f"<code>{_link(gateway_href(gateway, cid), f'ipfs://{cid}')}</code>"
@@ -111,9 +112,9 @@ NO_FILE_DIFFERS = "no file differs: the trees differ only in metadata (modes or 
 
 
 class VerdictView:
-    def __init__(self, verdict: Verdict, gateway: str) -> None:
+    def __init__(self, verdict: Verdict, gateway: Gateway | str) -> None:
         self.verdict = verdict
-        self.gateway = gateway.rstrip("/") or PUBLIC_GATEWAY
+        self.gateway = as_gateway(gateway)
 
     def to_plain(self, indent: str = "") -> str:
         verdict, record = self.verdict, self.verdict.record
@@ -248,9 +249,9 @@ def cell_outcome(cell: CellVerdict) -> str:
 
 
 class NotebookVerdictView:
-    def __init__(self, result: NotebookVerdict, gateway: str) -> None:
+    def __init__(self, result: NotebookVerdict, gateway: Gateway | str) -> None:
         self.result = result
-        self.gateway = gateway.rstrip("/") or PUBLIC_GATEWAY
+        self.gateway = as_gateway(gateway)
 
     def to_plain(self) -> str:
         lines = [f"{self.result.path}: {notebook_headline(self.result)}"]
@@ -260,6 +261,7 @@ class NotebookVerdictView:
                 # The verdict without its first lines (headline, record): said just above.
                 detail = VerdictView(cell.verdict, self.gateway).to_plain("    ")
                 lines += detail.splitlines()[2:]
+        lines += self.result.stale_lines()
         return "\n".join(lines)
 
     def to_html(self) -> str:
@@ -286,6 +288,10 @@ class NotebookVerdictView:
                 f'<details{opened} style="margin:0.3em 0"><summary>{summary}</summary>'
                 f'<div style="margin-left:1.2em">{body}</div></details>'
             )
+        parts += [
+            f'<div style="color:#9a6700"><b>⚠ {_e(line)}</b></div>'
+            for line in self.result.stale_lines()
+        ]
         parts.append("</div>")
         return "".join(parts)
 
@@ -314,9 +320,9 @@ EDGE = (
 class LineageView:
     """The lineage tree as nested boxes: runs (solid) and data (dashed), edges labelled."""
 
-    def __init__(self, node: LineageNode, gateway: str) -> None:
+    def __init__(self, node: LineageNode, gateway: Gateway | str) -> None:
         self.node = node
-        self.gateway = gateway.rstrip("/") or PUBLIC_GATEWAY
+        self.gateway = as_gateway(gateway)
 
     def to_plain(self) -> str:
         return self.node.to_text()
@@ -379,6 +385,62 @@ class LineageView:
         return (
             {"text/plain": self.to_plain(), "text/html": self.to_html()},
             view_metadata("lineage", cid=self.node.cid),
+        )
+
+
+# -- why two runs differ -----------------------------------------------------------------------
+
+
+class ExplanationView:
+    """Two runs compared part by part (explanation.Explanation): a table of the parts that
+    differ with their details, then the output files that differ."""
+
+    def __init__(self, explanation: Explanation, gateway: Gateway | str) -> None:
+        self.explanation = explanation
+        self.gateway = as_gateway(gateway)
+
+    def to_plain(self) -> str:
+        return self.explanation.describe()
+
+    def to_html(self) -> str:
+        found = self.explanation
+        rows = [
+            ("A", f"record {cid_link(self.gateway, found.a_cid)} {_command_html(found.a)}"),
+            ("B", f"record {cid_link(self.gateway, found.b_cid)} {_command_html(found.b)}"),
+        ]
+        if found.same_computation:
+            rows.append(("key", f"the same computation: <code>{_e(found.a.key or '')}</code>"))
+        for difference in found.differences:
+            note = "" if difference.in_key else f' <span style="{MUTED}">(not in the key)</span>'
+            details = "\n".join(difference.details[:MAX_DIFF_ROWS])
+            shown = (
+                f'<pre style="margin:0.2em 0;font-size:90%">{_e(details)}</pre>' if details else ""
+            )
+            rows.append((difference.part, f"<b>{_e(difference.summary)}</b>{note}{shown}"))
+        if found.a.output == found.b.output:
+            rows.append(("output", f"the same: {cid_link(self.gateway, found.a.output)}"))
+        else:
+            files = "".join(
+                f"<li><code>{_e(diff.describe())}</code></li>"
+                for diff in found.output_diffs[:MAX_DIFF_ROWS]
+            )
+            more = len(found.output_diffs) - MAX_DIFF_ROWS
+            files += f"<li>... and {more} more</li>" if more > 0 else ""
+            rows.append(
+                (
+                    "output",
+                    f"{cid_link(self.gateway, found.a.output)} → "
+                    f"{cid_link(self.gateway, found.b.output)}"
+                    + (f'<ul style="margin:0.2em 0">{files}</ul>' if files else ""),
+                )
+            )
+        header = f"<div>why these runs differ: {_e(found.reason())}</div>"
+        return f'<div class="ipfs-execute-explain">{header}{_kv_table(rows)}</div>'
+
+    def mimebundle(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return (
+            {"text/plain": self.to_plain(), "text/html": self.to_html()},
+            view_metadata("explain", a=self.explanation.a_cid, b=self.explanation.b_cid),
         )
 
 

@@ -30,62 +30,156 @@ This package knows nothing of IPFS or notebooks: it takes staged directories and
 
 from __future__ import annotations
 
-from .cgroups import CgroupMount, RunCgroup, cgroup_mounts, create_run_cgroups, remove_run_cgroups
-from .child import ChildSetup, aslr_problem, die_with_parent, time_namespace_problem
-from .determinism import (
-    CLOCK_START_S,
-    PROC_STAT,
-    SANDBOX_CPUS,
-    SOURCE_DATE_EPOCH,
-    UNFIXABLE_SOURCES,
-    plan_determinism,
-    synthetic_proc_stat,
-)
-from .options import (
-    CLEAR_ENV,
-    DIE_WITH_PARENT,
-    DISABLE_USERNS,
-    NEW_SESSION,
-    UNSHARE_ALL,
-    UNSHARE_USER,
-    Bind,
-    BwrapOption,
-    CapDrop,
-    Chdir,
-    Dev,
-    Flag,
-    Gid,
-    Hostname,
-    JsonStatusFd,
-    Proc,
-    RemountRo,
-    RoBind,
-    RoBindData,
-    SetEnv,
-    Tmpfs,
-    Uid,
-    option_args,
-)
-from .output_area import OutputArea, create_output_area
-from .output_area import release_stale as release_stale_outputs
-from .probe import bwrap_version, check_available
-from .rlimits import FIXED_RLIMITS, RlimitPlan, plan_rlimits
-from .run import run_sandbox
-from .spec import SandboxResult, SandboxSpec, bwrap_argv, sandbox_options
-from .view import (
-    DEFAULT_ENV,
-    HOSTNAME,
-    LAYOUT,
-    MOUNT_POINTS,
-    SANDBOX_UMASK,
-    PayloadView,
-    ProcStat,
-    RunDir,
-    SizedTmpfs,
-    mount_point_problem,
-    mount_points,
-    payload_view,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cgroups import (
+        CgroupMount,
+        RunCgroup,
+        cgroup_mounts,
+        create_run_cgroups,
+        remove_run_cgroups,
+    )
+    from .child import ChildSetup, aslr_problem, die_with_parent, time_namespace_problem
+    from .determinism import (
+        CLOCK_START_S,
+        PROC_STAT,
+        SANDBOX_CPUS,
+        SOURCE_DATE_EPOCH,
+        UNFIXABLE_SOURCES,
+        plan_determinism,
+        synthetic_proc_stat,
+    )
+    from .options import (
+        CLEAR_ENV,
+        DIE_WITH_PARENT,
+        DISABLE_USERNS,
+        NEW_SESSION,
+        UNSHARE_ALL,
+        UNSHARE_USER,
+        Bind,
+        BwrapOption,
+        CapDrop,
+        Chdir,
+        Dev,
+        Flag,
+        Gid,
+        Hostname,
+        JsonStatusFd,
+        Proc,
+        RemountRo,
+        RoBind,
+        RoBindData,
+        SetEnv,
+        Tmpfs,
+        Uid,
+        option_args,
+    )
+    from .output_area import OutputArea, create_output_area
+    from .output_area import release_stale as release_stale_outputs
+    from .probe import bwrap_version, check_available
+    from .rlimits import FIXED_RLIMITS, RlimitPlan, plan_rlimits
+    from .run import run_sandbox
+    from .spec import SandboxResult, SandboxSpec, bwrap_argv, sandbox_options
+    from .view import (
+        DEFAULT_ENV,
+        HOSTNAME,
+        LAYOUT,
+        MOUNT_POINTS,
+        SANDBOX_UMASK,
+        PayloadView,
+        ProcStat,
+        RunDir,
+        SizedTmpfs,
+        mount_point_problem,
+        mount_points,
+        payload_view,
+    )
+
+# Each name is imported from its module when first used: a cache hit needs the view (for
+# the key's profile), not cgroups, the runner or the output area (docs/architecture.md).
+_SOURCES: dict[str, tuple[str, str]] = {
+    "Bind": ("options", "Bind"),
+    "BwrapOption": ("options", "BwrapOption"),
+    "CLEAR_ENV": ("options", "CLEAR_ENV"),
+    "CLOCK_START_S": ("determinism", "CLOCK_START_S"),
+    "CapDrop": ("options", "CapDrop"),
+    "CgroupMount": ("cgroups", "CgroupMount"),
+    "Chdir": ("options", "Chdir"),
+    "ChildSetup": ("child", "ChildSetup"),
+    "DEFAULT_ENV": ("view", "DEFAULT_ENV"),
+    "DIE_WITH_PARENT": ("options", "DIE_WITH_PARENT"),
+    "DISABLE_USERNS": ("options", "DISABLE_USERNS"),
+    "Dev": ("options", "Dev"),
+    "FIXED_RLIMITS": ("rlimits", "FIXED_RLIMITS"),
+    "Flag": ("options", "Flag"),
+    "Gid": ("options", "Gid"),
+    "HOSTNAME": ("view", "HOSTNAME"),
+    "Hostname": ("options", "Hostname"),
+    "JsonStatusFd": ("options", "JsonStatusFd"),
+    "LAYOUT": ("view", "LAYOUT"),
+    "MOUNT_POINTS": ("view", "MOUNT_POINTS"),
+    "NEW_SESSION": ("options", "NEW_SESSION"),
+    "OutputArea": ("output_area", "OutputArea"),
+    "PROC_STAT": ("determinism", "PROC_STAT"),
+    "PayloadView": ("view", "PayloadView"),
+    "Proc": ("options", "Proc"),
+    "ProcStat": ("view", "ProcStat"),
+    "RemountRo": ("options", "RemountRo"),
+    "RlimitPlan": ("rlimits", "RlimitPlan"),
+    "RoBind": ("options", "RoBind"),
+    "RoBindData": ("options", "RoBindData"),
+    "RunCgroup": ("cgroups", "RunCgroup"),
+    "RunDir": ("view", "RunDir"),
+    "SANDBOX_CPUS": ("determinism", "SANDBOX_CPUS"),
+    "SANDBOX_UMASK": ("view", "SANDBOX_UMASK"),
+    "SOURCE_DATE_EPOCH": ("determinism", "SOURCE_DATE_EPOCH"),
+    "SandboxResult": ("spec", "SandboxResult"),
+    "SandboxSpec": ("spec", "SandboxSpec"),
+    "SetEnv": ("options", "SetEnv"),
+    "SizedTmpfs": ("view", "SizedTmpfs"),
+    "Tmpfs": ("options", "Tmpfs"),
+    "UNFIXABLE_SOURCES": ("determinism", "UNFIXABLE_SOURCES"),
+    "UNSHARE_ALL": ("options", "UNSHARE_ALL"),
+    "UNSHARE_USER": ("options", "UNSHARE_USER"),
+    "Uid": ("options", "Uid"),
+    "aslr_problem": ("child", "aslr_problem"),
+    "bwrap_argv": ("spec", "bwrap_argv"),
+    "bwrap_version": ("probe", "bwrap_version"),
+    "cgroup_mounts": ("cgroups", "cgroup_mounts"),
+    "check_available": ("probe", "check_available"),
+    "create_output_area": ("output_area", "create_output_area"),
+    "create_run_cgroups": ("cgroups", "create_run_cgroups"),
+    "die_with_parent": ("child", "die_with_parent"),
+    "mount_point_problem": ("view", "mount_point_problem"),
+    "mount_points": ("view", "mount_points"),
+    "option_args": ("options", "option_args"),
+    "payload_view": ("view", "payload_view"),
+    "plan_determinism": ("determinism", "plan_determinism"),
+    "plan_rlimits": ("rlimits", "plan_rlimits"),
+    "release_stale_outputs": ("output_area", "release_stale"),
+    "remove_run_cgroups": ("cgroups", "remove_run_cgroups"),
+    "run_sandbox": ("run", "run_sandbox"),
+    "sandbox_options": ("spec", "sandbox_options"),
+    "synthetic_proc_stat": ("determinism", "synthetic_proc_stat"),
+    "time_namespace_problem": ("child", "time_namespace_problem"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _SOURCES[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))
+
 
 __all__ = [
     "CLEAR_ENV",

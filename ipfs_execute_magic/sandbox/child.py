@@ -166,6 +166,9 @@ class PrivateBinds:
     sources: tuple[tuple[str, str], ...]  # (name under `at`, host directory)
     unshare: Callable[[int], int]
     mount: Callable[..., int]  # resolved before fork: dlopen is unsafe after
+    # (source name, entry in it, host file or directory) bound over that entry after the
+    # sources: the parts of an input staged by parts, which bwrap then binds along with it.
+    nested: tuple[tuple[str, str, str], ...] = ()
 
     def path(self, name: str) -> str:
         return f"{self.at}/{name}"
@@ -178,6 +181,10 @@ class PrivateBinds:
         # Opened before the tmpfs covers `at`: a source may lie under it.
         fds = [
             os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for _, source in self.sources
+        ]
+        nested_fds = [
+            os.open(source, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            for _, _, source in self.nested
         ]
         at = os.fsencode(self.at)
         flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
@@ -192,6 +199,13 @@ class PrivateBinds:
             _check(
                 self.mount(b"/proc/self/fd/%d" % fd, target, None, _MS_BIND | _MS_REC, None),
                 f"bind at {self.path(name)}",
+            )
+            os.close(fd)
+        for (parent, entry, _), fd in zip(self.nested, nested_fds, strict=True):
+            target = os.fsencode(f"{self.path(parent)}/{entry}")
+            _check(
+                self.mount(b"/proc/self/fd/%d" % fd, target, None, _MS_BIND | _MS_REC, None),
+                f"bind at {self.path(parent)}/{entry}",
             )
             os.close(fd)
 

@@ -13,7 +13,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from ..settings import SANDBOX_GID
-from .child import aslr_problem, time_namespace_problem
 from .rlimits import RlimitPlan
 
 if TYPE_CHECKING:
@@ -92,6 +91,9 @@ def plan_determinism(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """(fixed, not fixed): the sources of nondeterminism this run fixes, and how; those it
     cannot fix on this machine, and why. Probes what the machine allows (cached)."""
+    # Here, not at import: the view (and a cache hit's key) needs this module's values only.
+    from .child import aslr_problem, time_namespace_problem
+
     cpus = "one CPU" if view.cpu_count == 1 else f"{view.cpu_count} CPUs"
     fixed = {
         "hostname": f"{view.hostname} (own UTS namespace)",

@@ -6,7 +6,9 @@ Two mechanisms, by what the caller may do:
   own, a sparse ext4 image in the run directory made for the limits (`mkfs.ext4 -N`, no
   reserved blocks, no journal), loop-mounted before bwrap starts and unmounted once the output
   is in IPFS. The host disk never holds more of an output than the image can take: the limit
-  plus ext4's metadata (`image_size`), whatever the payload does.
+  plus ext4's metadata (`image_size`), whatever the payload does. Given a template directory,
+  mkfs runs once per (size, file count): each run copies that template (holes stay holes), and
+  attaches and mounts it with ioctls and mount(2) rather than mount(8) and umount(8).
 - Otherwise /output is a plain directory, and RLIMIT_FSIZE bounds each file.
 
 Either way `OutputWatch` measures /output while the payload runs (statvfs of its own file
@@ -17,21 +19,28 @@ once it passes a limit; the run records which one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import functools
+import hashlib
 import os
+import random
+import secrets
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SandboxError
 from ..settings import Limits
+from .child import libc_mount
 
 # Bytes of every inode (mkfs -I) and of the file system's other metadata, as measured with
 # mkfs.ext4 1.47 from 1 MiB / 10 files to 100 GiB / 50 million files: what must be added to
@@ -45,6 +54,24 @@ _SPARE_INODES = 16  # the root, lost+found and the kernel's reserved ones
 # its metadata packed at the start (fewer extents: the image is deleted faster).
 _EXT4_FEATURES = "^has_journal,^resize_inode,sparse_super2"
 _EXT4_EXTENDED = "packed_meta_blocks=1,num_backup_sb=0,lazy_itable_init=1,nodiscard,root_owner=0:0"
+
+# linux/loop.h, linux/fs.h and linux/mount.h.
+_LOOP_SET_FD, _LOOP_CLR_FD, _LOOP_SET_STATUS64 = 0x4C00, 0x4C01, 0x4C04
+_LOOP_CONFIGURE = 0x4C0A  # Linux 5.8
+_LOOP_CTL_GET_FREE = 0x4C82
+_LO_FLAGS_AUTOCLEAR = 4  # the kernel frees the device once its last user (the mount) is gone
+_LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")  # struct loop_info64
+# The free device the kernel names may be claimed by another process before we configure it
+# (EBUSY): ask again, after a short random pause so that racing processes spread out.
+_LOOP_ATTEMPTS = 64
+_attach_lock = threading.Lock()  # this process's runs never race each other for a device
+_FICLONE = 0x40049409
+_MS_NOSUID, _MS_NODEV = 0x2, 0x4
+_MNT_DETACH = 2
+# The image is thrown away after the run: flushing it to the host disk (every sync and the
+# unmount would, through the loop device) costs milliseconds and protects nothing.
+_MOUNT_DATA = b"nobarrier"
+_EXT4_MAGIC = 0xEF53
 
 
 def image_size(limits: Limits) -> int:
@@ -66,12 +93,24 @@ def loop_mount_problem() -> str | None:
         identity = False
     if not identity:
         return "root of a user namespace, which may not mount ext4"
-    missing = [tool for tool in ("mkfs.ext4", "mount", "umount") if shutil.which(tool) is None]
-    if missing:
-        return f"{', '.join(missing)} not installed (Debian: e2fsprogs, mount)"
+    if shutil.which("mkfs.ext4") is None:
+        return "mkfs.ext4 not installed (Debian: e2fsprogs)"
+    if libc_mount() is None or _libc_umount2() is None:
+        return "the C library has no mount or umount2"
     if not os.path.exists("/dev/loop-control"):
         return "no loop devices here (/dev/loop-control is missing)"
     return None
+
+
+@functools.cache
+def _libc_umount2() -> Callable[[bytes, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).umount2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
 
 
 @dataclass
@@ -85,7 +124,10 @@ class OutputArea:
     """
 
     path: Path
-    image: Path | None = None
+    # Where formatted images are kept, one per (size, file count), copied for each run; None:
+    # mkfs.ext4 for every run.
+    template_dir: Path | None = None
+    image: Path | None = field(default=None, init=False)
     _lock: int | None = field(default=None, init=False, repr=False)
 
     def create(self, limits: Limits) -> None:
@@ -98,14 +140,32 @@ class OutputArea:
             return
         self.image = self.path.with_name(f"{self.path.name}.img")
         try:
-            _make_image(self.image, limits)
-            _mount(self.image, self.path)
-            (self.path / "lost+found").rmdir()  # the payload's /output starts empty
+            self._make_and_mount(self.image, limits)
+            with contextlib.suppress(FileNotFoundError):  # templates have none
+                (self.path / "lost+found").rmdir()  # the payload's /output starts empty
         except (SandboxError, OSError):
             self._drop_image()
         except BaseException:
             self._drop_image()
             raise
+
+    def _make_and_mount(self, image: Path, limits: Limits) -> None:
+        if self.template_dir is None:
+            _make_image(image, limits)
+            _mount(image, self.path)
+            return
+        for attempt in range(2):
+            template = _template(self.template_dir, limits)
+            _copy_sparse(template, image)
+            try:
+                _mount(image, self.path)
+                return
+            except _BadImage:
+                # Damaged past what `_template` checks: made anew, once.
+                image.unlink()
+                template.unlink(missing_ok=True)
+                if attempt:
+                    raise
 
     def _drop_image(self) -> None:
         if self.image is None:
@@ -144,9 +204,10 @@ def _copyable(path: str) -> bool:
     return stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)
 
 
-def create_output_area(path: Path, limits: Limits) -> OutputArea:
-    """`OutputArea(path)`, created (for callers with nothing to undo when it fails)."""
-    area = OutputArea(path)
+def create_output_area(path: Path, limits: Limits, template_dir: Path | None = None) -> OutputArea:
+    """`OutputArea(path, template_dir)`, created (for callers with nothing to undo when it
+    fails)."""
+    area = OutputArea(path, template_dir)
     try:
         area.create(limits)
     except BaseException:
@@ -211,49 +272,244 @@ def _run_tool(argv: list[str], what: str) -> None:
         raise SandboxError(f"cannot {what}: {exc}") from None
 
 
+def _mkfs_options(limits: Limits) -> list[str]:
+    inodes = ["-N", str(limits.output_files + _SPARE_INODES)] if limits.output_files else []
+    return [
+        "-q",
+        "-F",
+        "-m",
+        "0",  # the payload is not root inside: reserved blocks would be lost to it
+        "-b",
+        "4096",
+        "-I",
+        str(_INODE_BYTES),
+        *inodes,
+        "-O",
+        _EXT4_FEATURES,
+        "-E",
+        _EXT4_EXTENDED,
+    ]
+
+
 def _make_image(image: Path, limits: Limits) -> None:
     fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, image_size(limits))  # sparse: disk is used as the payload writes
     finally:
         os.close(fd)
-    inodes = ["-N", str(limits.output_files + _SPARE_INODES)] if limits.output_files else []
     _run_tool(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-m",
-            "0",  # the payload is not root inside: reserved blocks would be lost to it
-            "-b",
-            "4096",
-            "-I",
-            str(_INODE_BYTES),
-            *inodes,
-            "-O",
-            _EXT4_FEATURES,
-            "-E",
-            _EXT4_EXTENDED,
-            str(image),
-        ],
+        ["mkfs.ext4", *_mkfs_options(limits), str(image)],
         f"make the size-limited /output image {image}",
     )
 
 
-def _mount(image: Path, path: Path) -> None:
-    _run_tool(
-        ["mount", "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(path)],
-        f"mount the size-limited /output image {image} at {path}",
+def template_path(template_dir: Path, limits: Limits) -> Path:
+    """Where the formatted image for `limits` is kept: named by its size and a digest of the
+    mkfs options, so that changed options never pick up an old template."""
+    options = "\0".join(_mkfs_options(limits)).encode()
+    return (
+        template_dir / f"ext4-{image_size(limits)}-{hashlib.sha256(options).hexdigest()[:16]}.img"
     )
+
+
+def _template_ok(template: Path, limits: Limits) -> bool:
+    """Whether `template` is a whole, clean, never mounted ext4 image of the right geometry
+    (its size and superblock, read in one pread: cheap enough for every run)."""
+    try:
+        fd = os.open(template, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        superblock = os.pread(fd, 1024, 1024)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    size = image_size(limits)
+    if not stat.S_ISREG(info.st_mode) or info.st_size != size or len(superblock) != 1024:
+        return False
+    inodes, blocks_lo = struct.unpack_from("<2I", superblock, 0)
+    (log_block_size,) = struct.unpack_from("<I", superblock, 24)
+    mounts, magic, state = struct.unpack_from("<H2xHH", superblock, 52)
+    (blocks_hi,) = struct.unpack_from("<I", superblock, 0x150)
+    blocks = blocks_lo | blocks_hi << 32
+    return bool(
+        magic == _EXT4_MAGIC
+        and log_block_size == 2  # 4 KiB
+        and blocks * 4096 == size
+        and state == 1  # cleanly unmounted (here: never mounted), no errors recorded
+        and mounts == 0
+        and inodes >= (limits.output_files or 0) + _SPARE_INODES
+    )
+
+
+def _template(template_dir: Path, limits: Limits) -> Path:
+    """The template for `limits`, made (mkfs.ext4, then a rename: a concurrent run sees the
+    whole image or none) when it is missing or damaged."""
+    template = template_path(template_dir, limits)
+    if _template_ok(template, limits):
+        return template
+    template_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in template_dir.glob(".*.partial"):  # of processes killed while making one
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 600:
+                stale.unlink()
+    partial = template.with_name(f".{template.name}.{secrets.token_hex(4)}.partial")
+    try:
+        _make_image(partial, limits)
+        # Removed once here rather than by every run (else each run's rmdir does it).
+        with contextlib.suppress(SandboxError):
+            _run_tool(["debugfs", "-w", "-R", "rmdir lost+found", str(partial)], "empty it")
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # before the rename: a host crash never leaves a zeroed template
+        finally:
+            os.close(fd)
+        os.rename(partial, template)
+    finally:
+        partial.unlink(missing_ok=True)
+    return template
+
+
+def _copy_sparse(source: Path, target: Path) -> None:
+    """A new file `target` with `source`'s content, its holes kept holes: a clone where the
+    file system shares extents, else its few data extents copied in the kernel."""
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.ioctl(dst, _FICLONE, src)  # btrfs, XFS: no data copied at all
+                return
+            except OSError:
+                pass
+            position, size = 0, os.fstat(src).st_size
+            while position < size:
+                try:
+                    data = os.lseek(src, position, os.SEEK_DATA)
+                except OSError as error:
+                    if error.errno == errno.ENXIO:  # only a hole is left
+                        break
+                    raise
+                position = os.lseek(src, data, os.SEEK_HOLE)
+                _copy_range(src, dst, data, position)
+            os.ftruncate(dst, size)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    while start < end:
+        try:
+            copied = os.copy_file_range(src, dst, end - start, start, start)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            chunk = os.pread(src, min(end - start, 1024**2), start)
+            copied = os.pwrite(dst, chunk, start) if chunk else 0
+        if copied == 0:
+            raise SandboxError(f"cannot copy the /output template: it ended at {start} bytes")
+        start += copied
+
+
+class _BadImage(SandboxError):
+    """mount(2) refused the image's file system."""
+
+
+def _attach(image: Path) -> tuple[int, int]:
+    """A free loop device backed by `image`: its number and an open fd. Freed by the kernel
+    once its last user has gone (autoclear): the mount, or this fd when no mount happens."""
+    name = os.fsencode(image)[:63]
+    info = _LOOP_INFO64.pack(0, 0, 0, 0, 0, 0, 0, 0, _LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0)
+    control = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        backing = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            for _ in range(_LOOP_ATTEMPTS):
+                with _attach_lock:
+                    number = fcntl.ioctl(control, _LOOP_CTL_GET_FREE)
+                    try:
+                        device = os.open(f"/dev/loop{number}", os.O_RDWR | os.O_CLOEXEC)
+                    except FileNotFoundError:  # its node not made yet
+                        device = -1
+                    if device >= 0:
+                        try:
+                            _configure(device, backing, info)
+                            return number, device
+                        except OSError as error:
+                            os.close(device)
+                            if error.errno != errno.EBUSY:
+                                raise
+                        except BaseException:
+                            os.close(device)
+                            raise
+                time.sleep(random.uniform(0, 0.002))
+        finally:
+            os.close(backing)
+    finally:
+        os.close(control)
+    raise SandboxError(
+        f"cannot attach the /output image {image} to a loop device: "
+        f"the free ones were taken by other processes first, {_LOOP_ATTEMPTS} times; try again"
+    )
+
+
+def _configure(device: int, backing: int, info: bytes) -> None:
+    config = struct.pack("=II", backing, 0) + info + bytes(64)  # struct loop_config
+    try:
+        fcntl.ioctl(device, _LOOP_CONFIGURE, config)
+        return
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTTY):
+            raise
+    # Before Linux 5.8: in two steps.
+    fcntl.ioctl(device, _LOOP_SET_FD, backing)
+    try:
+        fcntl.ioctl(device, _LOOP_SET_STATUS64, info)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(device, _LOOP_CLR_FD)
+        raise
+
+
+def _mount(image: Path, path: Path) -> None:
+    mount = libc_mount()
+    if mount is None:
+        raise SandboxError("cannot mount the /output image: the C library has no mount")
+    try:
+        number, device = _attach(image)
+    except OSError as error:
+        raise SandboxError(
+            f"cannot attach the /output image {image} to a loop device: {error.strerror}; "
+            "check free loop devices (losetup -f)"
+        ) from None
+    try:
+        source = f"/dev/loop{number}".encode()
+        if mount(source, os.fsencode(path), b"ext4", _MS_NOSUID | _MS_NODEV, _MOUNT_DATA) != 0:
+            code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.EUCLEAN, errno.EIO, errno.EBADMSG):
+                raise _BadImage(
+                    f"cannot mount the /output image {image}: {os.strerror(code)}; "
+                    "its template is damaged and is made anew"
+                )
+            raise SandboxError(
+                f"cannot mount the /output image {image} at {path}: {os.strerror(code)}; "
+                "check free loop devices (losetup -f)"
+            )
+    finally:
+        os.close(device)  # the mount holds the device now; without one, it is freed here
 
 
 def _unmount(path: Path) -> None:
     # Lazily if still busy: the loop device is freed once the last user has gone (autoclear).
-    for lazy in ([], ["-l"]):
-        if not os.path.ismount(path):
+    umount2 = _libc_umount2()
+    for flags in (0, _MNT_DETACH):
+        if umount2 is None or not os.path.ismount(path):
             return
-        with contextlib.suppress(SandboxError):
-            _run_tool(["umount", *lazy, str(path)], f"unmount the /output at {path}")
+        umount2(os.fsencode(path), flags)
 
 
 # --- watching ---------------------------------------------------------------------------------
@@ -367,4 +623,5 @@ __all__ = [
     "image_size",
     "loop_mount_problem",
     "release_stale",
+    "template_path",
 ]

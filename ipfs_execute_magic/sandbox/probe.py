@@ -7,6 +7,7 @@ own messages into errors that say which knob to turn (user namespaces, mostly).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,9 @@ _NAMESPACE_FAILURE_MARKERS = (
 )
 
 _available = False
+FACTS_NAME = "bwrap-facts.json"  # in the caller's data directory: see check_available
+# bwrap's version by its path, as remembered with a successful probe.
+_known_versions: dict[str, str] = {}
 
 
 def find_bwrap() -> str:
@@ -48,8 +52,11 @@ def find_bwrap() -> str:
 @functools.cache
 def bwrap_version() -> str:
     """E.g. "0.8.0"."""
+    bwrap = find_bwrap()
+    if bwrap in _known_versions:
+        return _known_versions[bwrap]
     completed = subprocess.run(
-        [find_bwrap(), "--version"], capture_output=True, text=True, check=False, timeout=10
+        [bwrap, "--version"], capture_output=True, text=True, check=False, timeout=10
     )
     words = completed.stdout.split()
     if completed.returncode != 0 or not words:
@@ -57,12 +64,29 @@ def bwrap_version() -> str:
     return words[-1]
 
 
-def check_available() -> None:
-    """Raise SandboxUnavailableError unless bwrap can start a sandbox for us here."""
+def check_available(facts_dir: Path | None = None) -> None:
+    """Raise SandboxUnavailableError unless bwrap can start a sandbox for us here.
+
+    With `facts_dir` (a private directory), a success is remembered there with bwrap's
+    version, for what it depends on: this bwrap binary (path, size, mtime), uid, user
+    namespace, boot and the sysctls that switch user namespaces off. Later processes skip
+    the probe, two process starts of every CLI run.
+    """
     global _available
     if _available:
         return
     bwrap = find_bwrap()
+    facts = None if facts_dir is None else facts_dir / FACTS_NAME
+    key = _facts_key(bwrap)
+    if facts is not None and key is not None:
+        try:
+            known = json.loads(facts.read_text())
+            if known["key"] == key:
+                _known_versions[bwrap] = str(known["version"])
+                _available = True
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not probed here yet, or by another bwrap
     # Probe exactly the way runs start bwrap (same uid, all namespaces, fresh /proc).
     probe = [
         bwrap,
@@ -100,6 +124,32 @@ def check_available() -> None:
             raise SandboxUnavailableError(f"{message}; {_user_namespace_hint()}")
         raise SandboxUnavailableError(f"bwrap cannot start a sandbox here: {message}")
     _available = True
+    if facts is not None and key is not None:
+        _remember(facts, {"key": key, "version": bwrap_version()})
+
+
+def _facts_key(bwrap: str) -> str | None:
+    """What a remembered probe holds for: the binary, uid, user namespace, boot, sysctls."""
+    try:
+        st = os.stat(bwrap)
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/user")
+    except OSError:
+        return None
+    sysctls = [_read_sysctl(path) for path in _USERNS_SYSCTLS]
+    return (
+        f"{bwrap} {st.st_size} {st.st_mtime_ns} uid {os.geteuid()} {namespace} boot {boot} "
+        f"sysctls {sysctls}"
+    )
+
+
+def _remember(path: Path, facts: dict[str, str]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(facts))
+        os.replace(temporary, path)  # whole or not at all, whoever reads it meanwhile
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a read-only data directory probes every time
 
 
 def drop_privileges() -> None:
@@ -135,6 +185,13 @@ def _read_sysctl(path: str) -> str | None:
         return Path(path).read_text().strip()
     except OSError:
         return None
+
+
+_USERNS_SYSCTLS = (
+    "/proc/sys/kernel/unprivileged_userns_clone",
+    "/proc/sys/user/max_user_namespaces",
+    "/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+)
 
 
 def _user_namespace_hint() -> str:

@@ -138,6 +138,13 @@ def _check_dirs(spec: SandboxSpec, view: PayloadView) -> None:
     ):
         if not path.is_dir():
             raise SandboxError(f"sandbox {what} directory {path} does not exist")
+    for name, path in spec.input_parts:
+        # A top-level part's mount point is in the input dir; deeper ones are in a part.
+        if not path.exists() or ("/" not in name and not (spec.input_dir / name).exists()):
+            raise SandboxError(
+                f"input part /input/{name} ({path}) or its mount point in {spec.input_dir} "
+                "does not exist"
+            )
     # Checked again although staging checked: bwrap 0.8 follows a symlinked mount point.
     problem = mount_point_problem(spec.rootfs, view.mount_points)
     if problem is not None:
@@ -262,7 +269,11 @@ def _private_binds(spec: SandboxSpec) -> PrivateBinds:
         )
     sources = (("rootfs", spec.rootfs), ("input", spec.input_dir), ("output", spec.output_dir))
     return PrivateBinds(
-        PRIVATE_BINDS_AT, tuple((name, str(path)) for name, path in sources), unshare, mount
+        PRIVATE_BINDS_AT,
+        tuple((name, str(path)) for name, path in sources),
+        unshare,
+        mount,
+        nested=tuple(("input", name, str(path)) for name, path in spec.input_parts),
     )
 
 
@@ -274,6 +285,7 @@ def _as_bound(spec: SandboxSpec, binds: PrivateBinds | None) -> SandboxSpec:
         spec,
         rootfs=Path(binds.path("rootfs")),
         input_dir=Path(binds.path("input")),
+        input_parts=(),  # bound inside the private input already: bwrap binds it recursively
         output_dir=Path(binds.path("output")),
     )
 

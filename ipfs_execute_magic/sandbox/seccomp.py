@@ -184,10 +184,40 @@ def _compat_arches(seccomp: Any) -> tuple[int, ...]:
     return extra.get(native, ())
 
 
+# The sonames pyseccomp's import looks up with ctypes.util.find_library, which runs
+# `ldconfig -p` for each (about 10 ms of a CLI run's start-up for the two).
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> Any:
+    """pyseccomp, its libraries found by soname first (dlopen's own search), else as it would."""
+    import ctypes
+    import ctypes.util
+
+    original = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        soname = _SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return original(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = original
+    return pyseccomp
+
+
 @functools.cache
 def _compile(policy: SeccompPolicy) -> bytes:
     try:
-        import pyseccomp as seccomp
+        seccomp = _import_pyseccomp()
     except (ImportError, RuntimeError, OSError) as exc:
         raise SandboxError(
             f"cannot build the sandbox's seccomp filter ({exc}): install libseccomp "

@@ -28,12 +28,18 @@ class SandboxSpec:
     clock_start_s: float = CLOCK_START_S
     # Run by root: the host uids the sandbox may use, one per concurrent run (uid_pool).
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    # An input staged by parts (staging.py): (path under /input, host path) in mount order,
+    # each bound read-only over the mount point that `input_dir` or an earlier part holds.
+    input_parts: tuple[tuple[str, Path], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.argv:
             raise SandboxError("nothing to run: the sandbox argv is empty")
         if any("\0" in arg for arg in self.argv):
             raise SandboxError("sandbox argv contains a NUL byte")
+        for path, _ in self.input_parts:
+            if "\0" in path or any(step in ("", ".", "..") for step in path.split("/")):
+                raise SandboxError(f"input part path {path!r} is not a relative path of entries")
         _ = self.view  # made only to check the environment and the clock start
 
     @property
@@ -77,6 +83,7 @@ def sandbox_options(
         spec.rootfs,
         spec.input_dir,
         spec.output_dir,
+        input_parts=spec.input_parts,
         proc_stat_fd=proc_stat_fd,
         seccomp_fd=seccomp_fd,
     )

@@ -11,7 +11,7 @@ changes whenever what the payload sees does.
 from __future__ import annotations
 
 import stat as stat_module
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -284,17 +284,23 @@ class PayloadView:
         input_dir: Path,
         output_dir: Path,
         *,
+        input_parts: Sequence[tuple[str, Path]] = (),
         proc_stat_fd: int | None = None,
         seccomp_fd: int | None = None,
     ) -> list[BwrapOption]:
         """The bwrap options that show the payload this view of a run's directories, in
         order. The synthetic /proc/stat is bound, and the seccomp filter (`seccomp.bpf()`)
-        loaded, only when their fds are given."""
+        loaded, only when their fds are given. `input_parts` are bound over their mount
+        points in the input, right after it."""
         dirs = {"rootfs": rootfs, "input": input_dir, "output": output_dir}
         mounts: list[BwrapOption] = []
         for mount in self.mounts:
             if isinstance(mount, RunDir):
                 mounts.append(mount.option(dirs[mount.name]))
+                if mount.name == "input":
+                    mounts.extend(
+                        RoBind(path, f"{mount.dest}/{name}") for name, path in input_parts
+                    )
             elif isinstance(mount, SizedTmpfs):
                 mounts.append(mount.option(self.tmp_bytes))
             elif isinstance(mount, ProcStat):

@@ -2,11 +2,11 @@
 
 Each `build_*(dest_dir)` writes `dest_dir/IMAGE.tar.gz` and returns its path; the same inputs
 give the same bytes, hence the same CID. Inputs are Debian packages pinned by version and
-sha256 in `*/packages.lock`, fetched once with `apt-get download` into
+sha256 in this package's `*.lock` files, fetched once with `apt-get download` into
 ${XDG_CACHE_HOME:-~/.cache}/ipfs-execute/debs and verified on every build.
 
-Packages are unpacked by examples/pkg-install/debinstall.py (no maintainer scripts run), the
-same code the pkg-install image runs inside the sandbox.
+Packages are unpacked by `debinstall.py` (no maintainer scripts run), the same code the
+pkg-install image runs inside the sandbox. Standard library only: no IPFS here (see catalog.py).
 """
 
 from __future__ import annotations
@@ -16,23 +16,25 @@ import os
 import posixpath
 import shutil
 import subprocess
-import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent
-sys.path.insert(0, str(EXAMPLES / "pkg-install"))
+from . import debinstall as di
+from .debinstall import PathFilter, Tree
 
-import debinstall as di  # noqa: E402  (lives beside the pkg-install image it also serves)
-from debinstall import PathFilter, Tree  # noqa: E402
-
+HERE = Path(__file__).resolve().parent
 IMAGES = ("busybox", "empty", "python", "pkg-install")
 ARCH = "amd64"  # the locks pin amd64 packages
 
-BUSYBOX_LOCK = EXAMPLES / "busybox" / "packages.lock"
-PYTHON_LOCK = EXAMPLES / "python" / "packages.lock"
+# Package data beside this module; the image bytes include the init scripts and debinstall.py.
+BUSYBOX_LOCK = HERE / "busybox.lock"
+PYTHON_LOCK = HERE / "python.lock"
+BUSYBOX_INIT = HERE / "busybox-init"
+PKG_INSTALL_INIT = HERE / "pkg-install-init"
+ENGINE = HERE / "debinstall.py"
 
 # Documentation is dead weight in a sandbox; copyright files stay, the licences ask for them.
 DOC_FILTER = PathFilter(
@@ -227,7 +229,7 @@ def busybox_tree(cache: Path | None = None) -> Tree:
         # Relative targets work both inside the sandbox and in an extracted copy on the host.
         target = posixpath.relpath("bin/busybox", posixpath.dirname(path) or ".")
         di.put(tree, path, di.symlink_entry(target))
-    di.put(tree, "sbin/init", di.file_entry((EXAMPLES / "busybox" / "init").read_bytes(), True))
+    di.put(tree, "sbin/init", di.file_entry(BUSYBOX_INIT.read_bytes(), True))
     for name in (*MOUNT_POINTS, "etc", "root"):
         di.put(tree, name, di.dir_entry())
     di.put(tree, "etc/passwd", di.file_entry(PASSWD.encode()))
@@ -249,9 +251,9 @@ def python_tree(cache: Path | None = None) -> Tree:
 
 def pkg_install_tree(cache: Path | None = None) -> Tree:
     tree = python_tree(cache)
-    engine = (EXAMPLES / "pkg-install" / "debinstall.py").read_bytes()
+    engine = ENGINE.read_bytes()
     di.put(tree, "usr/lib/python3/dist-packages/debinstall.py", di.file_entry(engine))
-    di.put(tree, "sbin/init", di.file_entry((EXAMPLES / "pkg-install" / "init").read_bytes(), True))
+    di.put(tree, "sbin/init", di.file_entry(PKG_INSTALL_INIT.read_bytes(), True))
     return tree
 
 
@@ -284,13 +286,13 @@ def build_empty(dest: Path, cache: Path | None = None, epoch: int | None = None)
     return path
 
 
-BUILDERS = {
+BUILDERS: dict[str, Callable[[Path, Path | None, int | None], Path]] = {
     "busybox": build_busybox,
     "empty": build_empty,
     "python": build_python,
     "pkg-install": build_pkg_install,
 }
-LOCKS = {
+LOCKS: dict[str, list[Path]] = {
     "busybox": [BUSYBOX_LOCK],
     "python": [BUSYBOX_LOCK, PYTHON_LOCK],
     "pkg-install": [BUSYBOX_LOCK, PYTHON_LOCK],
@@ -302,3 +304,16 @@ def build(image: str, dest: Path, cache: Path | None = None, epoch: int | None =
     if image not in BUILDERS:
         raise BuildError(f"unknown image {image!r}: choose one of {', '.join(IMAGES)}")
     return BUILDERS[image](dest, cache, epoch)
+
+
+def recipe(image: str, epoch: int | None = None) -> str:
+    """A digest of what the image's bytes are made from: its locks, the init scripts, the
+    package engine, these builders and the epoch. Another recipe means another build."""
+    if image not in BUILDERS:
+        raise BuildError(f"unknown image {image!r}: choose one of {', '.join(IMAGES)}")
+    digest = hashlib.sha256(
+        f"{image}\0{di.source_date_epoch() if epoch is None else epoch}".encode()
+    )
+    for path in (*LOCKS[image], BUSYBOX_INIT, PKG_INSTALL_INIT, ENGINE, Path(__file__)):
+        digest.update(b"\0" + path.read_bytes())
+    return digest.hexdigest()
