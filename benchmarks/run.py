@@ -7,7 +7,8 @@
 
 | target                                   | baseline                              | goal     |
 |------------------------------------------|---------------------------------------|----------|
-| warm run through the Python API          | bare `bwrap ... true` on the same root| +30 ms   |
+| warm run through the Python API          | bare `bwrap ... true` on the same root| +15 ms   |
+| a new script on a warm 1 KB input (API)  | bare `bwrap ... true` on the same root| +30 ms   |
 | warm run through the CLI                 | `python -c pass`, bare bwrap          | <= 150 ms|
 | result-cache hit through the CLI         | `python -c pass`, bare bwrap          | <= 100 ms|
 | cold staging of a rootfs (fetch+extract) | `ipfs cat ROOTFS | tar xzf -`         | <= 1.3x  |
@@ -300,6 +301,11 @@ def bench_big_input(
         return seconds
 
     runner.run(RunRequest(rootfs=busybox, input=small, args=("true",)))  # rootfs staged
+    # The daily loop: a data set is added, and staged by its first run, once; then the cell is
+    # edited again and again. The first (cold) edit of each input is not timed.
+    for input_cid in (small, big):
+        script_edit(input_cid)
+    run_durations.clear()
     edit_small: list[float] = []
     edit_big: list[float] = []
     for attempt in range(repeat):
@@ -371,7 +377,7 @@ def bench_big_input(
     }
 
 
-def print_big_input(figures: dict[str, Any]) -> None:
+def print_big_input(figures: dict[str, Any], bare_bwrap_ms: float | None = None) -> None:
     size = f"{figures['input']['files']:,} files, {figures['input']['bytes'] / 1e6:,.0f} MB"
     print(f"big input: {size} (added in {figures['add_s']:.1f} s)")
 
@@ -386,6 +392,13 @@ def print_big_input(figures: dict[str, Any]) -> None:
         return "ok" if good else "MISSED"
 
     row("script edit, 1 KB input (baseline)", "edit_small")
+    if bare_bwrap_ms is not None:
+        # The script-path target: a new script on a warm input, through the API.
+        over = figures["edit_small"]["median_ms"] - bare_bwrap_ms
+        print(
+            f"{'  new script on a warm 1 KB input, over bwrap':<44} {over:9.1f} ms         "
+            f"(target <= 30 ms: {verdict(over <= 30)})"
+        )
     row("script edit, big input", "edit_big")
     ratio = figures["edit_ratio"]
     print(
@@ -688,7 +701,11 @@ def main() -> None:
     print_add(figures["add_many_files"])  # type: ignore[arg-type]
     if not options.add_only:
         print_runs(figures)
-        print_big_input(figures["big_input"])  # type: ignore[arg-type]
+        bare = figures.get("bare_bwrap_true")
+        print_big_input(
+            figures["big_input"],  # type: ignore[arg-type]
+            bare["median_ms"] if isinstance(bare, dict) else None,
+        )
 
 
 def print_runs(figures: dict[str, object]) -> None:
@@ -712,9 +729,9 @@ def print_runs(figures: dict[str, object]) -> None:
     cli_hit = figures["cache_hit_cli"]["median_ms"]  # type: ignore[index]
     verdict = "ok" if cli_hit <= 100 else "MISSED"
     print(f"{'cache hit, CLI: target':<44} {cli_hit:9.1f} ms         (target <= 100 ms: {verdict})")
-    verdict = "ok" if overhead <= 30 else "MISSED"
+    verdict = "ok" if overhead <= 15 else "MISSED"
     print(
-        f"{'warm API overhead over bare bwrap':<44} {overhead:9.1f} ms         (target <= 30 ms: {verdict})"
+        f"{'warm API overhead over bare bwrap':<44} {overhead:9.1f} ms         (target <= 15 ms: {verdict})"
     )
     hit = figures["cache_hit_api"]["median_ms"]  # type: ignore[index]
     first = figures["cache_hit_first_lookup_ms"]

@@ -476,6 +476,40 @@ def gc(staging_keep: int | str | None = None, *, kept_outputs: bool = False) -> 
     return collect(runner.settings, store, staging_keep_bytes=keep, kept_outputs=kept_outputs)
 
 
+def signing_key() -> str:
+    """This data directory's public signing key (`ed25519:...`): give it to whoever should
+    trust your results (docs/trust.md)."""
+    from .trust import SigningKey
+
+    return SigningKey.public_id_at(default_runner().settings.signing_key_path)
+
+
+def trusted_keys() -> dict[str, str]:
+    """The keys trusted besides this data directory's own: {key: name}."""
+    from .trust import TrustedKeys
+
+    return TrustedKeys(default_runner().settings.trusted_keys_path).load()
+
+
+def trust_key(key: str, name: str = "") -> None:
+    """Trust `key`: cached results it attests become hits here (`ipfs-execute trust add`)."""
+    from .trust import TrustedKeys
+
+    runner = default_runner()
+    TrustedKeys(runner.settings.trusted_keys_path).add(key, name)
+    runner.reload_trust()
+
+
+def untrust_key(key_or_name: str) -> str:
+    """Stop trusting a key (given by itself or its name); returns the key."""
+    from .trust import TrustedKeys
+
+    runner = default_runner()
+    removed = TrustedKeys(runner.settings.trusted_keys_path).remove(key_or_name)
+    runner.reload_trust()
+    return removed
+
+
 def load_ipython_extension(ipython: Any) -> None:
     """`%load_ext ipfs_execute_magic`: the Jupyter layer is imported only here."""
     from .jupyter.magics import load_ipython_extension as load
@@ -503,6 +537,10 @@ __all__ = [
     "node_status",
     "run",
     "share",
+    "signing_key",
     "submit",
+    "trust_key",
+    "trusted_keys",
+    "untrust_key",
     "verify",
 ]

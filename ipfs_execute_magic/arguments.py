@@ -30,3 +30,13 @@ size = argument_type(parse_size)
 count = argument_type(parse_count)
 cpus = argument_type(parse_cpus)
 param = argument_type(parse_param)
+
+# The -p/--param option, the same in the CLI and the magic (argparse keywords).
+PARAM_OPTION: dict[str, Any] = {
+    "action": "append",
+    "type": param,
+    "default": [],
+    "metavar": "NAME=VALUE",
+    "help": "a parameter: the environment variable NAME of the payload ($NAME in a shell "
+    "script); repeatable; part of what identifies the run, like the input",
+}

@@ -215,16 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a cached result whatever key attests it, and say so (default: only "
         "results a trusted key attests are hits; see `ipfs-execute trust`)",
     )
-    parser.add_argument(
-        "-p",
-        "--param",
-        action="append",
-        type=arguments.param,
-        default=[],
-        metavar="NAME=VALUE",
-        help="a parameter: the environment variable NAME of the payload (repeatable; part of "
-        "what identifies the run, like the input)",
-    )
+    parser.add_argument("-p", "--param", **arguments.PARAM_OPTION)
     parser.add_argument("--version", action="version", version=_version_text())
     return parser
 
@@ -710,9 +701,23 @@ def _lineage(settings: Settings, words: list[str]) -> int:
     from .lineage_graph import lineage
     from .result_cache import ResultCache
     from .store import Store
+    from .trust import Attestation, SigningKey, TrustedKeys, TrustPolicy
 
     with Store.connect(settings) as store, ResultCache(store) as results:
-        print(lineage(results, options.cid).to_text())
+        graph = lineage(results, options.cid)
+        print(graph.to_text())
+        # Who attests each recorded run's output: the runs a result rests on, and on whose word.
+        policy = TrustPolicy(
+            SigningKey.public_id_at(settings.signing_key_path),
+            [*TrustedKeys(settings.trusted_keys_path).load(), *settings.trusted_keys],
+        )
+        for _depth, _role, node in graph.walk():
+            if node.record is not None and node.record.key and node.record.output:
+                known = results.attestations(node.record.key)
+                if node.record.attestation:
+                    known.append(Attestation.from_dict(node.record.attestation))
+                summary = policy.summarize(node.record.output, known)
+                print(f"attestations of {node.record.output}: {summary.describe()}")
     return 0
 
 

@@ -275,6 +275,10 @@ class Runner:
             self._signing_key = SigningKey.load_or_create(self.settings.signing_key_path)
         return self._signing_key
 
+    def reload_trust(self) -> None:
+        """Read the trusted keys again at the next lookup (they were changed)."""
+        self._trust_policy = None
+
     def _load_signing_key(self) -> None:
         try:
             _ = self.signing_key

@@ -62,6 +62,7 @@ class StagingCache:
         self._tmp = self.root / "tmp"
         self._locks = self.root / "locks"
         self._sizes = self.root / "sizes"
+        self._locks_ready = False
 
     def path_for(self, kind: str, key: str) -> Path:
         """Where the entry lives once it is ready."""
@@ -115,8 +116,10 @@ class StagingCache:
         Take it before `get` or `fill` and keep it until the sandbox has ended.
         """
         _check_name(kind, key)
-        for directory in (self.root, self._locks):
-            _make_dir(directory)
+        if not self._locks_ready:  # once: a run holds a hundred entries staged by parts
+            for directory in (self.root, self._locks):
+                _make_dir(directory)
+            self._locks_ready = True
         path = self._locks / f"{kind}.{key}.use"
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

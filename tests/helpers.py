@@ -56,3 +56,22 @@ def execute_notebook(sources: list[str], timeout: int = 60):
     }
     NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
     return nb
+
+
+def package_copy_for_other_users(base_dir: Path) -> Path:
+    """A copy of the package (and pyseccomp, one module file) that any user can read, for a
+    test that runs the sandbox as an ordinary user: the checkout may be under /root. Returns
+    the directory to put on that user's sys.path."""
+    import shutil
+
+    import pyseccomp
+
+    parent = Path(tempfile.mkdtemp(dir=base_dir))
+    shutil.copytree(
+        Path(__file__).resolve().parents[1] / "ipfs_execute_magic",
+        parent / "ipfs_execute_magic",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    shutil.copy(pyseccomp.__file__, parent)
+    subprocess.run(["chmod", "-R", "a+rX", str(parent)], check=True)
+    return parent

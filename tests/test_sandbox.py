@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyseccomp
 import pytest
+from helpers import package_copy_for_other_users
 
 from ipfs_execute_magic.errors import SandboxError
 from ipfs_execute_magic.sandbox import (
@@ -692,14 +692,7 @@ def test_unprivileged_caller_falls_back_to_rlimits(rootfs, input_dir, base_dir) 
     python = shutil.which("python3", path="/usr/bin:/bin")  # Debian's python3 (./run installs it)
     assert python is not None, "Debian's python3 is missing: run ./run setup"
     # A copy of the package where uid 1000 can read it (the checkout may be under /root).
-    package_parent = Path(tempfile.mkdtemp(dir=base_dir))
-    shutil.copytree(
-        Path(__file__).resolve().parents[1] / "ipfs_execute_magic",
-        package_parent / "ipfs_execute_magic",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    shutil.copy(pyseccomp.__file__, package_parent)
-    subprocess.run(["chmod", "-R", "a+rX", str(package_parent)], check=True)
+    package_parent = package_copy_for_other_users(base_dir)
     user = 1000
     output_dir = Path(tempfile.mkdtemp(dir=base_dir))
     os.chown(output_dir, user, user)

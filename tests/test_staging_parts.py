@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import package_copy_for_other_users
 
 from ipfs_execute_magic import staging
 from ipfs_execute_magic.node import EmbeddedNode
@@ -222,16 +223,7 @@ def test_an_ordinary_user_sees_the_parts_bound_by_bwrap(
         staged = stager.stage_input(big_input)
         expected = _listing(rootfs, staged, scratch)  # as root: private binds
         subprocess.run(["chmod", "-R", "a+rX", str(base_dir)], check=True)
-        package_parent = Path(tempfile.mkdtemp(dir=base_dir))
-        import pyseccomp
-
-        shutil.copytree(
-            Path(__file__).resolve().parents[1] / "ipfs_execute_magic",
-            package_parent / "ipfs_execute_magic",
-            ignore=shutil.ignore_patterns("__pycache__"),
-        )
-        shutil.copy(pyseccomp.__file__, package_parent)
-        subprocess.run(["chmod", "-R", "a+rX", str(package_parent)], check=True)
+        package_parent = package_copy_for_other_users(base_dir)
         user = 1000
         output_dir = Path(tempfile.mkdtemp(dir=base_dir))
         os.chown(output_dir, user, user)

@@ -167,7 +167,13 @@ def test_a_bwrap_probe_is_remembered_for_this_binary_uid_namespace_and_boot(
     probe.check_available(scratch)
     facts = json.loads((scratch / probe.FACTS_NAME).read_text())
     bwrap = probe.find_bwrap()
-    assert facts == {"key": probe._facts_key(bwrap), "version": probe.bwrap_version()}
+    from ipfs_execute_magic.sandbox.child import time_namespace_problem
+
+    assert facts == {
+        "key": probe._facts_key(bwrap),
+        "version": probe.bwrap_version(),
+        "time_namespace": time_namespace_problem() or "",
+    }
     assert str(os.geteuid()) in facts["key"] and os.readlink("/proc/self/ns/user") in facts["key"]
 
     def no_process(*args: object, **kwargs: object) -> None:
@@ -177,6 +183,11 @@ def test_a_bwrap_probe_is_remembered_for_this_binary_uid_namespace_and_boot(
     monkeypatch.setattr(probe, "_available", False)
     monkeypatch.setattr(probe.subprocess, "run", no_process)
     probe.check_available(scratch)
+    # The time namespace's probe is remembered too: a run starts no `bwrap --version`.
+    assert probe.known_time_namespace[bwrap] == facts["time_namespace"]
+    time_namespace_problem.cache_clear()
+    monkeypatch.setattr("ipfs_execute_magic.sandbox.child.subprocess.run", no_process)
+    assert (time_namespace_problem() or "") == facts["time_namespace"]
     # Remembered for another bwrap, uid, namespace, boot or sysctl: probed again.
     (scratch / probe.FACTS_NAME).write_text(json.dumps({**facts, "key": "elsewhere"}))
     monkeypatch.setattr(probe, "_available", False)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import world_traversable_tmpdir
+from helpers import ipfs_execute, world_traversable_tmpdir
 
 from ipfs_execute_magic.node import EmbeddedNode
 from ipfs_execute_magic.record import RunRecord, RunRequest
@@ -76,6 +76,9 @@ def test_an_untrusted_result_is_run_again_and_trusted_once_it_agrees(two_nodes) 
     assert not first.cache_hit  # A's word alone is not enough
     assert str(first) == str(made) and first.disagreement is None
     assert first.trust == "reproduced by 2 keys, 1 trusted"
+    shown = ipfs_execute(b.settings.home, "lineage", str(first))
+    assert shown.returncode == 0, shown.stderr
+    assert f"attestations of {first}: reproduced by 2 keys, 1 trusted" in shown.stdout
     again = b.run(_request(busybox))
     assert again.cache_hit and again.trust is not None and "trusted" in again.trust
     assert b.results.lookup(again.record.key or "") is not None
@@ -137,3 +140,29 @@ def test_tampered_records_are_rejected_on_import_with_one_line_each(two_nodes) -
         for line in lines
     )
     assert all("\n" not in line for line in lines)
+
+
+def test_the_python_api_manages_trusted_keys(scratch: Path) -> None:
+    import ipfs_execute_magic as ie
+
+    previous = ie.default_runner().settings
+    ie.configure(Settings(home=scratch / "home"))
+    try:
+        own = ie.signing_key()
+        assert own.startswith("ed25519:") and own == ie.signing_key()
+        colleague = _key_of(scratch / "colleague.key")
+        ie.trust_key(colleague, "colleague")
+        assert ie.trusted_keys() == {colleague: "colleague"}
+        assert colleague in ie.default_runner().trust_policy.trusted
+        assert ie.untrust_key("colleague") == colleague
+        assert ie.trusted_keys() == {}
+        assert colleague not in ie.default_runner().trust_policy.trusted
+    finally:
+        ie.configure(previous)
+        EmbeddedNode(Settings(home=scratch / "home")).stop()
+
+
+def _key_of(path: Path) -> str:
+    from ipfs_execute_magic.trust import SigningKey
+
+    return SigningKey.load_or_create(path).public_id

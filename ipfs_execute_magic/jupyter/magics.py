@@ -635,16 +635,7 @@ class IpfsExecuteMagics(Magics):
         help="run even if an identical run is recorded (by default its result is "
         "returned and its output shown again, without running)",
     )
-    @argument(
-        "-p",
-        "--param",
-        action="append",
-        type=arguments.param,
-        default=[],
-        metavar="NAME=VALUE",
-        help="a parameter: the environment variable NAME of the payload ($NAME in the "
-        "cell); repeatable; part of what identifies the run",
-    )
+    @argument("-p", "--param", **arguments.PARAM_OPTION)
     @argument(
         "--each",
         action="store_true",

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .probe import find_bwrap
+from .probe import find_bwrap, known_time_namespace
 
 _ADDR_NO_RANDOMIZE = 0x0040000
 _PERSONALITY_QUERY = 0xFFFFFFFF
@@ -131,6 +131,9 @@ def time_namespace_problem() -> str | None:
             "a time namespace needs root (CAP_SYS_ADMIN) and bwrap 0.8 cannot make one: "
             "the monotonic and boot clocks are the host's"
         )
+    remembered = known_time_namespace.get(find_bwrap())
+    if remembered is not None:
+        return remembered or None
     try:
         subprocess.run(
             [find_bwrap(), "--version"],

@@ -38,6 +38,9 @@ _available = False
 FACTS_NAME = "bwrap-facts.json"  # in the caller's data directory: see check_available
 # bwrap's version by its path, as remembered with a successful probe.
 _known_versions: dict[str, str] = {}
+# Whether runs can have a time namespace of their own, by bwrap's path: "" yes, else why not
+# (child.time_namespace_problem; remembered with the probe, one process less a run).
+known_time_namespace: dict[str, str] = {}
 
 
 def find_bwrap() -> str:
@@ -83,6 +86,10 @@ def check_available(facts_dir: Path | None = None) -> None:
             known = json.loads(facts.read_text())
             if known["key"] == key:
                 _known_versions[bwrap] = str(known["version"])
+                if "time_namespace" in known:
+                    known_time_namespace[bwrap] = str(known["time_namespace"])
+                else:
+                    _remember(facts, {**known, "time_namespace": _time_namespace_fact()})
                 _available = True
                 return
         except (OSError, ValueError, KeyError, TypeError):
@@ -125,7 +132,16 @@ def check_available(facts_dir: Path | None = None) -> None:
         raise SandboxUnavailableError(f"bwrap cannot start a sandbox here: {message}")
     _available = True
     if facts is not None and key is not None:
-        _remember(facts, {"key": key, "version": bwrap_version()})
+        _remember(
+            facts,
+            {"key": key, "version": bwrap_version(), "time_namespace": _time_namespace_fact()},
+        )
+
+
+def _time_namespace_fact() -> str:
+    from .child import time_namespace_problem  # child imports this module
+
+    return time_namespace_problem() or ""
 
 
 def _facts_key(bwrap: str) -> str | None:
