@@ -177,7 +177,7 @@ class Stager:
             path = self.staging_cache.fill("input", cid, set_tree_mtimes)
             return StagedTree(cid, path, False, time.monotonic() - started)
         found = check_input_is_directory(self.store, cid)
-        entries = self.store.ls(cid) if by_parts and found.size >= PARTS_MIN_BYTES else []
+        entries = self._top_entries(cid) if by_parts and found.size >= PARTS_MIN_BYTES else []
         if entries and _stageable_by_parts(entries):
             binds = []
             for entry in entries:
@@ -198,6 +198,25 @@ class Stager:
             )
         path = self.staging_cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
         return StagedTree(cid, path, False, time.monotonic() - started)
+
+    def _top_entries(self, cid: str) -> list[Entry]:
+        """An input's top-level entries, from its root block: the kind of an entry staged as a
+        part is read from the part (no round trip), others from their own first block (none
+        for a raw block). `ls` would read every child of a hundred big directories instead."""
+        links = self.store.directory_links(cid)
+        if links is None:
+            return self.store.ls(cid)
+        entries = []
+        for name, child in links:
+            part = self.staging_cache.get("part", child)
+            if part is not None:
+                mode = os.lstat(part / _PART_TREE).st_mode
+                kind = "directory" if stat_module.S_ISDIR(mode) else "file"
+            else:
+                kind = self.store.unixfs_kind(child)
+                kind = "directory" if kind == "sharded-directory" else kind
+            entries.append(Entry(name=name, cid=child, size=0, kind=kind))
+        return entries
 
     def _stage_parts(
         self, binds: list[tuple[str, str]], use: Callable[[str, str], None]

@@ -464,13 +464,21 @@ class Store:
         "other"; one block read, never its children (`stat` and `ls` read those too)."""
         return self._unixfs_block(cid)[0]
 
+    def directory_links(self, cid: str) -> list[tuple[str, str]] | None:
+        """(name, CID) of a plain directory's entries, from its one block; None for anything
+        else (a sharded directory: `ls` lists it). Unlike `ls`, no child is read."""
+        kind, links, _ = self._unixfs_block(cid)
+        return [dag_pb_link(link) for link in links] if kind == "directory" else None
+
     def directory_changes(self, old: str, new: str) -> dict[str, tuple[str, str]] | None:
         """{name: (old CID, new CID)} of the entries two plain directories hold under the same
-        names with other content; None when their names differ or either is not a plain
-        directory. Reads one block of each, and decodes only the links that differ."""
-        old_kind, old_links, _ = self._unixfs_block(old)
-        new_kind, new_links, _ = self._unixfs_block(new)
+        names with other content; None when their names or their own metadata differ, or
+        either is not a plain directory. Reads one block of each, and decodes only the links that differ."""
+        old_kind, old_links, old_data = self._unixfs_block(old)
+        new_kind, new_links, new_data = self._unixfs_block(new)
         if old_kind != "directory" or new_kind != "directory" or len(old_links) != len(new_links):
+            return None
+        if old_data != new_data:  # the directory's own mode or mtime (UnixFS metadata) changed
             return None
         unchanged = set(old_links) & set(new_links)
         gone = dict(dag_pb_link(link) for link in old_links if link not in unchanged)
