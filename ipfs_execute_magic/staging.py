@@ -211,7 +211,7 @@ class Stager:
             part = self.staging_cache.get("part", child)
             if part is not None:
                 mode = os.lstat(part / _PART_TREE).st_mode
-                kind = "directory" if stat_module.S_ISDIR(mode) else "file"
+                kind = "directory" if stat_module.S_ISDIR(mode) else "file"  # as _fill_part made it
             else:
                 kind = self.store.unixfs_kind(child)
                 kind = "directory" if kind == "sharded-directory" else kind
@@ -368,7 +368,8 @@ class Stager:
         finally:
             stream.close()
         top = dest / cid
-        if not stat_module.S_ISDIR(os.lstat(top).st_mode) and not top.is_file():
+        mode = os.lstat(top).st_mode  # never a symlink: it would be bound, followed, as a part
+        if not (stat_module.S_ISDIR(mode) or stat_module.S_ISREG(mode)):
             raise StagingError(f"fetching {what} gave an unexpected tar layout")
         os.rename(top, dest / _PART_TREE)
         set_tree_mtimes(dest / _PART_TREE)
