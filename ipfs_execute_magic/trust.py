@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import re
@@ -117,8 +118,6 @@ class Attestation:
     @property
     def entry_name(self) -> str:
         """Its file name among the attestations of its key: one per signer and output."""
-        import hashlib
-
         return hashlib.sha256(f"{self.signer} {self.output}".encode()).hexdigest()[:32]
 
 

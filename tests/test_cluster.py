@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import distributed
 import pytest
 from helpers import world_traversable_tmpdir
 
@@ -22,8 +23,6 @@ from ipfs_execute_magic import cluster
 from ipfs_execute_magic.errors import ClusterError
 from ipfs_execute_magic.runner import Runner
 from ipfs_execute_magic.settings import Settings
-
-distributed = pytest.importorskip("distributed")
 
 
 class Env:
