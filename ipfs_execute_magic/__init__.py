@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from .explanation import Explanation
     from .lineage_graph import LineageNode
     from .node_info import NodeInfo
-    from .per_entry import EntryResults
+    from .per_entry import EntriesProgress, EntryResults
     from .record import RunRequest
     from .result import IpfsRef, RunResult
     from .runner import Runner
@@ -289,14 +289,16 @@ def map_entries(
     *args: str,
     script: str | None = None,
     on_entry: Callable[[str, RunResult | None, str | None], None] | None = None,
+    progress: EntriesProgress | None = None,
     **options: Any,
 ) -> EntryResults:
     """One run per top-level entry of the INPUT directory, in parallel (see `submit`): the run
     of entry NAME sees an input holding just that entry, at /input/NAME. Each run is cached on
     its own: after one entry changes, one sandbox runs. Returns `EntryResults`: `.output` a
     directory with one entry NAME per successful run (its /output), `.results` by name,
-    `.failed` {NAME: why}. `on_entry(name, result, error)` is called as each one ends. Other
-    keywords are `run`'s."""
+    `.failed` {NAME: why}. `on_entry(name, result, error)` is called as each one ends;
+    `progress` (a `per_entry.EntriesProgress`) is kept up to date, for a status line that
+    asks it how far the runs have come and where they run. Other keywords are `run`'s."""
     from .per_entry import map_entries as run_entries
 
     runner = default_runner()
@@ -304,7 +306,7 @@ def map_entries(
     def submit_one(entry_input: str) -> RunFuture | Future[RunResult]:
         return submit(rootfs, entry_input, *args, script=script, **options)
 
-    return run_entries(runner, str(input), submit_one, on_entry=on_entry)
+    return run_entries(runner, str(input), submit_one, on_entry=on_entry, progress=progress)
 
 
 def _request(

@@ -21,7 +21,7 @@ import re
 import secrets
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from distributed import Client, WorkerPlugin, get_worker
 from .errors import ClusterError, IpfsError
 from .record import RunRecord, RunRequest
 from .result import RunResult
-from .runner import RunConditions, Runner, _lineage_path
+from .runner import ORDINARY, RunConditions, Runner, _lineage_path
 from .settings import Settings
 from .trust import Attestation
 
@@ -255,9 +255,11 @@ class RunFuture:
         future: Future[Any] | None = None,
         result: RunResult | None = None,
         printed: tuple[Callable[[bytes], None] | None, ...] = (),
+        conditions: RunConditions = ORDINARY,
     ) -> None:
         self.cluster = cluster
         self.key = key
+        self.conditions = conditions
         self.dask = future
         self._result = result
         self._printed = printed  # callbacks that get stdout and stderr once it has ended
@@ -271,7 +273,7 @@ class RunFuture:
             if self._result is None:
                 assert self.dask is not None
                 answer = self.dask.result(timeout=timeout)
-                self._result = self.cluster.adopt(answer)
+                self._result = self.cluster.adopt(answer, self.conditions)
                 streams = (self._result.stdout, self._result.stderr)
                 for forward, data in zip(self._printed, streams, strict=False):
                     if forward is not None and data:
@@ -309,6 +311,7 @@ class Cluster:
         self.throwaway = False  # a LocalCluster of ours: its workers' directories go with it
         # rootfs CID -> workers that ran it (so have it staged): where its next runs go.
         self._placement: dict[str, set[str]] = {}
+        self._in_flight: dict[str, int] = {}  # rootfs CID -> its runs submitted, not ended
         self._lock = threading.Lock()
         try:
             self.attach(runner)
@@ -349,6 +352,34 @@ class Cluster:
         peers = [*self.peers, *(a for found in addresses.values() for a in found)]
         self.client.run(worker_connect, peers)
 
+    def where(self, keys: Iterable[str]) -> dict[str, str | None]:
+        """The worker executing each of these Dask task keys now; None for one that is not
+        (queued on the scheduler, waiting in a worker's queue, or ended).
+
+        Two round trips: the scheduler says which workers hold any of the keys, and only
+        those workers say which they are executing (the scheduler's own view of that lags
+        by a heartbeat). A status is a courtesy: a cluster that does not answer gives None.
+        """
+        found: dict[str, str | None] = dict.fromkeys(keys)
+        wanted = set(found)
+        if not wanted:
+            return found
+        try:
+            holders = [
+                worker
+                for worker, held in self.client.processing().items()
+                if not wanted.isdisjoint(held)
+            ]
+            executing = (
+                self.client.run(_executing, sorted(wanted), workers=holders) if holders else {}
+            )
+        except Exception:
+            return found
+        for worker, running in executing.items():
+            for key in running:
+                found[key] = worker
+        return found
+
     def submit(
         self,
         request: RunRequest,
@@ -377,8 +408,13 @@ class Cluster:
         task_key = f"ipfs-execute-{resolved.key}"
         if not use_cache:  # a forced run is its own task
             task_key += f"-{secrets.token_hex(4)}"
+        rootfs = resolved.rootfs
         with self._lock:
-            workers = sorted(self._placement.get(resolved.rootfs, ()))
+            staged = sorted(self._placement.get(rootfs, ()))
+            # Preferred as long as they have a thread for it (one a worker): the runs beyond
+            # go wherever the scheduler likes, so a sweep spreads over every worker.
+            workers = staged if self._in_flight.get(rootfs, 0) < len(staged) else []
+            self._in_flight[rootfs] = self._in_flight.get(rootfs, 0) + 1
         future = self.client.submit(
             run_on_worker,
             request,
@@ -389,33 +425,47 @@ class Cluster:
             workers=workers or None,
             allow_other_workers=bool(workers),
         )
-        return RunFuture(self, resolved.key, future, printed=(on_stdout, on_stderr))
+        future.add_done_callback(lambda _future: self._ended(rootfs))
+        return RunFuture(
+            self,
+            resolved.key,
+            future,
+            printed=(on_stdout, on_stderr),
+            conditions=RunConditions(use_cache=use_cache),
+        )
 
-    def adopt(self, answer: WorkerAnswer) -> RunResult:
-        """A worker's answer as this client's result: its record stored and indexed here."""
+    def _ended(self, rootfs: str) -> None:
+        with self._lock:
+            self._in_flight[rootfs] -= 1
+
+    def adopt(self, answer: WorkerAnswer, conditions: RunConditions = ORDINARY) -> RunResult:
+        """A worker's answer as this client's result: its record signed, stored and indexed
+        here, settled against the client's cached record of its key exactly as a local run
+        is (a forced run that disagrees leaves a trusted cached result in place and says so).
+        """
         runner = self.runner
         record = RunRecord.from_json(answer.record_json)
         with self._lock:
             self._placement.setdefault(record.rootfs, set()).add(answer.worker)
-        record_cid = None
-        if record.output:
-            theirs = record.attestation
-            if record.cacheable and record.key:
-                # Signed here too: the client's own key makes its later lookups hits.
-                mine = runner.signing_key.attest(record.key, record.output)
-                record = replace(record, attestation=mine.to_dict())
-            record_cid = runner.results.save(record)
-            if theirs and theirs != record.attestation:
-                # The worker's word is kept beside it, off the caller's path: the record
-                # stands on the client's own.
-                threading.Thread(target=_keep_attestation, args=(runner, theirs)).start()
+        # Looked up now, when the run has ended: what the cache holds is what it is weighed
+        # against (another run of the key may have been recorded meanwhile).
+        cached = runner.results.lookup(record.key) if record.pure and record.key else None
+        cached_trust = runner._trust_of(cached) if cached is not None else None
+        theirs = record.attestation
+        settled = runner._settle(record, cached, cached_trust, conditions)
+        if settled.record_cid and theirs and theirs != settled.record.attestation:
+            # The worker's word is kept beside it, off the caller's path: the record stands
+            # on the client's own.
+            threading.Thread(target=_keep_attestation, args=(runner, theirs)).start()
         return RunResult(
-            record,
+            settled.record,
             answer.stdout,
             answer.stderr,
             store=runner.store,
-            record_cid=record_cid,
+            record_cid=settled.record_cid,
             cache_hit=answer.cache_hit,
+            disagreement=settled.disagreement,
+            trust=settled.trust,
         )
 
     def close(self) -> None:
@@ -435,6 +485,13 @@ class Cluster:
         # would never be used again (the plugin's teardown has stopped their nodes).
         for home in homes:
             _remove_worker_home(Path(home))
+
+
+def _executing(keys: list[str], dask_worker: Worker) -> list[str]:
+    """Which of these task keys this worker is executing (run with `Client.run`)."""
+    wanted = set(keys)
+    state = dask_worker.state
+    return [task.key for task in (*state.executing, *state.long_running) if task.key in wanted]
 
 
 def _keep_attestation(runner: Runner, attestation: dict[str, str]) -> None:

@@ -88,6 +88,16 @@ class ResolvedRequest:
     key: str
 
 
+@dataclass(frozen=True)
+class SettledRun:
+    """A run that has ended, signed and recorded (`Runner._settle`)."""
+
+    record: RunRecord  # signed with this data directory's key when cacheable
+    record_cid: str | None
+    disagreement: str | None  # how it differs from the cached result of its key, if it does
+    trust: str | None  # who attests its output
+
+
 class Runner:
     """Holds what is worth keeping between runs: the store connection and the caches."""
 
@@ -173,8 +183,6 @@ class Runner:
                 )
                 return self._replay(cached, on_stdout, on_stderr, cached_trust, note=note)
         # Not trusted: the run executes, and its own (trusted) record becomes the answer.
-        untrusted = cached is not None and cached_trust is not None and not cached_trust.trusted
-
         stdout, stderr = _Capture(on_stdout), _Capture(on_stderr)
         record = self._execute(
             request,
@@ -193,9 +201,32 @@ class Runner:
             stderr=stderr,
             on_progress=on_progress,
         )
-        if record.cacheable and record.output:
-            attestation = self.signing_key.attest(key, record.output)
+        settled = self._settle(record, cached, cached_trust, conditions)
+        return RunResult(
+            settled.record,
+            stdout.value(),
+            stderr.value(),
+            store=self.store,
+            record_cid=settled.record_cid,
+            disagreement=settled.disagreement,
+            trust=settled.trust,
+        )
+
+    def _settle(
+        self,
+        record: RunRecord,
+        cached: StoredRecord | None,
+        cached_trust: TrustSummary | None,
+        conditions: RunConditions,
+    ) -> SettledRun:
+        """Sign a run that has just ended (here or on a cluster worker), store and index its
+        record, and weigh it against the cache's record of its key (`cached`, None when there
+        is none): a disagreeing run never replaces a trusted cached result, and says so."""
+        if record.cacheable and record.output and record.key:
+            attestation = self.signing_key.attest(record.key, record.output)
             record = replace(record, attestation=attestation.to_dict())
+        # Not trusted: this run's own (trusted) record becomes the answer.
+        untrusted = cached is not None and cached_trust is not None and not cached_trust.trusted
         disagrees = (
             cached is not None and record.succeeded and cached.record.output != record.output
         )
@@ -234,15 +265,7 @@ class Runner:
             if untrusted and cached is not None and cached.record.attestation:
                 known.append(Attestation.from_dict(cached.record.attestation))
             trust = self.trust_policy.summarize(record.output, known).describe()
-        return RunResult(
-            record,
-            stdout.value(),
-            stderr.value(),
-            store=self.store,
-            record_cid=record_cid,
-            disagreement=disagreement,
-            trust=trust,
-        )
+        return SettledRun(record, record_cid, disagreement, trust)
 
     def resolve(self, request: RunRequest) -> ResolvedRequest:
         """The request's content CIDs (the script added to the input) and its cache key."""
@@ -394,7 +417,10 @@ class Runner:
             durations["stage_rootfs"] = rootfs.seconds
             # A shuffled view shows one directory tree: the input is staged whole for it.
             staged_input = stager.stage_input(
-                input_cid, hold=in_use, by_parts=not conditions.shuffle_directories
+                input_cid,
+                hold=in_use,
+                by_parts=not conditions.shuffle_directories,
+                base=given_input if script_cid else None,
             )
             durations["stage_input"] = staged_input.seconds
 

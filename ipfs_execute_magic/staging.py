@@ -19,6 +19,7 @@ import shutil
 import stat as stat_module
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from typing import BinaryIO
 from . import sandbox  # its names load when used: a cache hit needs none of them
 from .cid import EMPTY_DIRECTORY_CID, cid_codec
 from .errors import BadRootfsError, StagingError, TruncatedStreamError, UsageError
+from .record import SCRIPT_DIR
 from .sandbox.determinism import SOURCE_DATE_EPOCH
-from .staging_cache import StagingCache
+from .staging_cache import StagingCache, remove_tree
 from .store import Entry, Stat, Store
 
 ENTRY_POINT = "sbin/init"
@@ -52,6 +54,11 @@ PARTS_MAX_ENTRIES = 256
 REPLACED_MAX = 64
 # How many recently staged inputs are searched for an earlier version of an entry.
 EARLIER_VERSIONS_SCANNED = 32
+# How many recently used big trees staged whole are tried as an earlier version of an input,
+# and searched for its top-level entries.
+EARLIER_TREES_TRIED = 4
+# Top-level entries of an input staged whole are fetched this many at a time.
+FILL_THREADS = 3
 # A part's tree is this entry of its staging cache entry (a file part is a file).
 _PART_TREE = "t"
 _SKELETON_TREE = "tree"
@@ -69,20 +76,55 @@ class StagedTree:
     parts: tuple[tuple[str, Path], ...] = ()
 
 
+# Where a bind's tree is: (kind, key) of a staged tree and the name of an entry at its top.
+TreeSource = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Bind:
+    """What is bound at `path` under /input: the staged part of `cid`, or, with `source`,
+    the same content as an entry of another staged tree."""
+
+    path: str
+    cid: str
+    source: TreeSource | None = None
+
+    def to_json(self) -> list[str]:
+        return [self.path, self.cid, *(self.source or ())]
+
+    @classmethod
+    def from_json(cls, item: list[str]) -> Bind:
+        """[path, cid] (a part), or [path, cid, kind, key, name]."""
+        path, cid, *source = (str(value) for value in item)
+        if len(source) == 3:
+            return cls(path, cid, (source[0], source[1], source[2]))
+        if source:
+            raise ValueError(f"a bind of {len(item)} fields")
+        return cls(path, cid)
+
+
 class _CountingReader:
     """Reports progress as a stream is read (for the notebook's progress line)."""
 
     def __init__(
-        self, stream: BinaryIO, what: str, total: int | None, on_progress: ProgressCallback | None
+        self,
+        stream: BinaryIO,
+        what: str,
+        total: int | None,
+        on_progress: ProgressCallback | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self._stream = stream
         self._what = what
         self._total = total
         self._on_progress = on_progress
+        self._stop = stop  # set: the staging this read belongs to has failed or was stopped
         self._done = 0
         self._last_report = 0.0
 
     def read(self, size: int = -1) -> bytes:
+        if self._stop is not None and self._stop.is_set():
+            raise StagingError(f"fetching {self._what} stopped: the staging it is part of ended")
         data = self._stream.read(size)
         self._done += len(data)
         now = time.monotonic()
@@ -140,121 +182,271 @@ class Stager:
         *,
         hold: contextlib.ExitStack | None = None,
         by_parts: bool = True,
+        base: str | None = None,
     ) -> StagedTree:
-        """The input's tree, staged whole or by parts.
+        """The input's tree: staged whole, or shown as staged trees with a few binds over them.
 
-        A big input is staged by parts: each top-level entry is a staged tree of its own,
-        keyed by the entry's CID, so that an input differing from a staged one in a few entries
-        (the cell's script, a replaced file, an added directory) costs only those. The payload
-        sees the same tree either way. `hold` keeps every entry used against eviction until
-        it is closed; `by_parts=False` stages whole (what a shuffled view needs).
+        A small input (under PARTS_MIN_BYTES) is staged whole: one fetch costs less than a
+        mount. A big one is staged so that a new version costs what changed:
+
+        - `base` given: `cid` is that input with the cell's script added at SCRIPT_PATH. The
+          base is staged once, whole, with an empty SCRIPT_DIR (`scripted/BASE`), and each
+          script's directory is bound over it: an edit costs a small fetch and one mount.
+        - An input (or base) that an earlier one staged whole differs from only by replaced
+          entries, however deep, is that earlier tree with each changed file or directory
+          bound over its old self (at most REPLACED_MAX).
+        - An input most of whose top-level entries are staged already (as parts, or in a
+          recent whole tree) gets a skeleton of mount points with each entry bound over its
+          own (`parts/CID`): only the new entries are fetched, as parts of their own.
+        - Anything else is staged whole, top-level entries fetched side by side; later
+          versions start from it.
+
+        The payload sees the same tree every way. `hold` keeps every entry used against
+        eviction until it is closed; `by_parts=False` stages whole (what a shuffled view needs).
         """
         started = time.monotonic()
+        held: set[tuple[str, str]] = set()
 
         def use(kind: str, key: str) -> None:
-            if hold is not None:
+            if hold is not None and (kind, key) not in held:
+                held.add((kind, key))
                 hold.enter_context(self.staging_cache.use(kind, key))
+
+        def staged(path: Path, was_cached: bool, binds: list[Bind] | None = None) -> StagedTree:
+            parts, all_ready = self._stage_binds(binds or [], use)
+            seconds = time.monotonic() - started
+            return StagedTree(cid, path, was_cached and all_ready, seconds, parts)
 
         use("input", cid)
         ready = self.staging_cache.get("input", cid)
         if ready is not None:
             _settle_old_entry(ready)
-            return StagedTree(cid, ready, True, time.monotonic() - started)
-        if by_parts and cid != EMPTY_DIRECTORY_CID:
+            return staged(ready, True)
+        if cid == EMPTY_DIRECTORY_CID:
+            return staged(self.staging_cache.fill("input", cid, set_tree_mtimes), False)
+        if not by_parts:
+            return staged(self._fill_whole("input", cid), False)
+        scripted = base is not None and base != EMPTY_DIRECTORY_CID
+        # The warm paths, probed without their locks first: a stat or two, no round trip.
+        if scripted and self.staging_cache.get("scripted", str(base)) is not None:
+            use("scripted", str(base))
+            tree = self.staging_cache.get("scripted", str(base))
+            script_bind = self._script_bind(cid)
+            if tree is not None and script_bind is not None:
+                return staged(tree, True, [script_bind])
+        if self.staging_cache.get("parts", cid) is not None:
             use("parts", cid)
             skeleton = self.staging_cache.get("parts", cid)
             if skeleton is not None:
                 manifest = json.loads((skeleton / _PARTS_MANIFEST).read_text())
-                binds = [(str(path), str(part)) for path, part in manifest["binds"]]
-                return StagedTree(
-                    cid,
-                    skeleton / _SKELETON_TREE,
-                    True,
-                    time.monotonic() - started,
-                    self._stage_parts(binds, use),
-                )
-        if cid == EMPTY_DIRECTORY_CID:
-            path = self.staging_cache.fill("input", cid, set_tree_mtimes)
-            return StagedTree(cid, path, False, time.monotonic() - started)
-        found = check_input_is_directory(self.store, cid)
-        entries = self._top_entries(cid) if by_parts and found.size >= PARTS_MIN_BYTES else []
-        if entries and _stageable_by_parts(entries):
-            binds = []
-            for entry in entries:
-                use("part", entry.cid)
-                reuse = None
-                if entry.kind == "directory" and self.staging_cache.get("part", entry.cid) is None:
-                    reuse = self._replacement_binds(entry.name, entry.cid, use)
-                binds.extend(reuse or [(entry.name, entry.cid)])
-            skeleton = self.staging_cache.fill(
-                "parts", cid, functools.partial(_make_skeleton, entries=entries, binds=binds)
-            )
-            return StagedTree(
-                cid,
-                skeleton / _SKELETON_TREE,
-                False,
-                time.monotonic() - started,
-                self._stage_parts(binds, use),
-            )
-        path = self.staging_cache.fill("input", cid, lambda tmp: self._fill_input(cid, tmp))
-        return StagedTree(cid, path, False, time.monotonic() - started)
+                binds = [Bind.from_json(item) for item in manifest["binds"]]
+                return staged(skeleton / _SKELETON_TREE, True, binds)
 
-    def _top_entries(self, cid: str) -> list[Entry]:
-        """An input's top-level entries, from its root block: the kind of an entry staged as a
-        part is read from the part (no round trip), others from their own first block (none
-        for a raw block). `ls` would read every child of a hundred big directories instead."""
+        found = check_input_is_directory(self.store, cid)
+        if found.size < PARTS_MIN_BYTES:
+            return staged(self._fill_whole("input", cid), False)
+        kind, data, extra = "input", cid, []
+        if scripted:
+            script_bind = self._script_bind(cid)
+            if script_bind is not None:  # else a sharded root: staged as any input
+                kind, data, extra = "scripted", str(base), [script_bind]
+        earlier = self._earlier_tree(kind, data, use)
+        if earlier is not None:
+            tree, replaced = earlier
+            return staged(tree, False, [*replaced, *extra])
+        if kind == "scripted" and self.staging_cache.get("input", data) is not None:
+            # The data was run on without a script first: its tree becomes the scripted base
+            # (moved, not copied), and runs without a script bind its entries from there. The
+            # cell's loop is what must cost nothing.
+            use(kind, data)
+            return staged(self._fill_whole(kind, data), False, extra)
+        sources = self._tree_sources()
+        entries = self._top_entries(cid, sources)
+        reused = self._reused_binds(entries, sources, use) if _stageable_by_parts(entries) else None
+        if reused is not None:
+            use("parts", cid)
+            skeleton = self.staging_cache.fill(
+                "parts", cid, functools.partial(_make_skeleton, entries=entries, binds=reused)
+            )
+            return staged(skeleton / _SKELETON_TREE, False, reused)
+        use(kind, data)
+        return staged(self._fill_whole(kind, data), False, extra)
+
+    def _script_bind(self, cid: str) -> Bind | None:
+        """The bind of a scripted input's SCRIPT_DIR, from its root block (which the runner
+        has just made, so the store has it), or None for a root that is no plain directory."""
+        script_dir = dict(self.store.directory_links(cid) or ()).get(SCRIPT_DIR)
+        return None if script_dir is None else Bind(SCRIPT_DIR, script_dir)
+
+    def _earlier_tree(
+        self, kind: str, data: str, use: Callable[[str, str], None]
+    ) -> tuple[Path, list[Bind]] | None:
+        """A recently used big tree of `kind` staged whole that `data` differs from only by
+        replaced entries (same names and kinds, however deep), with the binds that show `data`
+        over it; None if none does."""
+        recent = self.staging_cache.recently_used(kind, min_bytes=PARTS_MIN_BYTES)
+        for old in recent[:EARLIER_TREES_TRIED]:
+            use(kind, old)
+            old_tree = self.staging_cache.get(kind, old)
+            if old_tree is None:
+                continue  # evicted meanwhile
+            replaced: list[tuple[str, str]] = []
+            if old == data or self._replacements(old, data, old_tree, "", replaced):
+                return old_tree, [Bind(path, cid) for path, cid in replaced]
+        return None
+
+    def _tree_sources(self) -> dict[str, tuple[str, TreeSource]]:
+        """Top-level entries of recently used big trees staged whole, by CID: (name, where).
+        An input that holds one of them can bind it from there instead of fetching it."""
+        sources: dict[str, tuple[str, TreeSource]] = {}
+        for kind in ("input", "scripted"):
+            recent = self.staging_cache.recently_used(kind, min_bytes=PARTS_MIN_BYTES)
+            for key in recent[:EARLIER_TREES_TRIED]:
+                for name, child in self.store.directory_links(key) or ():
+                    if kind != "scripted" or name != SCRIPT_DIR:
+                        sources.setdefault(child, (name, (kind, key, name)))
+        return sources
+
+    def _reused_binds(
+        self,
+        entries: list[Entry],
+        sources: dict[str, tuple[str, TreeSource]],
+        use: Callable[[str, str], None],
+    ) -> list[Bind] | None:
+        """A bind per top-level entry, from what is staged already where it can be; None when
+        less than half the entries are (then the input is worth a whole tree of its own)."""
+        binds: list[Bind] = []
+        reused = 0
+        for entry in entries:
+            if self.staging_cache.get("part", entry.cid) is not None:
+                binds.append(Bind(entry.name, entry.cid))
+            elif entry.cid in sources:
+                binds.append(Bind(entry.name, entry.cid, sources[entry.cid][1]))
+            else:
+                earlier = None
+                if entry.kind == "directory":
+                    earlier = self._replacement_binds(entry.name, entry.cid, sources, use)
+                binds.extend(earlier or [Bind(entry.name, entry.cid)])
+                if earlier is None:
+                    continue  # fetched: not reused
+            reused += 1
+        return binds if reused * 2 >= len(entries) else None
+
+    def _top_entries(self, cid: str, sources: dict[str, tuple[str, TreeSource]]) -> list[Entry]:
+        """An input's top-level entries, from its root block: the kind of an entry staged
+        already is read from its staged tree (no round trip), others from their own first block
+        (none for a raw block). `ls` would read every child of a hundred big directories."""
         links = self.store.directory_links(cid)
         if links is None:
             return self.store.ls(cid)
         entries = []
         for name, child in links:
+            staged: Path | None = None
             part = self.staging_cache.get("part", child)
             if part is not None:
-                mode = os.lstat(part / _PART_TREE).st_mode
-                kind = "directory" if stat_module.S_ISDIR(mode) else "file"  # as _fill_part made it
+                staged = part / _PART_TREE
+            elif child in sources:
+                source_kind, key, inner = sources[child][1]
+                tree = self.staging_cache.get(source_kind, key)
+                staged = None if tree is None else tree / inner
+            mode = 0
+            if staged is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    mode = os.lstat(staged).st_mode
+            if stat_module.S_ISDIR(mode) or stat_module.S_ISREG(mode):
+                kind = "directory" if stat_module.S_ISDIR(mode) else "file"
             else:
                 kind = self.store.unixfs_kind(child)
                 kind = "directory" if kind == "sharded-directory" else kind
             entries.append(Entry(name=name, cid=child, size=0, kind=kind))
         return entries
 
-    def _stage_parts(
-        self, binds: list[tuple[str, str]], use: Callable[[str, str], None]
-    ) -> tuple[tuple[str, Path], ...]:
-        """Each bind's part staged (fetched if it is not), as (path under /input, tree)."""
+    def _stage_binds(
+        self, binds: list[Bind], use: Callable[[str, str], None]
+    ) -> tuple[tuple[tuple[str, Path], ...], bool]:
+        """Each bind's tree, as (path under /input, tree), and whether all were staged
+        already: a subtree of a staged tree where the bind says so and it is still there,
+        else the part of its CID, fetched if need be."""
         parts = []
-        for path, part_cid in binds:
-            use("part", part_cid)  # before get or fill: never evicted between them
-            entry = self.staging_cache.get("part", part_cid)
+        all_ready = True
+        for bind in binds:
+            if bind.source is not None:
+                kind, key, inner = bind.source
+                use(kind, key)  # before get: never evicted between them
+                tree = self.staging_cache.get(kind, key)
+                if tree is not None and _is_entry_name(inner):
+                    found = tree / inner
+                    with contextlib.suppress(FileNotFoundError):
+                        # lstat: only a file or directory is bound, never what a symlink names.
+                        mode = os.lstat(found).st_mode
+                        if stat_module.S_ISDIR(mode) or stat_module.S_ISREG(mode):
+                            parts.append((bind.path, found))
+                            continue
+                # Evicted meanwhile: the entry is fetched as a part of its own.
+            use("part", bind.cid)  # before get or fill: never evicted between them
+            entry = self.staging_cache.get("part", bind.cid)
             if entry is None:
+                all_ready = False
                 entry = self.staging_cache.fill(
-                    "part", part_cid, functools.partial(self._fill_part, part_cid, path)
+                    "part", bind.cid, functools.partial(self._fill_part, bind.cid, bind.path)
                 )
-            parts.append((path, entry / _PART_TREE))
-        return tuple(parts)
+            parts.append((bind.path, entry / _PART_TREE))
+        return tuple(parts), all_ready
 
     def _replacement_binds(
-        self, name: str, cid: str, use: Callable[[str, str], None]
-    ) -> list[tuple[str, str]] | None:
+        self,
+        name: str,
+        cid: str,
+        sources: dict[str, tuple[str, TreeSource]],
+        use: Callable[[str, str], None],
+    ) -> list[Bind] | None:
         """Binds that show directory `cid` at `name` as a staged earlier version of it with
         the entries that changed bound over their old selves, or None.
 
-        An earlier version is a part staged under the same name for another input (the data
-        set before one of its files was replaced). It serves when every difference, however
-        deep, replaces an entry by one of the same kind and name: then the old entry is the
-        mount point of the new one. A directory whose names changed is replaced whole (its new
-        version fetched as a part); a file that became a directory, or the other way round,
-        and more than REPLACED_MAX changes, stage the new version whole.
+        An earlier version is what a recently staged input held under the same name (the data
+        set before one of its files was replaced): a part, or an entry of a whole tree. It
+        serves when every difference, however deep, replaces an entry by one of the same kind
+        and name: then the old entry is the mount point of the new one. A directory whose
+        names changed is replaced whole (its new version fetched as a part); a file that
+        became a directory, or the other way round, and more than REPLACED_MAX changes, stage
+        the new version whole.
         """
-        for old in self._earlier_versions(name, cid):
-            use("part", old)
-            old_tree = self.staging_cache.get("part", old)
-            if old_tree is None:
+        candidates = self._earlier_versions(name, cid)
+        candidates += [
+            Bind(name, old, source)
+            for old, (old_name, source) in sources.items()
+            if old_name == name and old != cid
+        ]
+        for old in candidates:
+            resolved = self._staged_directory(old, use)
+            if resolved is None:
                 continue
             replaced: list[tuple[str, str]] = []
-            if self._replacements(old, cid, old_tree / _PART_TREE, name, replaced):
-                return [(name, old), *replaced]
+            if self._replacements(old.cid, cid, resolved, name, replaced):
+                return [old, *(Bind(path, new) for path, new in replaced)]
         return None
+
+    def _staged_directory(self, bind: Bind, use: Callable[[str, str], None]) -> Path | None:
+        """The staged directory a bind names, held from now on, if it is staged; never a
+        fetch."""
+        if bind.source is not None:
+            kind, key, inner = bind.source
+            use(kind, key)
+            tree = self.staging_cache.get(kind, key)
+            found = None if tree is None or not _is_entry_name(inner) else tree / inner
+        else:
+            use("part", bind.cid)
+            part = self.staging_cache.get("part", bind.cid)
+            found = None if part is None else part / _PART_TREE
+        try:
+            # lstat: a symlink is never an earlier version's mount point.
+            return (
+                found
+                if found is not None and stat_module.S_ISDIR(os.lstat(found).st_mode)
+                else None
+            )
+        except FileNotFoundError:
+            return None
 
     def _replacements(
         self, old: str, new: str, old_tree: Path, path: str, replaced: list[tuple[str, str]]
@@ -268,40 +460,46 @@ class Stager:
             if len(replaced) >= REPLACED_MAX:
                 return False
             mount_point = old_tree / entry
+            entry_path = f"{path}/{entry}" if path else entry  # "": the input's root
             # The staged old tree is ours and never changes; lstat: a symlink is no mount point.
             old_mode = os.lstat(mount_point).st_mode
             if stat_module.S_ISDIR(old_mode):
                 deeper: list[tuple[str, str]] = []
-                if self._replacements(old_cid, new_cid, mount_point, f"{path}/{entry}", deeper):
+                if self._replacements(old_cid, new_cid, mount_point, entry_path, deeper):
                     replaced.extend(deeper)
                 elif self.store.unixfs_kind(new_cid) == "directory":
-                    replaced.append((f"{path}/{entry}", new_cid))  # this directory, whole
+                    replaced.append((entry_path, new_cid))  # this directory, whole
                 else:
                     return False
             elif stat_module.S_ISREG(old_mode) and self.store.unixfs_kind(new_cid) == "file":
-                replaced.append((f"{path}/{entry}", new_cid))
+                replaced.append((entry_path, new_cid))
             else:
                 return False
         return True
 
-    def _earlier_versions(self, name: str, cid: str) -> list[str]:
-        """CIDs staged as parts at top-level `name` of recently staged inputs, newest first."""
-        manifests = []
-        for key in self.staging_cache.entries("parts"):
-            manifest = self.staging_cache.path_for("parts", key) / _PARTS_MANIFEST
+    def _earlier_versions(self, name: str, cid: str) -> list[Bind]:
+        """What recently staged skeletons bound at top-level `name` with another CID, newest
+        first."""
+        manifests: list[tuple[float, Path]] = []
+        skeletons = os.fspath(self.staging_cache.root / "parts")
+        with contextlib.suppress(FileNotFoundError), os.scandir(skeletons) as found_keys:
+            for key in found_keys:
+                manifest = Path(key.path, _PARTS_MANIFEST)
+                try:
+                    manifests.append((os.stat(manifest).st_mtime, manifest))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # evicted meanwhile, or no entry (a work dir is elsewhere)
+        found: list[Bind] = []
+        for _, found_manifest in sorted(manifests, reverse=True)[:EARLIER_VERSIONS_SCANNED]:
             try:
-                manifests.append((manifest.stat().st_mtime, manifest))
-            except FileNotFoundError:
-                continue  # evicted meanwhile
-        found: list[str] = []
-        for _, manifest in sorted(manifests, reverse=True)[:EARLIER_VERSIONS_SCANNED]:
-            try:
-                binds = json.loads(manifest.read_text())["binds"]
-            except (OSError, ValueError, KeyError):
+                binds = [
+                    Bind.from_json(item) for item in json.loads(found_manifest.read_text())["binds"]
+                ]
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
-            for path, part in binds:
-                if path == name and part != cid and part not in found:
-                    found.append(str(part))
+            for bind in binds:
+                if bind.path == name and bind.cid != cid and bind not in found:
+                    found.append(bind)
         return found
 
     # -- filling ---------------------------------------------------------------------------
@@ -353,16 +551,75 @@ class Stager:
         # carry the time of extraction.
         set_tree_mtimes(dest)
 
-    def _fill_input(self, cid: str, dest: Path) -> None:
-        self._extract_directory(cid, dest, what=f"input {cid}")
-        set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
+    def _fill_whole(self, kind: str, cid: str) -> Path:
+        """Entry `kind`/`cid` of the staging cache, the input's whole tree ("scripted": with
+        an empty SCRIPT_DIR, the mount point of each script's directory)."""
 
-    def _fill_part(self, cid: str, name: str, dest: Path) -> None:
-        """One top-level entry of an input (a file or a directory) at dest/_PART_TREE."""
+        def fill(dest: Path) -> None:
+            if kind == "scripted" and self.staging_cache.take("input", cid, dest):
+                pass  # the tree staged for runs without a script, moved here
+            else:
+                self._fetch_input(cid, dest)
+                set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
+            if kind == "scripted":
+                os.mkdir(dest / SCRIPT_DIR)
+                os.chmod(dest / SCRIPT_DIR, 0o755)
+                times = (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH)
+                for made in (dest / SCRIPT_DIR, dest):  # the root's mtime changed with it
+                    os.utime(made, times, follow_symlinks=False)
+
+        return self.staging_cache.fill(kind, cid, fill)
+
+    def _fetch_input(self, cid: str, dest: Path) -> None:
+        """The input's tree into dest: its top-level entries fetched side by side when they
+        are plain files and directories (one stream of 1 GB keeps one core busy extracting
+        while the node waits), else as one stream."""
+        links = self.store.directory_links(cid)
+        if (
+            links is None
+            or not 2 <= len(links) <= PARTS_MAX_ENTRIES
+            or not all(_is_entry_name(name) for name, _ in links)
+            or any(
+                self.store.unixfs_kind(child) not in ("file", "directory", "sharded-directory")
+                for _, child in links
+            )
+        ):
+            self._extract_directory(cid, dest, what=f"input {cid}")
+            return
+        import concurrent.futures  # a cold staging only: a cache hit never loads it
+
+        stop = threading.Event()
+
+        def fetch(name: str, child: str) -> None:
+            # Beside dest and named like it ("KIND.KEY."): the lock its filler holds covers it
+            # (StagingCache._remove_stale_tmp).
+            prefix = ".".join(dest.name.split(".")[:2]) + "."
+            work = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+            try:
+                os.rename(self._fetch_entry(child, name, work, stop), dest / name)
+            finally:
+                remove_tree(work)
+
+        with concurrent.futures.ThreadPoolExecutor(FILL_THREADS) as pool:
+            fetches = [pool.submit(fetch, name, child) for name, child in links]
+            try:
+                for done in fetches:
+                    done.result()
+            except BaseException:
+                stop.set()  # the other fetches end at their next read
+                for pending in fetches:
+                    pending.cancel()
+                raise
+        os.chmod(dest, 0o755)
+
+    def _fetch_entry(
+        self, cid: str, name: str, dest: Path, stop: threading.Event | None = None
+    ) -> Path:
+        """One entry of an input (a file or a directory) extracted into dest; its path."""
         from . import archive  # extraction only: a warm run never imports it
 
         what = f"input entry {name} ({cid})"
-        stream = _CountingReader(self.store.tar_stream(cid), what, None, self.on_progress)
+        stream = _CountingReader(self.store.tar_stream(cid), what, None, self.on_progress, stop)
         try:
             archive.extract(stream, dest, name=what, compression="tar", require_end_marker=True)
         finally:
@@ -371,7 +628,11 @@ class Stager:
         mode = os.lstat(top).st_mode  # never a symlink: it would be bound, followed, as a part
         if not (stat_module.S_ISDIR(mode) or stat_module.S_ISREG(mode)):
             raise StagingError(f"fetching {what} gave an unexpected tar layout")
-        os.rename(top, dest / _PART_TREE)
+        return top
+
+    def _fill_part(self, cid: str, name: str, dest: Path) -> None:
+        """One top-level entry of an input (a file or a directory) at dest/_PART_TREE."""
+        os.rename(self._fetch_entry(cid, name, dest), dest / _PART_TREE)
         set_tree_mtimes(dest / _PART_TREE)
 
     def _extract_directory(self, cid: str, dest: Path, *, what: str) -> None:
@@ -436,28 +697,36 @@ def _stageable_by_parts(entries: list[Entry]) -> bool:
     refuse must reach it (staging whole) to be refused with its own message.
     """
     return len(entries) <= PARTS_MAX_ENTRIES and all(
-        entry.kind in ("file", "directory")
-        and entry.name not in ("", ".", "..")
-        and "/" not in entry.name
-        and "\0" not in entry.name
-        for entry in entries
+        entry.kind in ("file", "directory") and _is_entry_name(entry.name) for entry in entries
     )
 
 
-def _make_skeleton(dest: Path, *, entries: list[Entry], binds: list[tuple[str, str]]) -> None:
+def _is_entry_name(name: str) -> bool:
+    """A name that is one entry of a directory: never a path, never . or .."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _make_skeleton(dest: Path, *, entries: list[Entry], binds: list[Bind]) -> None:
     """The /input of an input staged by parts: a mount point per entry, with the mode and
     mtime a whole staging gives the input's root, and beside it the manifest of the binds
     that show the input's tree over it."""
     tree = dest / _SKELETON_TREE
     os.mkdir(tree)
-    for entry in entries:
-        if entry.kind == "directory":
-            os.mkdir(tree / entry.name, 0o755)
-        else:
-            os.close(os.open(tree / entry.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    times = (SOURCE_DATE_EPOCH, SOURCE_DATE_EPOCH)
+    tree_fd = os.open(tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for entry in entries:  # each stamped as made: no walk of a hundred empty directories
+            if entry.kind == "directory":
+                os.mkdir(entry.name, 0o755, dir_fd=tree_fd)
+            else:
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC
+                os.close(os.open(entry.name, flags, 0o644, dir_fd=tree_fd))
+            os.utime(entry.name, times, dir_fd=tree_fd, follow_symlinks=False)
+    finally:
+        os.close(tree_fd)
     os.chmod(tree, 0o755)
-    set_tree_mtimes(tree)
-    (dest / _PARTS_MANIFEST).write_text(json.dumps({"binds": binds}))
+    os.utime(tree, times)
+    (dest / _PARTS_MANIFEST).write_text(json.dumps({"binds": [bind.to_json() for bind in binds]}))
 
 
 def _hoist_single_top(dest: Path, top_name: str) -> None:

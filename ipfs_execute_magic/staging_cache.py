@@ -7,7 +7,8 @@ Layout under `root`:
     locks/<kind>.<key>   flock files: one filler per key, across processes and threads
     locks/<kind>.<key>.use  shared flock held by each run using the entry (`use`); its mtime
                          is the entry's last use (the trees' own mtimes are the payload's)
-    sizes/<kind>.<key>   the entry's disk usage in bytes, measured once when it was filled
+    sizes/<kind>.<key>.<bytes>  empty: its name is the entry's disk usage, measured once when
+                         it was filled (one listing sums the cache after each fill)
 
 A CID names immutable content, so a ready entry never changes and is reused by every later run.
 With a limit, a fill that takes the cache past it evicts the least recently used entries that
@@ -24,7 +25,6 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,15 +140,18 @@ class StagingCache:
     def usage(self) -> list[CacheEntry]:
         """Every ready entry, least recently used first."""
         found = []
+        recorded = self._recorded_sizes()
         for kind in self._kinds():
             for key in self.entries(kind):
                 use_lock = self._locks / f"{kind}.{key}.use"
-                size = self._read_size(kind, key)
-                if size is None:  # filled by a version that did not record sizes
-                    size = disk_usage(self.path_for(kind, key))
+                size, size_file = recorded.get((kind, key), (None, ""))
+                if size is None or not size_file.endswith(f".{size}"):
+                    # Not recorded (an older version), or in the older format: written now.
+                    size = disk_usage(self.path_for(kind, key)) if size is None else size
                     self._write_size(kind, key, size)
+                    size_file = f"{kind}.{key}.{size}"
                 last_used = 0.0  # never used by a run that stamps it: the first to go
-                for stamp in (use_lock, self._sizes / f"{kind}.{key}"):
+                for stamp in (use_lock, self._sizes / size_file):
                     with contextlib.suppress(FileNotFoundError):
                         last_used = os.stat(stamp).st_mtime
                         break
@@ -183,9 +186,39 @@ class StagingCache:
                 os.rename(final, doomed / "entry")
             except FileNotFoundError:
                 pass
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._sizes / f"{kind}.{key}")
+            for name in self._size_files(kind, key):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._sizes / name)
             remove_tree(doomed)
+
+    def take(self, kind: str, key: str, dest: Path) -> bool:
+        """Move the ready entry's tree onto `dest` (an empty directory of this cache's file
+        system) and forget the entry; False, changing nothing, when it is not there or a run
+        holds it."""
+        use_lock = self._locks / f"{kind}.{key}.use"
+        try:
+            fd = os.open(use_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # in use
+            if not _is_file_at(fd, use_lock):
+                return False  # evicted meanwhile
+            with self._locked(kind, key):
+                try:
+                    os.rename(self.path_for(kind, key), dest)
+                except FileNotFoundError:
+                    return False
+                for name in self._size_files(kind, key):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._sizes / name)
+            os.unlink(use_lock)  # as eviction does: a run waiting on it locks anew
+            return True
+        finally:
+            os.close(fd)
 
     def entries(self, kind: str) -> list[str]:
         """Keys of the ready entries of this kind."""
@@ -197,6 +230,21 @@ class StagingCache:
         return sorted(
             name for name in names if _KEY.fullmatch(name) and self.get(kind, name) is not None
         )
+
+    def recently_used(self, kind: str, *, min_bytes: int = 0) -> list[str]:
+        """Keys of the ready entries of this kind (of at least `min_bytes` if given), the most
+        recently used first."""
+        keys = self.entries(kind)
+        if min_bytes:
+            sizes = self._recorded_sizes()
+            keys = [key for key in keys if sizes.get((kind, key), (0, ""))[0] >= min_bytes]
+        stamped = []
+        for key in keys:
+            try:
+                stamped.append((os.stat(self._locks / f"{kind}.{key}.use").st_mtime, key))
+            except FileNotFoundError:
+                stamped.append((0.0, key))  # never used by a run: last
+        return [key for _, key in sorted(stamped, reverse=True)]
 
     def sweep_use_locks(self) -> int:
         """Delete use locks of entries that do not exist (a run whose CID could not be staged)
@@ -258,29 +306,58 @@ class StagingCache:
 
     def _write_size(self, kind: str, key: str, size: int) -> None:
         _make_dir(self._sizes)
-        path = self._sizes / f"{kind}.{key}"
-        part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-        part.write_text(f"{size}\n")
-        os.rename(part, path)
+        name = f"{kind}.{key}.{size}"
+        os.close(os.open(self._sizes / name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        for other in self._size_files(kind, key):
+            if other != name:  # an earlier record of the key, or one in the older format
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._sizes / other)
 
-    def _read_size(self, kind: str, key: str) -> int | None:
-        try:
-            return int((self._sizes / f"{kind}.{key}").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def _recorded_total(self) -> int:
-        """The sum of the recorded sizes: a directory listing and a small read per entry."""
+    def _size_files(self, kind: str, key: str) -> list[str]:
         try:
             names = os.listdir(self._sizes)
         except FileNotFoundError:
-            return 0
-        total = 0
+            return []
+        record = f"{kind}.{key}"  # the older format's name; now followed by ".<bytes>"
+        return [
+            name
+            for name in names
+            if name == record
+            or (
+                name.startswith(f"{record}.")
+                and name.rpartition(".")[2].isdigit()
+                and name.count(".") == 2
+            )
+        ]
+
+    def _recorded_sizes(self) -> dict[tuple[str, str], tuple[int, str]]:
+        """(kind, key) -> (bytes, the file that says so), from one listing (and a read of each
+        record in the older format, whose size was the file's content)."""
+        try:
+            names = os.listdir(self._sizes)
+        except FileNotFoundError:
+            return {}
+        sizes: dict[tuple[str, str], tuple[int, str]] = {}
         for name in names:
-            kind, _, key = name.partition(".")
-            if _KIND.fullmatch(kind) and _KEY.fullmatch(key):
-                total += self._read_size(kind, key) or 0
-        return total
+            kind, _, rest = name.partition(".")
+            key, _, size = rest.partition(".")
+            if not (_KIND.fullmatch(kind) and _KEY.fullmatch(key)):
+                continue
+            if size.isdigit():
+                sizes[(kind, key)] = (int(size), name)
+            elif not size:
+                try:
+                    recorded = int((self._sizes / name).read_text())
+                    # Renamed to the current format: read once, never again.
+                    os.rename(self._sizes / name, self._sizes / f"{name}.{recorded}")
+                except (FileNotFoundError, ValueError):
+                    continue
+                sizes.setdefault((kind, key), (recorded, f"{name}.{recorded}"))
+        return sizes
+
+    def _recorded_total(self) -> int:
+        """The sum of the recorded sizes: one directory listing."""
+        return sum(size for size, _ in self._recorded_sizes().values())
 
     @contextlib.contextmanager
     def _locked(self, kind: str, key: str, *, blocking: bool = True) -> Iterator[bool]:

@@ -21,6 +21,7 @@ import re
 import secrets
 import socket
 import stat as stat_module
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -76,6 +77,9 @@ UPLOAD_CHUNK = 256 * 1024
 # add_file_into builds a directory itself only below this many links, far from where Kubo
 # would shard it (a HAMT, which it then leaves to MFS).
 _BUILT_DIRECTORY_MAX_LINKS = 1000
+# Blocks kept by Store._remember_block: a few, and none big (a root of 100,000 links is MBs).
+_RECENT_BLOCKS = 64
+_RECENT_BLOCK_MAX_BYTES = 256 * 1024
 _UNIXFS_DIRECTORY = b"\x08\x01"  # UnixFS Data of a plain directory: Type = Directory
 # How Kubo says that a node is not UnixFS (files/stat, cat, get, ls, files/cp).
 _NOT_UNIXFS = (
@@ -233,6 +237,11 @@ class Store:
         # Set once this node is known to hold the empty directory pinned (add_tree).
         self._empty_directory_pinned = False
         self.repo: Path | None = None  # set for the embedded node: Kubo writes facts there
+        # Small dag-pb blocks this store made or read lately, by CID (a CID names its bytes, so
+        # a kept block is never stale): a script edit reads its input's root block and the
+        # block it made again, the same few blocks each time.
+        self._recent_blocks: dict[str, bytes] = {}
+        self._recent_blocks_lock = threading.Lock()  # runs of map_entries share a store
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -491,7 +500,12 @@ class Store:
         """(UnixFS kind, encoded links, Data) of one block."""
         if cid_codec(cid) == "raw":
             return "file", [], b""
-        block = self._call("/block/get", cid, decoder="none", timeout=self.fetch_timeout, what=cid)
+        block = self._recent_blocks.get(cid)
+        if block is None:
+            block = self._call(
+                "/block/get", cid, decoder="none", timeout=self.fetch_timeout, what=cid
+            )
+            self._remember_block(cid, block)
         try:
             data, links = dag_pb_fields(block)
         except ValueError:
@@ -767,6 +781,15 @@ class Store:
         self.pin(root_cid, based_on=base)
         return root_cid, file_cid
 
+    def _remember_block(self, cid: str, block: bytes) -> None:
+        if len(block) > _RECENT_BLOCK_MAX_BYTES:
+            return
+        with self._recent_blocks_lock:
+            self._recent_blocks.pop(cid, None)
+            self._recent_blocks[cid] = block  # newest last: the oldest goes first
+            while len(self._recent_blocks) > _RECENT_BLOCKS:
+                del self._recent_blocks[next(iter(self._recent_blocks))]
+
     def _put_blocks(self, blocks: list[bytes], *, codec: str, expected: list[str]) -> None:
         boundary = secrets.token_hex(16)
         body: list[bytes] = []
@@ -786,6 +809,9 @@ class Store:
                 f"the IPFS daemon at {self.api} stored blocks as {keys}, not {expected}: "
                 "report this with `ipfs version --all`"
             )
+        if codec == "dag-pb":
+            for cid, block in zip(keys, blocks, strict=True):
+                self._remember_block(cid, block)
 
     def empty_directory(self) -> str:
         """The CID of an empty UnixFS directory (with the import settings above)."""

@@ -146,6 +146,9 @@ def ip(home: Path, store, busybox_cid: str, empty_cid: str):
     magics.apply_settings()
     assert ie.default_runner().settings.home == home
     shell.user_ns.update(busybox=busybox_cid, empty=empty_cid)
+    # The shell is one instance for the whole session: each module starts with no cells run,
+    # so that no module re-runs (%ipfs_rerun_stale) what another left stale.
+    magics.ledger = type(magics.ledger)()
     yield shell
     ie.default_runner().close()
     magics.apply_settings()  # a fresh Runner (it connects on first use) on the session's node

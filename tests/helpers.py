@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 BIN = Path(sys.prefix) / "bin"
+_made_in_tmp: list[Path] = []
+
+
+@atexit.register
+def _remove_made_in_tmp() -> None:
+    # After every fixture has stopped its nodes: the test run leaves nothing in /tmp.
+    for path in _made_in_tmp:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def world_traversable_tmpdir(prefix: str) -> Path:
@@ -17,6 +27,7 @@ def world_traversable_tmpdir(prefix: str) -> Path:
     # must reach the files the test made.
     path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     path.chmod(0o755)
+    _made_in_tmp.append(path)
     return path
 
 

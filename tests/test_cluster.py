@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import shutil
 import signal
 import sys
@@ -21,6 +22,7 @@ from helpers import world_traversable_tmpdir
 import ipfs_execute_magic as ie
 from ipfs_execute_magic import cluster
 from ipfs_execute_magic.errors import ClusterError
+from ipfs_execute_magic.result import RunResult
 from ipfs_execute_magic.runner import Runner
 from ipfs_execute_magic.settings import Settings
 
@@ -110,6 +112,46 @@ def test_runs_execute_on_the_workers_from_data_only_on_the_client(
     assert hit.result().output == results[2].output
     assert ie.run(cluster_env.busybox, data, script=script, params={"n": 3}).cache_hit
     assert ie.lineage(results[1].output).record is not None
+
+
+def test_a_forced_run_that_disagrees_leaves_the_cached_result_as_a_local_one_does(
+    cluster_env: Env,
+) -> None:
+    """Forced through the cluster, a non-deterministic run is settled against the client's
+    cache like a local forced run: the first recorded output stays, the disagreement is said."""
+    script = f"# {time.time_ns()}\nhead -c 16 /dev/urandom > /output/noise\n"
+    first = ie.run(cluster_env.busybox, None, script=script)
+    assert first.ok and first.record.node is None  # ran here, on the client
+    forced = ie.submit(cluster_env.busybox, None, script=script, use_cache=False)
+    assert forced.dask is not None
+    on_worker = forced.result(timeout=120)
+    assert on_worker.ok and on_worker.record.node in cluster_env.worker_nodes
+    assert on_worker.output != first.output
+    local = ie.run(cluster_env.busybox, None, script=script, use_cache=False)
+    assert local.ok and local.output not in (first.output, on_worker.output)
+
+    # The cached answer is still the first run's, on the client and for the cluster.
+    again = ie.run(cluster_env.busybox, None, script=script)
+    assert again.cache_hit and again.output == first.output
+    hit = ie.submit(cluster_env.busybox, None, script=script)
+    assert hit.dask is None and hit.result().output == first.output
+
+    # Both forced runs report the same disagreement, each naming its own output and record.
+    assert on_worker.disagreement is not None and local.disagreement is not None
+    assert on_worker.disagreement.startswith(
+        f"this run's output {on_worker.output} differs from the cached output {first.output}"
+    )
+
+    def general(result: RunResult) -> str:
+        assert result.disagreement is not None and result.record_cid is not None
+        text = result.disagreement.replace(str(result.output), "OUTPUT")
+        return text.replace(result.record_cid, "RECORD")
+
+    assert general(on_worker) == general(local)
+    assert f"ipfs-execute verify {on_worker.record_cid}" in on_worker.disagreement
+    assert on_worker.trust == local.trust == first.trust
+    # Its record is stored and findable by output, though not the cache's answer.
+    assert ie.lineage(on_worker.output).record == on_worker.record
 
 
 def test_runs_of_a_rootfs_go_where_it_is_staged(cluster_env: Env, tmp_path: Path) -> None:
@@ -231,6 +273,127 @@ def test_a_cell_runs_on_a_worker_and_each_spreads_over_the_workers(
         magics.dask = ""
         magics.home = home_before
         ie.configure(Settings(home=cluster_env.home), dask=cluster_env.client)
+
+
+def _occupy_both_workers(cluster_env: Env) -> list[cluster.RunFuture]:
+    """Two runs of `sleep 3`, one on each worker, executing when this returns."""
+    on = ie.current_cluster()
+    assert on is not None
+    tag = time.time_ns()
+    blockers = [
+        ie.submit(cluster_env.busybox, None, script=f"# {tag} {n}\nsleep 3\n") for n in range(2)
+    ]
+    keys = [future.dask.key for future in blockers]  # type: ignore[union-attr]
+    deadline = time.monotonic() + 60
+    where = on.where(keys)
+    while None in where.values() and time.monotonic() < deadline:
+        time.sleep(0.1)
+        where = on.where(keys)
+    assert None not in where.values(), where
+    return blockers  # type: ignore[return-value]
+
+
+def test_where_names_the_worker_executing_each_task(cluster_env: Env) -> None:
+    on = ie.current_cluster()
+    assert on is not None
+    blockers = _occupy_both_workers(cluster_env)
+    waiting = ie.submit(cluster_env.busybox, None, script=f"# {time.time_ns()}\ntrue\n")
+    assert waiting.dask is not None
+    keys = [*(future.dask.key for future in blockers), waiting.dask.key]
+    where = on.where(keys)
+    workers = set(cluster_env.client.scheduler_info()["workers"])
+    # One worker thread each: the two sleepers run, one on each; the third waits its turn.
+    assert {where[keys[0]], where[keys[1]]} == workers
+    assert where[waiting.dask.key] is None
+    for future in [*blockers, waiting]:
+        assert future.result(timeout=120).ok
+    assert set(on.where(keys).values()) == {None}  # ended: on no worker
+    assert on.where([]) == {} and on.where(["ipfs-execute-unknown"]) == {
+        "ipfs-execute-unknown": None
+    }
+
+
+def _kernel_texts(messages: list[dict[str, object]]) -> list[str]:
+    """The plain text of every display and display update a kernel sent, in order."""
+    texts = []
+    for message in messages:
+        if message["msg_type"] in ("display_data", "update_display_data", "execute_result"):
+            content = message["content"]
+            assert isinstance(content, dict)
+            texts.append(content["data"].get("text/plain", ""))
+    return texts
+
+
+def test_a_pending_cell_shows_where_it_runs_in_a_kernel(cluster_env: Env, tmp_path: Path) -> None:
+    """In a real kernel on the cluster: a single run's status line says "queued", then which
+    worker runs it; an --each cell's says how many entries are done and which run where."""
+    from jupyter_client.manager import start_new_kernel
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPFS_EXECUTE_")}
+    env["IPFS_EXECUTE_HOME"] = str(cluster_env.home)
+    names = [f"e{i}" for i in range(4)]
+    first = _data(tmp_path, {name: f"{name} {time.time_ns()}\n" for name in names})
+    manager, client = start_new_kernel(kernel_name="python3", env=env)
+
+    def execute(code: str) -> list[dict[str, object]]:
+        messages: list[dict[str, object]] = []
+        reply = client.execute_interactive(code, timeout=180, output_hook=messages.append)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return messages
+
+    try:
+        execute(
+            "%load_ext ipfs_execute_magic\n"
+            "from ipfs_execute_magic.jupyter import magics\n"
+            "magics.PROGRESS_DELAY = 0\n"
+            f"busybox = {cluster_env.busybox!r}\nds = {first!r}\n"
+            f"%config IpfsExecuteMagics.dask = {cluster_env.client.scheduler.address!r}"
+        )
+        workers = "|".join(re.escape(w) for w in cluster_env.client.scheduler_info()["workers"])
+        on_worker = re.compile(rf"^running · [\d.]+ s · on worker ({workers})$")
+
+        blockers = _occupy_both_workers(cluster_env)
+        texts = _kernel_texts(
+            execute(f"%%ipfs_execute $busybox -o one\n# {time.time_ns()}\nsleep 1\n")
+        )
+        assert any(re.fullmatch(r"running · [\d.]+ s · queued", text) for text in texts), texts
+        queued_at = next(i for i, text in enumerate(texts) if text.endswith(" · queued"))
+        assert any(on_worker.match(text) for text in texts[queued_at:]), texts
+        assert any(text.startswith("finished after ") for text in texts), texts
+        for future in blockers:
+            future.result(timeout=120)
+
+        script = f"# {time.time_ns()}\nsleep 1; cp /input/* /output/\n"
+        texts = _kernel_texts(execute(f"%%ipfs_execute $busybox $ds --each -o each\n{script}"))
+        running = re.compile(
+            rf"^\d of 4 entries done \(\d cached, \d ran\) · running: "
+            rf"e\d on ({workers})(, e\d on ({workers}))?( · \d queued)? · [\d.]+ s$"
+        )
+        assert any(running.match(text) for text in texts), texts
+        assert any(
+            text.startswith("finished after ")
+            and text.endswith(" · 4 of 4 entries (0 cached, 4 ran)")
+            for text in texts
+        ), texts
+        assert any(text.startswith("EntryResults(") for text in texts)  # the listing, as before
+
+        # One entry changed: three come from the cache at once, one runs on a worker.
+        second = _data(tmp_path, {name: f"{name} {time.time_ns()}\n" for name in names[:1]})
+        changed = str(
+            ie.mkdir({name: f"{first}/{name}" for name in names[1:]} | {"e0": f"{second}/e0"})
+        )
+        execute(f"ds = {changed!r}")
+        texts = _kernel_texts(execute(f"%%ipfs_execute $busybox $ds --each -o each\n{script}"))
+        assert any(
+            re.match(
+                rf"^3 of 4 entries done \(3 cached, 0 ran\) · running: e0 on ({workers})", text
+            )
+            for text in texts
+        ), texts
+        assert any(text.endswith(" · 4 of 4 entries (3 cached, 1 ran)") for text in texts), texts
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
 
 
 def test_an_unreachable_scheduler_is_one_clear_error(tmp_path: Path) -> None:

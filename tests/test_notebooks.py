@@ -10,9 +10,11 @@ are kept in artifacts/notebooks/ to look at after a run.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +39,36 @@ EXPECTED: dict[str, dict[str, list[str]]] = {
         "report": ["climate.png", "report.md"],
     },
     "build-image.ipynb": {"install": ["rootfs.tar.gz"], "hello": ["greeting.txt"]},
+    "sweep.ipynb": {"split": ["2012.csv", "2013.csv", "2014.csv", "2015.csv"]},
 }
+# Notebooks that start a Dask cluster: their node must listen for the workers' nodes, so they
+# run on a data directory of their own (the session's node runs offline).
+ONLINE = {"sweep.ipynb"}
 
 
 @pytest.fixture(scope="module")
-def executed(home: Path, store: Any) -> Callable[[str], nbformat.NotebookNode]:
+def executed(home: Path, store: Any) -> Iterator[Callable[[str], nbformat.NotebookNode]]:
     """Executes a notebook of notebooks/ once (kept in artifacts/notebooks/), on demand."""
+    from helpers import world_traversable_tmpdir
+
+    from ipfs_execute_magic.node import EmbeddedNode
+    from ipfs_execute_magic.sandbox import release_stale_outputs
+    from ipfs_execute_magic.settings import Settings
+
     done: dict[str, nbformat.NotebookNode] = {}
+    own_homes: list[Path] = []
 
     def get(name: str) -> nbformat.NotebookNode:
         if name not in done:
+            kernel_home = home
+            if name in ONLINE:
+                kernel_home = world_traversable_tmpdir("iex-notebook-online-")
+                own_homes.append(kernel_home)
             with pytest.MonkeyPatch.context() as patch:
                 # The kernel uses the session's node, not the caller's API or home.
                 for variable in [v for v in os.environ if v.startswith("IPFS_EXECUTE_")]:
                     patch.delenv(variable)
-                patch.setenv("IPFS_EXECUTE_HOME", str(home))
+                patch.setenv("IPFS_EXECUTE_HOME", str(kernel_home))
                 notebook, error = demo.execute(NOTEBOOKS / name, timeout=300)
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             nbformat.write(notebook, ARTIFACTS / name)
@@ -59,7 +76,13 @@ def executed(home: Path, store: Any) -> Callable[[str], nbformat.NotebookNode]:
             done[name] = notebook
         return done[name]
 
-    return get
+    try:
+        yield get
+    finally:
+        for own in own_homes:
+            EmbeddedNode(Settings(home=own)).stop()
+            release_stale_outputs(own / "runs")
+            shutil.rmtree(own, ignore_errors=True)
 
 
 def code_cells(notebook: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNode]:
@@ -148,6 +171,41 @@ def test_python_analysis_report_and_chart(executed: Callable[[str], nbformat.Not
     assert "# Seattle weather, 2012-2015" in html and "1461 daily records" in html
     shown = code_cells(notebook)["show-report"].outputs
     assert any("image/png" in output.get("data", {}) for output in shown)
+
+
+def stream_text(cell: nbformat.NotebookNode) -> str:
+    return "".join(output.text for output in cell.outputs if output.output_type == "stream")
+
+
+@pytest.mark.integration
+def test_sweep_runs_on_the_cluster_and_reruns_only_the_new_year(
+    executed: Callable[[str], nbformat.NotebookNode],
+) -> None:
+    """The --each cell ran one run per year on the workers; when a year was added, its re-run
+    executed that year only; the parameter sweep ran on the workers, and again from the cache."""
+    import ast
+
+    cells = code_cells(executed("sweep.ipynb"))
+    assert "Dask cluster: <Client:" in stream_text(cells["cluster"])
+    first = stream_text(cells["per-year"])
+    assert first.count("✓ ran on node …") == 3 and "cached" not in first
+    assert "entries that ran: ['2012.csv', '2013.csv', '2014.csv']" in stream_text(cells["table"])
+
+    rerun = stream_text(cells["rerun"])
+    assert "(stale: $dataset changed)" in rerun and "re-ran 1 stale cell" in rerun
+    assert rerun.count("✓ cached") == 3 and "2015.csv: ✓ ran on node …" in rerun
+    lines = stream_text(cells["which-ran"]).splitlines()
+    ran = ast.literal_eval(
+        next(line for line in lines if line.startswith("entries that ran:"))[18:]
+    )
+    assert ran == ["2015.csv"]  # not all four: the three unchanged years came from the cache
+    assert "2015   365" in stream_text(cells["which-ran"])
+
+    sweep = stream_text(cells["sweep"]).splitlines()
+    rows = [line for line in sweep if line.strip().split(" ")[0] in ("15", "20", "25", "30")]
+    # Each threshold ran on a worker's node (its peer ID's end), not here.
+    assert len(rows) == 4 and all(re.search(r"  …\w{6}$", row) for row in rows), rows
+    assert "answered from the cache here: 4 of 4" in stream_text(cells["sweep-again"])
 
 
 @pytest.mark.integration

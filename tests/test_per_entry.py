@@ -3,13 +3,24 @@
 
 from __future__ import annotations
 
+import os
+import re
+import time
 from pathlib import Path
 
+import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
 
 import ipfs_execute_magic as ie
-from ipfs_execute_magic.per_entry import EntryResults
+from ipfs_execute_magic.jupyter import magics
+from ipfs_execute_magic.jupyter.display import (
+    MAX_RUNNING_SHOWN,
+    entries_bundle,
+    entries_status_text,
+)
+from ipfs_execute_magic.per_entry import EntriesProgress, EntriesSnapshot, EntryResults
 
 SCRIPT = "for f in /input/*; do wc -l < $f > /output/lines; basename $f > /output/name; done\n"
 
@@ -74,3 +85,62 @@ def test_map_entries_needs_a_directory(ip: InteractiveShell, tmp_path: Path) -> 
     single = str(ie.add(tmp_path / "file"))
     error = ip.run_cell(f"%%ipfs_execute $busybox {single} --each\ntrue\n").error_in_exec
     assert type(error) is UsageError and "is not a directory" in str(error)
+
+
+def test_entries_status_texts() -> None:
+    running = (("a.csv", "tcp://10.0.0.5:40123"), ("b.csv", "tcp://10.0.0.6:40777"))
+    snapshot = EntriesSnapshot(20, 12, 9, 3, 0, running, 6)
+    assert entries_status_text(snapshot) == (
+        "12 of 20 entries done (9 cached, 3 ran) · running: a.csv on tcp://10.0.0.5:40123, "
+        "b.csv on tcp://10.0.0.6:40777 · 6 queued"
+    )
+    bundle = entries_bundle(4.25, snapshot)
+    assert bundle["text/plain"].endswith(" · 6 queued · 4.2 s")
+    assert '<progress value="12" max="20">' in bundle["text/html"]
+    many = tuple((f"f{i}", None) for i in range(10))
+    assert entries_status_text(EntriesSnapshot(12, 2, 0, 2, 1, many, 0)) == (
+        "2 of 12 entries done (0 cached, 2 ran, 1 failed) · running: "
+        + ", ".join(f"f{i}" for i in range(8))
+        + " and 2 more"
+    )
+
+
+def test_each_without_a_cluster_shows_which_entries_run_while_pending(
+    ip: InteractiveShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the thread pool of this process (one run a core): the entries running are named,
+    the others counted as queued, then the final count replaces the line."""
+    monkeypatch.setattr(magics, "PROGRESS_DELAY", 0.0)
+    threads = os.cpu_count() or 1
+    names = [f"f{i}" for i in range(threads + 1)]
+    ip.user_ns["ds"] = _dataset(tmp_path / "p", {name: f"{time.time_ns()}\n" for name in names})
+    with capture_output() as captured:
+        ip.run_cell_magic(
+            "ipfs_execute", "$busybox $ds --each -o slow", "sleep 1; cp /input/* /output/\n"
+        )
+    assert ip.user_ns["slow"].ok
+    texts = [out.data.get("text/plain", "") for out in captured.outputs]
+    shown = min(threads, MAX_RUNNING_SHOWN)  # the line names so many, then counts the rest
+    more = f" and {threads - shown} more" if threads > shown else ""
+    running = re.compile(
+        rf"^0 of {len(names)} entries done \(0 cached, 0 ran\) · running: "
+        rf"f\d+(, f\d+){{{shown - 1}}}{more} · 1 queued · [\d.]+ s$"
+    )
+    assert any(running.match(text) for text in texts), texts
+    assert not any(" on " in text for text in texts if "running:" in text)
+    finished = f" · {len(names)} of {len(names)} entries (0 cached, {len(names)} ran)"
+    assert texts[-1].startswith("finished after ") and texts[-1].endswith(finished)
+
+
+def test_entries_progress_counts_what_ended(ip: InteractiveShell, tmp_path: Path) -> None:
+    progress = EntriesProgress()
+    data = _dataset(tmp_path / "c", {"x": "1\n", "y": "2\n"})
+    script = "cp /input/* /output/\n"
+    ie.map_entries(ip.user_ns["busybox"], data, script=script)
+    ie.map_entries(ip.user_ns["busybox"], data, script=script + "exit 0\n", progress=progress)
+    snapshot = progress.snapshot()
+    assert (snapshot.total, snapshot.done, snapshot.cached, snapshot.ran) == (2, 2, 0, 2)
+    assert snapshot.running == () and snapshot.waiting == 0
+    again = EntriesProgress()
+    ie.map_entries(ip.user_ns["busybox"], data, script=script, progress=again)
+    assert again.snapshot().cached == 2

@@ -244,15 +244,24 @@ def test_fill_records_the_entry_size_once(tmp_path: Path) -> None:
     (entry,) = cache.usage()
     assert (entry.kind, entry.key, entry.in_use) == ("input", KEYS[0], False)
     assert entry.bytes == disk_usage(path) >= 100_000
+    sizes = tmp_path / "sizes"
+    # The record is the name of an empty file: the limit check sums a listing, reads nothing.
+    assert os.listdir(sizes) == [f"input.{KEYS[0]}.{entry.bytes}"]
     # Recorded, not measured again: what usage() reports comes from the record.
-    (tmp_path / "sizes" / f"input.{KEYS[0]}").write_text("7\n")
+    (sizes / f"input.{KEYS[0]}.{entry.bytes}").rename(sizes / f"input.{KEYS[0]}.7")
     assert cache.usage()[0].bytes == 7
+    # A record in the older format (the size as the file's content) is read once, renamed.
+    (sizes / f"input.{KEYS[0]}.7").rename(sizes / f"input.{KEYS[0]}")
+    (sizes / f"input.{KEYS[0]}").write_text("9\n")
+    assert cache._recorded_total() == 9
+    assert os.listdir(sizes) == [f"input.{KEYS[0]}.9"]
+    assert cache.usage()[0].bytes == 9
     # An entry without a record (older caches) is measured once and recorded.
-    (tmp_path / "sizes" / f"input.{KEYS[0]}").unlink()
+    (sizes / f"input.{KEYS[0]}.9").unlink()
     assert cache.usage()[0].bytes == disk_usage(path)
-    assert (tmp_path / "sizes" / f"input.{KEYS[0]}").exists()
+    assert os.listdir(sizes) == [f"input.{KEYS[0]}.{disk_usage(path)}"]
     cache.remove("input", KEYS[0])
-    assert cache.usage() == [] and os.listdir(tmp_path / "sizes") == []
+    assert cache.usage() == [] and os.listdir(sizes) == []
 
 
 def test_disk_usage_counts_hard_links_once_and_follows_no_symlink(tmp_path: Path) -> None:
@@ -369,3 +378,19 @@ def test_sweep_removes_use_locks_of_missing_entries_no_run_holds(tmp_path: Path)
             [f"input.{KEYS[1]}", f"input.{KEYS[1]}.use", f"rootfs.{KEYS[2]}.use"]
         )
     assert cache.get("input", KEYS[1]) is not None
+
+
+def test_take_moves_an_entry_no_run_holds_and_forgets_it(tmp_path: Path) -> None:
+    cache = StagingCache(tmp_path / "cache")
+    path = cache.fill("input", KEYS[0], write_bytes(1000))
+    # A run holds it: nothing moves.
+    dest = Path(tempfile.mkdtemp(dir=tmp_path / "cache" / "tmp"))
+    with cache.use("input", KEYS[0]):
+        assert not cache.take("input", KEYS[0], dest)
+    assert cache.get("input", KEYS[0]) == path and os.listdir(dest) == []
+    assert cache.take("input", KEYS[0], dest)
+    assert (dest / "data").read_bytes() == b"x" * 1000
+    assert cache.get("input", KEYS[0]) is None and cache.usage() == []
+    assert os.listdir(tmp_path / "cache" / "sizes") == []
+    # Gone: a second take has nothing to move.
+    assert not cache.take("input", KEYS[0], Path(tempfile.mkdtemp(dir=tmp_path)))

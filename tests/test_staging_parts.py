@@ -1,9 +1,10 @@
-"""Inputs staged by parts: one staged tree per top-level entry, reused by CID.
+"""Inputs staged by parts (one staged tree per top-level entry, reused by CID) and scripted
+bases (a big input staged once, each cell's script bound over an empty directory in it).
 
 The payload must see exactly what a whole staging shows it; a new input that differs from a
-staged one in a few entries fetches only those; parts a run uses are never evicted under it.
-Real Kubo, real bwrap, as root (the parts bound in the run's private mount namespace) and as
-an ordinary user (the parts bound by bwrap).
+staged one in a few entries fetches only those; a script edit fetches only the script;
+nothing a run uses is evicted under it. Real Kubo, real bwrap, as root (the parts bound in the
+run's private mount namespace) and as an ordinary user (the parts bound by bwrap).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from helpers import package_copy_for_other_users
 
 from ipfs_execute_magic import staging
 from ipfs_execute_magic.node import EmbeddedNode
-from ipfs_execute_magic.record import RunRequest
+from ipfs_execute_magic.record import SCRIPT_PATH, RunRequest
 from ipfs_execute_magic.runner import Runner
 from ipfs_execute_magic.sandbox import SandboxSpec, run_sandbox
 from ipfs_execute_magic.settings import Limits, Settings
@@ -88,25 +89,45 @@ def _listing(rootfs: Path, staged: staging.StagedTree, output_root: Path) -> str
     return b"".join(printed).decode()
 
 
-def test_staged_by_parts_the_payload_sees_the_tree_a_whole_staging_shows(
+def test_every_way_of_staging_shows_the_tree_a_whole_staging_shows(
     store, busybox_cid: str, big_input: str, scratch: Path
 ) -> None:
     cache = StagingCache(scratch / "cache")
     stager = Stager(store, cache)
     rootfs = stager.stage_rootfs(busybox_cid).path
+    added = store.compose({"new": store.add_bytes(b"new\n")}, base=big_input)
+    replaced = store.compose({"top.csv": store.add_bytes(b"a,b\n3,4\n")}, base=big_input)
     with contextlib.ExitStack() as hold:
-        by_parts = stager.stage_input(big_input, hold=hold)
-        whole = stager.stage_input(big_input, hold=hold, by_parts=False)
-        assert [name for name, _ in by_parts.parts] == sorted(
-            ["data", "notes", "empty-dir", "empty-file", "top.csv"]
+        # The first big input: a whole tree, nothing bound.
+        first = stager.stage_input(big_input, hold=hold)
+        assert first.path == cache.path_for("input", big_input) and first.parts == ()
+        seen = {big_input: _listing(rootfs, first, scratch)}
+        # An entry added: a skeleton, each old entry bound from the first input's tree.
+        skeleton = stager.stage_input(added, hold=hold)
+        assert skeleton.path == cache.path_for("parts", added) / "tree"
+        assert [name for name, _ in skeleton.parts] == sorted(
+            ["data", "notes", "empty-dir", "empty-file", "new", "top.csv"]
         )
-        assert whole.parts == () and whole.path == cache.path_for("input", big_input)
-        seen_by_parts = _listing(rootfs, by_parts, scratch)
-        assert seen_by_parts == _listing(rootfs, whole, scratch)
-    assert "./data/deeper/deepest/x.txt" in seen_by_parts
-    assert f"./data/big.bin 644 {PARTS_MIN_BYTES} " in seen_by_parts
+        assert dict(skeleton.parts)["data"] == first.path / "data"
+        seen[added] = _listing(rootfs, skeleton, scratch)
+        # An entry replaced: the first input's tree with the new file bound over the old.
+        over = stager.stage_input(replaced, hold=hold)
+        assert over.path == first.path and [name for name, _ in over.parts] == ["top.csv"]
+        seen[replaced] = _listing(rootfs, over, scratch)
+        for cid, listing in seen.items():
+            assert listing == _listing(rootfs, stager.stage_input(cid, by_parts=False), scratch)
+        # A whole tree's top-level entries are fetched side by side: the same tree as one
+        # stream of the whole input gives.
+        one_stream = Path(tempfile.mkdtemp(dir=scratch))
+        stager._extract_directory(big_input, one_stream, what="one stream")
+        staging.set_tree_mtimes(one_stream)
+        one_stream.chmod(0o755)
+        reference = staging.StagedTree(big_input, one_stream, False, 0.0)
+        assert _listing(rootfs, reference, scratch) == seen[big_input]
+    assert "./data/deeper/deepest/x.txt" in seen[big_input]
+    assert f"./data/big.bin 644 {PARTS_MIN_BYTES} " in seen[added]
     # The root of /input: mode, SOURCE_DATE_EPOCH, and 2 + 3 subdirectories as link count.
-    assert f". 755 4096 {staging.SOURCE_DATE_EPOCH} 5 directory" in seen_by_parts
+    assert f". 755 4096 {staging.SOURCE_DATE_EPOCH} 5 directory" in seen[added]
 
 
 def test_an_input_differing_in_one_entry_fetches_only_that_entry(
@@ -116,6 +137,10 @@ def test_an_input_differing_in_one_entry_fetches_only_that_entry(
     first = _fetches(stager)
     stager.stage_input(big_input)
     assert sum(first.values()) > PARTS_MIN_BYTES  # everything, once
+    # Entry by entry, side by side.
+    assert sorted(what.split(" (")[0] for what in first) == [
+        f"input entry {name}" for name in ("data", "empty-dir", "empty-file", "notes", "top.csv")
+    ]
     replaced = store.compose({"top.csv": store.add_bytes(b"a,b\n3,4\n")}, base=big_input)
     added = store.compose({"new": store.add_bytes(b"new\n")}, base=big_input)
     for changed, name in ((replaced, "top.csv"), (added, "new")):
@@ -161,14 +186,110 @@ def test_a_new_script_on_a_big_input_stages_only_the_script(
             grown_by.append(disk_usage(runner.staging_cache.root) - before)
             assert result.record.succeeded
             assert result.stdout == store.cat(f"{first}/sums")
-            # The earlier script's directory is reused: the new script is bound over the old.
-            staged = [what.split(" (")[0] for what in fetched if what.startswith("input entry")]
-            assert staged == ["input entry .ipfs-execute/script"]
-        # The data was staged once, for the first run; an edit adds a skeleton and a script.
-        assert len(runner.staging_cache.entries("parts")) == 3
-        assert len(runner.staging_cache.entries("part")) == 3 + 3
+            # Only the new script's directory is fetched: the data is the scripted base.
+            staged = {what: done for what, done in fetched.items() if what.startswith("input")}
+            assert [what.split(" (")[0] for what in staged] == ["input entry .ipfs-execute"]
+            assert sum(staged.values()) < 8192
+        # The data was staged once, for the first run, as the scripted base; each run added
+        # its script's directory.
+        assert runner.staging_cache.entries("scripted") == [data]
+        assert runner.staging_cache.entries("parts") == []
+        assert len(runner.staging_cache.entries("part")) == 3
         assert max(grown_by) < 1024 * 1024
     EmbeddedNode(settings).stop()
+
+
+def _scripted(store, base: str, script: str) -> str:
+    """`base` with the cell's script added, as the runner makes it."""
+    return str(store.add_file_into(base, SCRIPT_PATH, script.encode())[0])
+
+
+def test_a_scripted_input_shows_the_tree_a_whole_staging_shows(
+    store, busybox_cid: str, big_input: str, scratch: Path
+) -> None:
+    cache = StagingCache(scratch / "cache")
+    stager = Stager(store, cache)
+    rootfs = stager.stage_rootfs(busybox_cid).path
+    scripted = _scripted(store, big_input, "echo one\n")
+    with contextlib.ExitStack() as hold:
+        on_base = stager.stage_input(scripted, hold=hold, base=big_input)
+        whole = stager.stage_input(scripted, hold=hold, by_parts=False)
+        assert on_base.path == cache.path_for("scripted", big_input)
+        assert [name for name, _ in on_base.parts] == [".ipfs-execute"]
+        seen = _listing(rootfs, on_base, scratch)
+        assert seen == _listing(rootfs, whole, scratch)
+    assert "./.ipfs-execute/script 644 9 " in seen
+    # The root: 2 + 3 subdirectories of the data + the script's directory.
+    assert f". 755 4096 {staging.SOURCE_DATE_EPOCH} 6 directory" in seen
+    # The base itself, run without a script, has no trace of the script's mount point, and
+    # is not fetched again: its entries are bound from the scripted base.
+    fetched = _fetches(stager)
+    plain_staged = stager.stage_input(big_input)
+    assert fetched == {}
+    # (from one of the trees staged whole above: the scripted base, or the whole staging)
+    bound_from = dict(plain_staged.parts)["data"].parent
+    assert bound_from in (
+        cache.path_for("scripted", big_input),
+        cache.path_for("input", scripted),
+    )
+    plain = _listing(rootfs, plain_staged, scratch)
+    assert ".ipfs-execute" not in plain
+    assert f". 755 4096 {staging.SOURCE_DATE_EPOCH} 5 directory" in plain
+
+
+def test_data_run_without_a_script_first_becomes_the_scripted_base_without_a_fetch(
+    store, busybox_cid: str, big_input: str, scratch: Path
+) -> None:
+    """A cell's loop must cost nothing whichever way the data was first used: the whole tree
+    a run without a script staged is moved to be the scripted base, and runs without a
+    script then bind its entries from there."""
+    cache = StagingCache(scratch / "cache")
+    stager = Stager(store, cache)
+    rootfs = stager.stage_rootfs(busybox_cid).path
+    plain_first = _listing(rootfs, stager.stage_input(big_input), scratch)
+    assert cache.entries("input") == [big_input]
+    scripted = _scripted(store, big_input, "echo moved\n")
+    fetched = _fetches(stager)
+    with contextlib.ExitStack() as hold:
+        on_base = stager.stage_input(scripted, hold=hold, base=big_input)
+        assert [what.split(" (")[0] for what in fetched] == ["input entry .ipfs-execute"]
+        assert on_base.path == cache.path_for("scripted", big_input)
+        assert cache.entries("input") == []  # moved, not copied
+        seen = _listing(rootfs, on_base, scratch)
+        assert seen == _listing(rootfs, stager.stage_input(scripted, by_parts=False), scratch)
+    fetched = _fetches(stager)
+    plain_again = stager.stage_input(big_input)
+    assert fetched == {} and len(plain_again.parts) == 5
+    assert _listing(rootfs, plain_again, scratch) == plain_first
+
+
+def test_a_new_version_of_a_scripted_data_set_fetches_only_what_changed(
+    store, busybox_cid: str, big_input: str, scratch: Path
+) -> None:
+    stager = Stager(store, StagingCache(scratch / "cache"))
+    rootfs = stager.stage_rootfs(busybox_cid).path
+    stager.stage_input(_scripted(store, big_input, "true\n"), base=big_input)
+    new_x = store.add_bytes(b"x, replaced\n")
+    version = store.compose({"data/deeper/deepest/x.txt": new_x}, base=big_input)
+    added = store.compose({"data/deeper/added.txt": new_x}, base=big_input)
+    cases = (
+        # The earlier version with the one file bound over its old self.
+        (version, ["data/deeper/deepest/x.txt"]),
+        # data/deeper gained a name: that directory, not big.bin beside it.
+        (added, ["data/deeper"]),
+    )
+    for changed, expected in cases:
+        scripted = _scripted(store, changed, f"ls -lR /input # {expected}\n")
+        fetched = _fetches(stager)
+        with contextlib.ExitStack() as hold:
+            on_earlier = stager.stage_input(scripted, hold=hold, base=changed)
+            assert [what.split(" (")[0] for what in fetched] == [
+                *(f"input entry {path}" for path in expected),
+                "input entry .ipfs-execute",
+            ]
+            assert sum(fetched.values()) < 64 * 1024
+            whole = stager.stage_input(scripted, hold=hold, by_parts=False)
+            assert _listing(rootfs, on_earlier, scratch) == _listing(rootfs, whole, scratch)
 
 
 @pytest.fixture()
@@ -199,28 +320,38 @@ def test_parts_a_run_uses_are_never_evicted_under_it(
                 b"".join(_deterministic_bytes(i, PARTS_MIN_BYTES // 3) for i in range(4))
             )
         cache = runner.staging_cache
-        # What the last run used stays (held while it ran, the newest since): the four data
-        # parts, the first script's directory with the second script bound over its script;
-        # the first run's skeleton went at the next fill.
-        assert len(cache.entries("parts")) == 1
-        assert len(cache.entries("part")) == 4 + 2
+        # What the last run used stays (held while it ran, the newest since): the data as a
+        # scripted base and the last script's directory; the first script's went at the
+        # next fill.
+        assert cache.entries("scripted") == [data]
+        assert len(cache.entries("part")) == 1
 
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+@pytest.mark.parametrize("staged_as", ["parts", "scripted base"])
 def test_an_ordinary_user_sees_the_parts_bound_by_bwrap(
-    store, busybox_cid: str, big_input: str, scratch: Path
+    store, busybox_cid: str, big_input: str, scratch: Path, staged_as: str
 ) -> None:
-    """Without root there is no private mount namespace of ours: bwrap binds each part."""
+    """Without root there is no private mount namespace of ours: bwrap binds each part (or
+    the script's directory over a scripted base)."""
     base_dir = Path(tempfile.mkdtemp(prefix="iex-parts-"))
     try:
         os.chmod(base_dir, 0o755)
         cache = StagingCache(base_dir / "cache")
         stager = Stager(store, cache)
         rootfs = stager.stage_rootfs(busybox_cid).path
-        staged = stager.stage_input(big_input)
+        if staged_as == "parts":
+            stager.stage_input(big_input)
+            added = store.compose({"new": store.add_bytes(b"new\n")}, base=big_input)
+            staged = stager.stage_input(added)  # a skeleton, the old entries bound from the tree
+            assert len(staged.parts) == 6
+        else:
+            scripted = _scripted(store, big_input, "echo from a user\n")
+            staged = stager.stage_input(scripted, base=big_input)
+            assert staged.path == cache.path_for("scripted", big_input)
         expected = _listing(rootfs, staged, scratch)  # as root: private binds
         subprocess.run(["chmod", "-R", "a+rX", str(base_dir)], check=True)
         package_parent = package_copy_for_other_users(base_dir)
@@ -310,7 +441,9 @@ def test_concurrent_runs_past_the_limit_never_lose_a_part_they_use(
     own_home: Settings, busybox_tarball: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Two runners on one data directory with a 1-byte limit: every fill of one evicts all
-    the other does not hold at that moment, yet neither run finds a part gone."""
+    the other does not hold at that moment, yet neither run finds a part gone. One edits
+    scripts (its data a scripted base), the other runs new versions of the data without a
+    script (staged by parts)."""
     root = tmp_path_factory.mktemp("concurrent-input")
     for index in range(3):
         (root / f"part-{index}").write_bytes(_deterministic_bytes(index, PARTS_MIN_BYTES // 2))
@@ -325,8 +458,16 @@ def test_concurrent_runs_past_the_limit_never_lose_a_part_they_use(
     def edits(worker: int) -> None:
         with Runner(own_home) as runner:
             for edit in range(4):
-                script = f"# worker {worker}, edit {edit}\ncat /input/part-* | md5sum"
-                result = runner.run(RunRequest(busybox, data, script=script))
+                if worker == 0:
+                    script = f"# edit {edit}\ncat /input/part-* | md5sum"
+                    request = RunRequest(busybox, data, script=script)
+                else:
+                    note = runner.store.add_bytes(f"edit {edit}\n".encode())
+                    version = runner.store.compose({f"edit-{edit}": note}, base=data)
+                    request = RunRequest(
+                        busybox, version, args=("sh", "-c", "cat /input/part-* | md5sum")
+                    )
+                result = runner.run(request)
                 if not result.record.succeeded or result.stdout.split()[0] != expected:
                     failures.append(f"worker {worker} edit {edit}: {result.stderr!r}")
 

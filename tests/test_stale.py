@@ -20,6 +20,7 @@ from IPython.utils.capture import capture_output
 from ipfs_execute_magic.jupyter import magics
 from ipfs_execute_magic.jupyter.display import LiveStatus, live_bundle
 from ipfs_execute_magic.jupyter.stale import StaleLedger, cid_of, names_read
+from ipfs_execute_magic.per_entry import EntryResults
 from ipfs_execute_magic.result import IpfsRef, RunResult
 from ipfs_execute_magic.staging import PHASE_ADDING_OUTPUT, PHASE_RUNNING
 from ipfs_execute_magic.verification import NotebookVerdict, StaleCell, stale_cells
@@ -47,6 +48,8 @@ def test_cid_of_bound_values() -> None:
     assert cid_of(IpfsRef(CID_A)) == CID_A
     assert cid_of(f"/ipfs/{CID_A}/sub") == f"/ipfs/{CID_A}/sub"
     assert cid_of("not a cid") is None and cid_of(3) is None
+    # The runs of --each stand for their composed output directory.
+    assert cid_of(EntryResults(IpfsRef(CID_A))) == CID_A
 
 
 def test_a_rebound_variable_makes_its_readers_stale() -> None:
@@ -200,6 +203,64 @@ def test_rebinding_an_upstream_result_marks_its_reader_stale_and_rerun_stale_run
     assert again is not down and again.read_text("copy") == "2\n"
     shown = [out for out in captured.outputs if "RunResult" in out.data.get("text/plain", "")]
     assert len(shown) == 1 and "stale" not in shown[0].data["text/plain"]
+    with capture_output() as captured:
+        ok(ip, "%ipfs_rerun_stale")
+    assert captured.stdout.strip() == "no stale cells"
+
+
+def test_each_cells_are_tracked_like_other_cells(ip: InteractiveShell, tmp_path: Path) -> None:
+    """An --each cell is stale when its input is rebound, so is a cell that reads its
+    result, and %ipfs_rerun_stale runs both again, in order."""
+    import ipfs_execute_magic as ie
+
+    tag = secrets.token_hex(4)
+
+    def dataset(name: str, values: dict[str, str]) -> str:
+        root = tmp_path / name
+        root.mkdir()
+        for entry, value in values.items():
+            (root / entry).mkdir()
+            (root / entry / "n").write_text(value)
+        return str(ie.add(root))
+
+    ip.user_ns[f"ds_{tag}"] = dataset("one", {"a": "1\n", "b": "2\n"})
+    each_source = (
+        f"%%ipfs_execute $busybox $ds_{tag} --each -o per_{tag}\n"
+        "for d in /input/*; do cat $d/n > /output/n; done\n"
+    )
+    each = ok(ip, each_source)
+    assert isinstance(each, EntryResults)
+    reader_source = (
+        f"%%ipfs_execute $busybox $per_{tag} -o sum_{tag}\ncat /input/a/n /input/b/n > /output/all"
+    )
+    reader = ok(ip, reader_source)
+    assert isinstance(reader, RunResult) and reader.read_text("all") == "1\n2\n"
+    ledger = ip.magics_manager.registry["IpfsExecuteMagics"].ledger
+    each_run, reader_run = ledger.find(each), ledger.find(reader)
+    assert each_run is not None and reader_run is not None
+    assert each_run.reads[f"ds_{tag}"] == ip.user_ns[f"ds_{tag}"]
+    assert each_run.binds == f"per_{tag}" and reader_run.reads[f"per_{tag}"] == str(each.output)
+    assert not each_run.stale and not reader_run.stale
+
+    # The data set moves on: the --each cell is stale, and says so in its display.
+    moved_on = dataset("two", {"a": "1\n", "b": "3\n"})
+    ok(ip, f"ds_{tag} = {moved_on!r}")
+    marker = f"stale: $ds_{tag} changed"
+    assert each_run.stale_text() == marker and not reader_run.stale
+    bundle, _ = ip.display_formatter.format(each)
+    assert marker in bundle["text/plain"] and marker in bundle["text/html"]
+
+    with capture_output() as captured:
+        ok(ip, "%ipfs_rerun_stale")
+    printed = captured.stdout
+    # The --each cell first (one entry changed: one run), then the reader of its result.
+    assert f"({marker}): %%ipfs_execute $busybox $ds_{tag} --each -o per_{tag}" in printed
+    assert f"(stale: $per_{tag} changed): %%ipfs_execute $busybox $per_{tag}" in printed
+    assert printed.index(f"--each -o per_{tag}") < printed.index(f"$per_{tag} -o sum_{tag}")
+    assert "re-ran 2 stale cells" in printed
+    again = ip.user_ns[f"per_{tag}"]
+    assert isinstance(again, EntryResults) and again is not each and again.executed == ["b"]
+    assert ip.user_ns[f"sum_{tag}"].read_text("all") == "1\n3\n"
     with capture_output() as captured:
         ok(ip, "%ipfs_rerun_stale")
     assert captured.stdout.strip() == "no stale cells"

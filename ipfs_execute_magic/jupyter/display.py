@@ -22,6 +22,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ import ipywidgets as widgets
 
 from ..errors import IpfsExecuteError
 from ..links import Gateway, as_gateway
-from ..per_entry import EntryResults
+from ..per_entry import EntriesSnapshot, EntryResults
 from ..record import RunRecord
 from ..result import FileEntry, IpfsRef, RunResult
 from ..staging import PHASE_ADDING_OUTPUT, PHASE_RUNNING
@@ -686,17 +687,51 @@ def phase_text(what: str, done: int, total: int | None) -> str:
     return f"staging {_short_cids(what)}: {human_size(done)}"
 
 
-def live_bundle(seconds: float, what: str, done: int, total: int | None) -> dict[str, str]:
+def live_bundle(
+    seconds: float, what: str, done: int, total: int | None, where: str | None = None
+) -> dict[str, str]:
     """ "running · 12.3 s · staging rootfs bafy…: 45.0 MiB of 120.0 MiB (38%)", with a bar
-    while staging or adding has a total."""
-    plain = f"running · {seconds:.1f} s · {phase_text(what, done, total)}"
+    while staging or adding has a total. `where` (a run on a cluster: "queued", "on worker
+    tcp://…") stands in for the phase, which a worker does not report."""
+    phase = where if where is not None else phase_text(what, done, total)
+    plain = f"running · {seconds:.1f} s · {phase}"
     bar = ""
-    if total and what != PHASE_RUNNING:
+    if total and what != PHASE_RUNNING and where is None:
         bar = f'<progress value="{min(done, total)}" max="{total}"></progress> '
     html_text = (
         f'<div class="ipfs-execute-status">{bar}<b>running · {seconds:.1f} s</b> · '
-        f"{_e(phase_text(what, done, total))}</div>"
+        f"{_e(phase)}</div>"
     )
+    return {"text/plain": plain, "text/html": html_text}
+
+
+MAX_RUNNING_SHOWN = 8  # entries named in an --each status line's "running:"
+
+
+def entries_status_text(snapshot: EntriesSnapshot) -> str:
+    """ "12 of 20 entries done (9 cached, 3 ran) · running: a.csv on tcp://…, b.csv on …" """
+    counts = f"{snapshot.cached} cached, {snapshot.ran} ran"
+    if snapshot.failed:
+        counts += f", {snapshot.failed} failed"
+    text = f"{snapshot.done} of {snapshot.total} entries done ({counts})"
+    if snapshot.running:
+        named = [
+            name if worker is None else f"{name} on {worker}"
+            for name, worker in snapshot.running[:MAX_RUNNING_SHOWN]
+        ]
+        more = len(snapshot.running) - len(named)
+        text += " · running: " + ", ".join(named) + (f" and {more} more" if more else "")
+    if snapshot.waiting:
+        text += f" · {snapshot.waiting} queued"
+    return text
+
+
+def entries_bundle(seconds: float, snapshot: EntriesSnapshot) -> dict[str, str]:
+    """An --each in progress: its counts and what runs where, with a bar over the entries."""
+    text = entries_status_text(snapshot)
+    plain = f"{text} · {seconds:.1f} s"
+    bar = f'<progress value="{snapshot.done}" max="{max(snapshot.total, 1)}"></progress> '
+    html_text = f'<div class="ipfs-execute-status">{bar}{_e(text)} · {seconds:.1f} s</div>'
     return {"text/plain": plain, "text/html": html_text}
 
 
@@ -720,6 +755,7 @@ class LiveStatus:
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._phase: tuple[str, int, int | None] = ("", 0, None)
+        self._where: str | None = None  # a cluster run: "queued", "on worker ..."
         self._handle: Any = None
         self._fetched: dict[str, tuple[int, float]] = {}  # what -> (bytes, seconds)
         self._first_seen: dict[str, float] = {}
@@ -738,6 +774,18 @@ class LiveStatus:
         if now - self._started >= self.delay and not self._stop.is_set():
             self._render()
 
+    def place(self, where: str) -> None:
+        """Where a run on a cluster stands ("queued", "on worker tcp://…"): shown in place
+        of the phase (a worker does not report one)."""
+        with self._lock:
+            changed = where != self._where
+            self._where = where
+        if changed and time.monotonic() - self._started >= self.delay and not self._stop.is_set():
+            self._render()
+
+    def _bundle(self, seconds: float) -> dict[str, str]:
+        return live_bundle(seconds, *self._phase, where=self._where)
+
     def _tick(self) -> None:
         # Display calls from this thread reach the running cell: ipykernel falls back to the
         # parent header of the request being executed when a thread has none of its own.
@@ -752,7 +800,7 @@ class LiveStatus:
         from IPython.display import display
 
         with self._lock:
-            bundle = live_bundle(time.monotonic() - self._started, *self._phase)
+            bundle = self._bundle(time.monotonic() - self._started)
             try:
                 if self._handle is None:
                     self._handle = display(bundle, raw=True, display_id=True)
@@ -765,6 +813,9 @@ class LiveStatus:
     def shown(self) -> bool:
         return self._handle is not None
 
+    def _summary(self) -> list[str]:
+        return []
+
     def finish(self, outcome: str = "") -> None:
         """Stop the updates; replace the line with a static summary (only if it was shown)."""
         self._stop.set()
@@ -773,13 +824,44 @@ class LiveStatus:
         if self._handle is None:
             return
         seconds = time.monotonic() - self._started
-        parts = [f"{outcome or 'finished'} after {seconds:.1f} s"]
+        parts = [f"{outcome or 'finished'} after {seconds:.1f} s", *self._summary()]
         parts += [
             f"fetched {_short_cids(what)}: {human_size(size)} in {took:.1f} s"
             for what, (size, took) in self._fetched.items()
         ]
         self._handle.update(static_line(" · ".join(parts)), raw=True)
         self._handle = None
+
+
+class EntriesStatus(LiveStatus):
+    """An --each cell's status line: "12 of 20 entries done (9 cached, 3 ran) · running: a.csv
+    on tcp://…" (`entries_status_text`), refreshed like LiveStatus's; `poll` gives the
+    snapshot (the magic asks the core: the display only formats it)."""
+
+    def __init__(
+        self, poll: Callable[[], EntriesSnapshot], delay: float = 0.5, interval: float = 0.5
+    ) -> None:
+        self._poll = poll
+        self._last: EntriesSnapshot | None = None
+        super().__init__(delay, interval)
+
+    def _bundle(self, seconds: float) -> dict[str, str]:
+        with suppress(Exception):  # a status is a courtesy: the last one known stays
+            self._last = self._poll()
+        if self._last is None or not self._last.total:  # the entries are still being listed
+            return live_bundle(seconds, "", 0, None)
+        return entries_bundle(seconds, self._last)
+
+    def _summary(self) -> list[str]:
+        with suppress(Exception):
+            self._last = self._poll()  # the final count, not the last tick's
+        if self._last is None or not self._last.total:
+            return []
+        last = self._last
+        counts = f"{last.cached} cached, {last.ran} ran" + (
+            f", {last.failed} failed" if last.failed else ""
+        )
+        return [f"{last.done} of {last.total} entries ({counts})"]
 
 
 def add_progress_bundle(progress: AddProgress) -> dict[str, str]:
@@ -842,9 +924,12 @@ class AddProgressLine:
 # -- one run per entry (--each) ----------------------------------------------------------------
 
 
-def entries_mimebundle(each: EntryResults, gateway: Gateway | str) -> dict[str, Any]:
+def entries_mimebundle(
+    each: EntryResults, gateway: Gateway | str, *, stale: str | None = None
+) -> dict[str, Any]:
     """The runs of `--each`: the composed output's link, then one row per entry (its state,
-    the node that ran it on a cluster, its output); failed entries first."""
+    the node that ran it on a cluster, its output); failed entries first. `stale`: the
+    ledger's "stale: $name changed", said first."""
     output = str(each.output)
     rows = []
     names = [*each.failed, *(name for name in each.results if name not in each.failed)]
@@ -872,4 +957,10 @@ def entries_mimebundle(each: EntryResults, gateway: Gateway | str) -> dict[str, 
         + "".join(rows)
         + "</table>"
     )
-    return {"text/plain": repr(each), "text/html": head + table}
+    if stale is None:
+        return {"text/plain": repr(each), "text/html": head + table}
+    warning = (
+        f'<div class="ipfs-execute-stale" style="color:#9a6700"><b>⚠ {_e(stale)}</b>'
+        " (%ipfs_rerun_stale runs it again)</div>"
+    )
+    return {"text/plain": f"{each!r}\n{stale}", "text/html": warning + head + table}

@@ -14,6 +14,7 @@ import codecs
 import keyword
 import shlex
 import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -34,7 +35,7 @@ from ..errors import UsageError as CoreUsageError
 from ..explanation import Explanation, compare, reason
 from ..lineage_graph import LineageNode, lineage
 from ..links import PUBLIC_GATEWAY, Gateway, link_gateway
-from ..per_entry import EntryResults
+from ..per_entry import EntriesProgress, EntryResults
 from ..record import SCRIPT_PATH
 from ..result import IpfsRef, RunResult
 from ..settings import (
@@ -51,6 +52,7 @@ from ..trust import parse_key_id
 from ..verification import NotebookVerdict, RerunResult, Verdict, verify, verify_notebook
 from .display import (
     AddProgressLine,
+    EntriesStatus,
     LiveStatus,
     ResultView,
     entries_mimebundle,
@@ -185,9 +187,26 @@ _size = arguments.size
 _positive_int = arguments.count
 
 
-def _on_cluster(*args: Any, **options: Any) -> RunResult:
-    """`ie.run` on the configured Dask cluster."""
-    return ie.submit(*args, **options).result()
+def _on_cluster(*args: Any, on_progress: Any = None, **options: Any) -> RunResult:
+    """`ie.run` on the configured Dask cluster; a LiveStatus as `on_progress` says whether
+    the run is queued or on which worker it runs while it is pending."""
+    future = ie.submit(*args, **options)
+    cluster = ie.current_cluster()
+    task = getattr(future, "dask", None)
+    if isinstance(on_progress, LiveStatus) and cluster is not None and task is not None:
+        ended = threading.Event()
+        future.add_done_callback(lambda _future: ended.set())
+        try:
+            while not ended.is_set():
+                # Asked no more often than the line is redrawn: two round trips each time.
+                worker = cluster.where([task.key]).get(task.key)
+                if not task.done():  # an ended task is on no worker: not "queued" again
+                    on_progress.place(f"on worker {worker}" if worker else "queued")
+                ended.wait(STATUS_INTERVAL)
+        except KeyboardInterrupt:
+            future.cancel()  # a run still queued never starts
+            raise
+    return future.result()
 
 
 class _StreamForwarder:
@@ -532,7 +551,9 @@ class IpfsExecuteMagics(Magics):
         return ref_mimebundle(ref, self.gateway_for(ref._store))
 
     def entries_bundle(self, each: EntryResults) -> dict[str, Any]:
-        return entries_mimebundle(each, self.gateway_for(each.output._store))
+        run = self.ledger.find(each)
+        stale = run.stale_text() if run is not None else None
+        return entries_mimebundle(each, self.gateway_for(each.output._store), stale=stale)
 
     def _node_gateway(self) -> Gateway:
         # Verdicts and lineage hold no store: they were made with the process's Runner.
@@ -688,7 +709,7 @@ class IpfsExecuteMagics(Magics):
             script = cell if cell.endswith("\n") else cell + "\n"
 
         if options.each:
-            return self._run_each(options, payload_args, script, interpreter, name)
+            return self._run_each(line, cell, options, payload_args, script, interpreter, name)
         stdout = None if options.quiet else _StreamForwarder("stdout")
         stderr = None if options.quiet else _StreamForwarder("stderr")
         progress = None if options.quiet else LiveStatus(PROGRESS_DELAY, STATUS_INTERVAL)
@@ -769,7 +790,7 @@ class IpfsExecuteMagics(Magics):
     def _say_why_it_ran(result: RunResult, earlier: CellRun | None) -> None:
         """A cache miss of a cell that ran before: which part of the run changed, one line."""
         before = earlier.result if earlier is not None else None
-        if result.cache_hit or before is None or before.record.key is None:
+        if result.cache_hit or not isinstance(before, RunResult) or before.record.key is None:
             return
         try:
             why = reason(ie.default_runner().store, before.record, result.record)
@@ -780,6 +801,8 @@ class IpfsExecuteMagics(Magics):
 
     def _run_each(
         self,
+        line: str,
+        cell: str | None,
         options: Any,
         payload_args: list[str],
         script: str | None,
@@ -803,18 +826,50 @@ class IpfsExecuteMagics(Magics):
             state = f"✗ {error}" if error else f"✓ {how}"
             print(f"[{done}] {entry}: {state}", flush=True)
 
-        with core_errors():
-            each = ie.map_entries(
-                options.rootfs,
-                options.input,
-                *payload_args,
-                script=script,
-                interpreter=interpreter,
-                **{limit: getattr(options, limit) for limit in LIMIT_OVERRIDES},
-                params=dict(options.param),
-                use_cache=not options.no_cache,
-                on_entry=on_entry,
+        progress = EntriesProgress()
+        cluster = ie.current_cluster()
+        status = (
+            None
+            if options.quiet
+            else EntriesStatus(
+                lambda: progress.snapshot(cluster.where if cluster is not None else None),
+                PROGRESS_DELAY,
+                STATUS_INTERVAL,
             )
+        )
+        outcome = "failed"
+        try:
+            with core_errors():
+                each = ie.map_entries(
+                    options.rootfs,
+                    options.input,
+                    *payload_args,
+                    script=script,
+                    interpreter=interpreter,
+                    **{limit: getattr(options, limit) for limit in LIMIT_OVERRIDES},
+                    params=dict(options.param),
+                    use_cache=not options.no_cache,
+                    on_entry=on_entry,
+                    progress=progress,
+                )
+            outcome = ""
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        finally:
+            if status is not None:
+                status.finish(outcome)
+        # In the ledger like any run of the magic: stale when the input it read moves on,
+        # and its result (bound or not) a value other cells read.
+        run = self.ledger.add(
+            self._line_as_written(line, cell),
+            cell,
+            self.user_ns,
+            binds=name,
+            cell_id=self._cell[1],
+            execution_count=getattr(self.shell, "execution_count", None),
+        )
+        run.result = each
         if name is not None:
             self.user_ns[name] = each
             self.refresh_stale()
@@ -1203,7 +1258,7 @@ class IpfsExecuteMagics(Magics):
                 else (run.binds is not None and earlier.binds == run.binds)
                 or (earlier.line, earlier.cell) == (run.line, run.cell)
             )
-            if same and earlier.result is not None and earlier.result.record_cid:
+            if same and isinstance(earlier.result, RunResult) and earlier.result.record_cid:
                 return earlier.result.record_cid
         raise UsageError(
             f"{word}: its cell has not run before in this kernel; give two runs (%ipfs_explain A B)"

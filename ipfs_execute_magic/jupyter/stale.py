@@ -16,6 +16,7 @@ from typing import Any
 
 from ..cid import IpfsPath
 from ..errors import UsageError
+from ..per_entry import EntryResults
 from ..result import IpfsRef, RunResult
 
 # `$name` (not `$$`, IPython's literal dollar) and `{name...}` (not `{{`) as IPython expands them
@@ -31,9 +32,12 @@ def names_read(line: str) -> list[str]:
 
 
 def cid_of(value: Any) -> str | None:
-    """The CID or IPFS path a bound value stands for (a result: its output), else None."""
+    """The CID or IPFS path a bound value stands for (a result: its output; the runs of
+    `--each`: their composed output directory), else None."""
     if isinstance(value, RunResult):
         return value.record.output
+    if isinstance(value, EntryResults):
+        return str(value.output)
     if isinstance(value, IpfsRef):
         return str(value)
     if isinstance(value, str):
@@ -56,7 +60,7 @@ class CellRun:
     binds: str | None = None  # -o NAME
     cell_id: str | None = None  # the front end's id of the cell, when it sends one
     execution_count: int | None = None
-    result: RunResult | None = None
+    result: RunResult | EntryResults | None = None  # EntryResults: an --each cell
     superseded: bool = False  # the same cell (or its -o NAME) ran again since
     changed: dict[str, str | None] = field(default_factory=dict)  # variable -> its value now
     listeners: list[Callable[[str | None], None]] = field(default_factory=list)
