@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .params import check_params
@@ -161,7 +161,8 @@ class RunRecord:
         return self.succeeded and self.pure and self.output is not None and self.key is not None
 
     def to_json(self, indent: int | None = 2) -> str:
-        data = asdict(self)
+        # Shallow: every field is JSON already (asdict's deep copy cost a warm run 1 ms).
+        data = {item.name: getattr(self, item.name) for item in fields(self)}
         data["args"] = list(self.args)
         return json.dumps(data, indent=indent, sort_keys=True)
 

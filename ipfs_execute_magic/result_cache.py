@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ COMPOSED_DIR = f"{INDEX_ROOT}/composed"  # CID -> JSON {name: path} of an ipfs-m
 # a verifying re-run's, a colleague's record's, or one of another output (a conflict).
 ATTESTATIONS_DIR = f"{INDEX_ROOT}/attestations"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+# A record up to this size is one raw block (the import's chunk size): its CID is known here.
+RECORD_BLOCK_MAX_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,24 +75,27 @@ class ResultCache:
         self.close()
 
     def flush(self, *, strict: bool = False) -> None:
-        """Wait until every index entry written so far is in the node.
+        """Wait until every record and index entry written so far is in the node.
 
-        A failed index write loses no data (the record and the output are pinned already; at
-        worst a later identical run is not recognised), so it does not fail whatever run comes
-        next; `strict` (export) raises it.
+        A failed index write loses no data (the output is pinned, the record too; at worst a
+        later identical run is not recognised), so it does not fail whatever run comes next;
+        `strict` (export) raises it. A record that could not be stored is said on stderr: its
+        run's output is pinned, but the run must be run again to be recorded.
         """
         with self._lock:
             pending, self._pending = self._pending, []
         for write in pending:
             try:
                 write.result()
-            except IpfsError:
+            except IpfsError as error:
+                if write.record_failed:
+                    print(f"ipfs-execute: warning: {error}", file=sys.stderr)
                 if strict:
                     raise
 
-    def _link_later(self, links: list[tuple[str, str]]) -> None:
+    def _link_later(self, links: list[tuple[str, str]], *, record: bytes | None = None) -> None:
         with self._lock:
-            self._last = _IndexWrite(self.store, links, after=self._last)
+            self._last = _IndexWrite(self.store, links, after=self._last, record=record)
             self._pending.append(self._last)
 
     # -- records ---------------------------------------------------------------------------
@@ -97,15 +103,22 @@ class ResultCache:
     def save(self, record: RunRecord, *, index: bool = True, cache: bool = True) -> str:
         """Store a record; index it by output (always) and by key (when cacheable).
 
-        The record is in the node when this returns (its CID may be handed to anyone at once);
-        the index entries are written in the background and every read of the index waits
-        for them. `index=False` only stores it (a verifier's re-run: the index keeps naming
-        the run being checked, whatever the re-run gave); `cache=False` indexes it by output
-        but leaves the cache entry of its key alone.
+        A record is one raw block: its CID is computed here and returned at once, and the
+        record (pinned), then its index entries, are written in the background, in order, as
+        one writer would: a run does not wait for its record's round trip. Every read through
+        this cache, `close`, and the process's exit wait for them; a bigger record is stored
+        before this returns. `index=False` only stores it (a verifier's re-run: the index keeps
+        naming the run being checked, whatever the re-run gave); `cache=False` indexes it by
+        output but leaves the cache entry of its key alone.
         """
         data = record.to_json().encode()
-        cid = self.store.add_bytes(data, name="record.json", pin=True)
+        if len(data) > RECORD_BLOCK_MAX_BYTES:
+            cid = self.store.add_bytes(data, name="record.json", pin=True)
+            unwritten = None
+        else:
+            cid, unwritten = raw_leaf_cid(data), data
         if not index:
+            self._link_later([], record=unwritten)
             return cid
         links = []
         if record.output:
@@ -113,7 +126,7 @@ class ResultCache:
         if cache and record.cacheable and record.key:
             links.append((f"{CACHE_DIR}/{record.key}", cid))
             self._memo[record.key] = StoredRecord(record, cid)
-        self._link_later(links)
+        self._link_later(links, record=unwritten)
         return cid
 
     def load(self, record_cid: str) -> RunRecord:
@@ -330,18 +343,45 @@ class _IndexWrite:
     logging) cost a CLI run about 5 ms. Not a daemon thread: an exit waits for the write."""
 
     def __init__(
-        self, store: Store, links: list[tuple[str, str]], after: _IndexWrite | None
+        self,
+        store: Store,
+        links: list[tuple[str, str]],
+        after: _IndexWrite | None,
+        record: bytes | None = None,
     ) -> None:
         self.error: BaseException | None = None
+        self.record_failed = False  # the error is the record's own, not an index link's
         self._thread = threading.Thread(
-            target=self._write, args=(store, links, after), name="index-writer"
+            target=self._write, args=(store, links, after, record), name="index-writer"
         )
         self._thread.start()
 
-    def _write(self, store: Store, links: list[tuple[str, str]], after: _IndexWrite | None) -> None:
+    def _write(
+        self,
+        store: Store,
+        links: list[tuple[str, str]],
+        after: _IndexWrite | None,
+        record: bytes | None,
+    ) -> None:
         if after is not None:
             after._thread.join()
         try:
+            if record is not None:  # first: the links name it
+                self.record_failed = True
+                expected = raw_leaf_cid(record)
+                try:
+                    stored = store.add_bytes(record, name="record.json", pin=True)
+                except IpfsError as error:
+                    raise IpfsError(
+                        f"the run record {expected} could not be stored ({error}); its run's "
+                        "output is pinned: run it again to record it"
+                    ) from None
+                if stored != expected:
+                    raise IpfsError(
+                        f"the IPFS daemon at {store.api} stored a run record as {stored}, not "
+                        f"{expected}: report this with `ipfs version --all`"
+                    )
+                self.record_failed = False
             for path, target in links:
                 store.mfs_link(path, target)
         except BaseException as error:  # handed to whoever waits for it

@@ -452,14 +452,17 @@ class Runner:
                         ),
                     )
                     # Loading the signing key (and cryptography) overlaps the sandbox.
-                    key_loader = threading.Thread(target=self._load_signing_key, daemon=True)
-                    key_loader.start()
+                    key_loader = None
+                    if self._signing_key is None:
+                        key_loader = threading.Thread(target=self._load_signing_key, daemon=True)
+                        key_loader.start()
                     t_run = time.monotonic()
                     if on_progress is not None:
                         on_progress(staging.PHASE_RUNNING, 0, None)
                     result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
                     durations["sandbox"] = time.monotonic() - t_run
-                    key_loader.join()
+                    if key_loader is not None:
+                        key_loader.join()
 
                 # From here on the output exists: it is kept on disk until it is safely in IPFS.
                 keep_output = True

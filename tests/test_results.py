@@ -31,7 +31,11 @@ def test_record_is_readable_json_in_ipfs(runner: Runner, busybox_cid: str, store
     script = unique("echo hello; echo oops >&2; echo data > /output/f")
     result = runner.run(RunRequest(rootfs=busybox_cid, args=("sh", "-c", script)))
     assert result.record_cid and not result.cache_hit
+    # The run did not wait for its record's round trip: its CID is computed, the record is
+    # written in the background, and is in the node once the writes are flushed.
+    runner.results.flush()
     document = json.loads(store.cat(result.record_cid))
+    assert store.cat(result.record_cid) == result.record.to_json().encode()
     assert document["output"] == str(result) and document["rootfs"] == busybox_cid
     assert document["args"] == ["sh", "-c", script]
     assert document["exit_status"] == 0
@@ -41,6 +45,50 @@ def test_record_is_readable_json_in_ipfs(runner: Runner, busybox_cid: str, store
     assert set(document["versions"]) >= {"ipfs-execute", "bwrap", "kubo", "kernel", "machine"}
     assert "timeout" in document["limits_enforced"]
     assert document["key"] == RunRecord.from_json(store.cat(result.record_cid)).recomputed_key()
+
+
+def test_a_record_that_cannot_be_stored_is_said_when_the_writes_are_flushed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The background write of a record failing (the daemon gone, say) loses no output but the
+    record: that is said on stderr, with what to do. A store that refuses every add stands in
+    for the daemon here: what is tested is the writer's handling, not Kubo."""
+    from ipfs_execute_magic.cid import raw_leaf_cid
+    from ipfs_execute_magic.errors import IpfsError
+    from ipfs_execute_magic.result_cache import ResultCache
+
+    class RefusingStore:
+        api = "/ip4/127.0.0.1/tcp/1"
+        linked: list[tuple[str, str]] = []
+
+        def add_bytes(self, data: bytes, *, name: str, pin: bool) -> str:
+            raise IpfsError("the IPFS daemon is not running")
+
+        def mfs_link(self, path: str, target: str) -> None:
+            self.linked.append((path, target))
+
+    record = RunRecord(
+        rootfs="bafkreia",
+        input="bafkreib",
+        output="bafkreic",
+        args=("true",),
+        exit_status=0,
+        timed_out=False,
+        started_at="2026-12-01T00:00:00.000+00:00",
+        durations={},
+        limits={},
+        limits_enforced={},
+        versions={},
+        staged_from_cache={},
+    )
+    cache = ResultCache(RefusingStore())  # type: ignore[arg-type]
+    cid = cache.save(record)
+    assert cid == raw_leaf_cid(record.to_json().encode())  # known before anything is written
+    cache.flush()
+    warning = capsys.readouterr().err
+    assert f"the run record {cid} could not be stored" in warning
+    assert "run it again to record it" in warning
+    assert RefusingStore.linked == []  # no index entry names a record that is not there
 
 
 def test_identical_run_is_a_hit_through_the_api(runner: Runner, busybox_cid: str) -> None:
