@@ -57,7 +57,9 @@ EARLIER_VERSIONS_SCANNED = 32
 # How many recently used big trees staged whole are tried as an earlier version of an input,
 # and searched for its top-level entries.
 EARLIER_TREES_TRIED = 4
-# Top-level entries of an input staged whole are fetched this many at a time.
+# The top-level entries of an input of this size or more, staged whole, are fetched this
+# many at a time (below it, one stream costs less than a look at each entry's kind).
+SIDE_BY_SIDE_MIN_BYTES = 64 * 1024 * 1024
 FILL_THREADS = 3
 # A part's tree is this entry of its staging cache entry (a file part is a file).
 _PART_TREE = "t"
@@ -225,7 +227,7 @@ class Stager:
         if cid == EMPTY_DIRECTORY_CID:
             return staged(self.staging_cache.fill("input", cid, set_tree_mtimes), False)
         if not by_parts:
-            return staged(self._fill_whole("input", cid), False)
+            return staged(self._fill_whole("input", cid, None), False)
         scripted = base is not None and base != EMPTY_DIRECTORY_CID
         # The warm paths, probed without their locks first: a stat or two, no round trip.
         if scripted and self.staging_cache.get("scripted", str(base)) is not None:
@@ -244,7 +246,7 @@ class Stager:
 
         found = check_input_is_directory(self.store, cid)
         if found.size < PARTS_MIN_BYTES:
-            return staged(self._fill_whole("input", cid), False)
+            return staged(self._fill_whole("input", cid, found.size), False)
         kind, data, extra = "input", cid, []
         if scripted:
             script_bind = self._script_bind(cid)
@@ -259,7 +261,7 @@ class Stager:
             # (moved, not copied), and runs without a script bind its entries from there. The
             # cell's loop is what must cost nothing.
             use(kind, data)
-            return staged(self._fill_whole(kind, data), False, extra)
+            return staged(self._fill_whole(kind, data, found.size), False, extra)
         sources = self._tree_sources()
         entries = self._top_entries(cid, sources)
         reused = self._reused_binds(entries, sources, use) if _stageable_by_parts(entries) else None
@@ -270,7 +272,7 @@ class Stager:
             )
             return staged(skeleton / _SKELETON_TREE, False, reused)
         use(kind, data)
-        return staged(self._fill_whole(kind, data), False, extra)
+        return staged(self._fill_whole(kind, data, found.size), False, extra)
 
     def _script_bind(self, cid: str) -> Bind | None:
         """The bind of a scripted input's SCRIPT_DIR, from its root block (which the runner
@@ -551,15 +553,16 @@ class Stager:
         # carry the time of extraction.
         set_tree_mtimes(dest)
 
-    def _fill_whole(self, kind: str, cid: str) -> Path:
+    def _fill_whole(self, kind: str, cid: str, size: int | None) -> Path:
         """Entry `kind`/`cid` of the staging cache, the input's whole tree ("scripted": with
-        an empty SCRIPT_DIR, the mount point of each script's directory)."""
+        an empty SCRIPT_DIR, the mount point of each script's directory); `size` its bytes,
+        if known."""
 
         def fill(dest: Path) -> None:
             if kind == "scripted" and self.staging_cache.take("input", cid, dest):
                 pass  # the tree staged for runs without a script, moved here
             else:
-                self._fetch_input(cid, dest)
+                self._fetch_input(cid, dest, side_by_side=(size or 0) >= SIDE_BY_SIDE_MIN_BYTES)
                 set_tree_mtimes(dest)  # `get` stamps every entry with the time of the request
             if kind == "scripted":
                 os.mkdir(dest / SCRIPT_DIR)
@@ -570,15 +573,17 @@ class Stager:
 
         return self.staging_cache.fill(kind, cid, fill)
 
-    def _fetch_input(self, cid: str, dest: Path) -> None:
-        """The input's tree into dest: its top-level entries fetched side by side when they
-        are plain files and directories (one stream of 1 GB keeps one core busy extracting
-        while the node waits), else as one stream."""
-        links = self.store.directory_links(cid)
+    def _fetch_input(self, cid: str, dest: Path, *, side_by_side: bool) -> None:
+        """The input's tree into dest: with `side_by_side`, its top-level entries fetched
+        side by side when they are plain files and directories with distinct names (one
+        stream of 1 GB keeps one core busy extracting while the node waits), else as one
+        stream."""
+        links = self.store.directory_links(cid) if side_by_side else None
         if (
             links is None
             or not 2 <= len(links) <= PARTS_MAX_ENTRIES
             or not all(_is_entry_name(name) for name, _ in links)
+            or len({name for name, _ in links}) != len(links)
             or any(
                 self.store.unixfs_kind(child) not in ("file", "directory", "sharded-directory")
                 for _, child in links

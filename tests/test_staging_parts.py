@@ -90,8 +90,9 @@ def _listing(rootfs: Path, staged: staging.StagedTree, output_root: Path) -> str
 
 
 def test_every_way_of_staging_shows_the_tree_a_whole_staging_shows(
-    store, busybox_cid: str, big_input: str, scratch: Path
+    store, busybox_cid: str, big_input: str, scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(staging, "SIDE_BY_SIDE_MIN_BYTES", PARTS_MIN_BYTES)  # this one is small
     cache = StagingCache(scratch / "cache")
     stager = Stager(store, cache)
     rootfs = stager.stage_rootfs(busybox_cid).path
@@ -131,8 +132,9 @@ def test_every_way_of_staging_shows_the_tree_a_whole_staging_shows(
 
 
 def test_an_input_differing_in_one_entry_fetches_only_that_entry(
-    store, big_input: str, scratch: Path
+    store, big_input: str, scratch: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(staging, "SIDE_BY_SIDE_MIN_BYTES", PARTS_MIN_BYTES)  # this one is small
     stager = Stager(store, StagingCache(scratch / "cache"))
     first = _fetches(stager)
     stager.stage_input(big_input)
@@ -477,3 +479,27 @@ def test_concurrent_runs_past_the_limit_never_lose_a_part_they_use(
     for worker in workers:
         worker.join(timeout=300)
     assert failures == []
+
+
+def test_a_failed_entry_stops_a_side_by_side_fill_and_leaves_nothing(
+    store, big_input: str, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One entry failing (a fetch cut, an archive refused) fails the whole staging: the other
+    fetches stop at their next read, and neither the entry nor a work directory is left."""
+    monkeypatch.setattr(staging, "SIDE_BY_SIDE_MIN_BYTES", PARTS_MIN_BYTES)
+    cache = StagingCache(scratch / "cache")
+    stager = Stager(store, cache)
+    real_fetch = Stager._fetch_entry
+
+    def fetch(self: Stager, cid: str, name: str, dest: Path, stop=None) -> Path:
+        if name == "top.csv":
+            raise staging.StagingError(f"input entry {name} ({cid}) was refused")
+        return real_fetch(self, cid, name, dest, stop)
+
+    monkeypatch.setattr(Stager, "_fetch_entry", fetch)
+    with pytest.raises(staging.StagingError, match="top.csv"):
+        stager.stage_input(big_input)
+    assert cache.get("input", big_input) is None
+    assert os.listdir(scratch / "cache" / "tmp") == []
+    monkeypatch.setattr(Stager, "_fetch_entry", real_fetch)
+    assert stager.stage_input(big_input).path == cache.path_for("input", big_input)  # retried
