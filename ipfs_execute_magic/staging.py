@@ -61,6 +61,8 @@ EARLIER_TREES_TRIED = 4
 # many at a time (below it, one stream costs less than a look at each entry's kind).
 SIDE_BY_SIDE_MIN_BYTES = 64 * 1024 * 1024
 FILL_THREADS = 3
+# The mount point of a script's directory in a scripted base's skeleton (its CID unused).
+_SCRIPT_DIR_ENTRY = Entry(name=SCRIPT_DIR, cid="", size=0, kind="directory")
 # A part's tree is this entry of its staging cache entry (a file part is a file).
 _PART_TREE = "t"
 _SKELETON_TREE = "tree"
@@ -236,12 +238,16 @@ class Stager:
             script_bind = self._script_bind(cid)
             if tree is not None and script_bind is not None:
                 return staged(tree, True, [script_bind])
-        if self.staging_cache.get("parts", cid) is not None:
-            use("parts", cid)
-            skeleton = self.staging_cache.get("parts", cid)
-            if skeleton is not None:
+        for skeleton_kind, key in (("parts", cid), ("scripted-parts", base if scripted else None)):
+            if key is None or self.staging_cache.get(skeleton_kind, key) is None:
+                continue
+            use(skeleton_kind, key)
+            skeleton = self.staging_cache.get(skeleton_kind, key)
+            script_bind = self._script_bind(cid) if skeleton_kind == "scripted-parts" else None
+            if skeleton is not None and (skeleton_kind == "parts" or script_bind is not None):
                 manifest = json.loads((skeleton / _PARTS_MANIFEST).read_text())
                 binds = [Bind.from_json(item) for item in manifest["binds"]]
+                binds += [script_bind] if script_bind is not None else []
                 return staged(skeleton / _SKELETON_TREE, True, binds)
 
         found = check_input_is_directory(self.store, cid)
@@ -263,14 +269,20 @@ class Stager:
             use(kind, data)
             return staged(self._fill_whole(kind, data, found.size), False, extra)
         sources = self._tree_sources()
-        entries = self._top_entries(cid, sources)
+        entries = self._top_entries(data, sources)
         reused = self._reused_binds(entries, sources, use) if _stageable_by_parts(entries) else None
         if reused is not None:
-            use("parts", cid)
+            # A scripted base's skeleton is the base's, with an empty SCRIPT_DIR: every edit
+            # of the cell reuses it.
+            skeleton_kind = "parts" if kind == "input" else "scripted-parts"
+            mount_points = entries if kind == "input" else [*entries, _SCRIPT_DIR_ENTRY]
+            use(skeleton_kind, data)
             skeleton = self.staging_cache.fill(
-                "parts", cid, functools.partial(_make_skeleton, entries=entries, binds=reused)
+                skeleton_kind,
+                data,
+                functools.partial(_make_skeleton, entries=mount_points, binds=reused),
             )
-            return staged(skeleton / _SKELETON_TREE, False, reused)
+            return staged(skeleton / _SKELETON_TREE, False, [*reused, *extra])
         use(kind, data)
         return staged(self._fill_whole(kind, data, found.size), False, extra)
 
@@ -483,14 +495,15 @@ class Stager:
         """What recently staged skeletons bound at top-level `name` with another CID, newest
         first."""
         manifests: list[tuple[float, Path]] = []
-        skeletons = os.fspath(self.staging_cache.root / "parts")
-        with contextlib.suppress(FileNotFoundError), os.scandir(skeletons) as found_keys:
-            for key in found_keys:
-                manifest = Path(key.path, _PARTS_MANIFEST)
-                try:
-                    manifests.append((os.stat(manifest).st_mtime, manifest))
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # evicted meanwhile, or no entry (a work dir is elsewhere)
+        for skeleton_kind in ("parts", "scripted-parts"):
+            skeletons = os.fspath(self.staging_cache.root / skeleton_kind)
+            with contextlib.suppress(FileNotFoundError), os.scandir(skeletons) as found_keys:
+                for key in found_keys:
+                    manifest = Path(key.path, _PARTS_MANIFEST)
+                    try:
+                        manifests.append((os.stat(manifest).st_mtime, manifest))
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue  # evicted meanwhile (entries appear only by a rename)
         found: list[Bind] = []
         for _, found_manifest in sorted(manifests, reverse=True)[:EARLIER_VERSIONS_SCANNED]:
             try:

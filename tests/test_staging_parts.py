@@ -503,3 +503,28 @@ def test_a_failed_entry_stops_a_side_by_side_fill_and_leaves_nothing(
     assert os.listdir(scratch / "cache" / "tmp") == []
     monkeypatch.setattr(Stager, "_fetch_entry", real_fetch)
     assert stager.stage_input(big_input).path == cache.path_for("input", big_input)  # retried
+
+
+def test_a_data_set_with_an_added_entry_under_the_cell_reuses_one_skeleton_for_every_edit(
+    store, busybox_cid: str, big_input: str, scratch: Path
+) -> None:
+    """The cell's data gained a top-level entry: its other entries are bound from the earlier
+    scripted base (only the new one fetched), and the skeleton is the data's, so the next
+    edit of the cell fetches only its script."""
+    cache = StagingCache(scratch / "cache")
+    stager = Stager(store, cache)
+    rootfs = stager.stage_rootfs(busybox_cid).path
+    stager.stage_input(_scripted(store, big_input, "true\n"), base=big_input)
+    grown = store.compose({"2024": store.add_bytes(b"a new year\n")}, base=big_input)
+    for edit, expected in ((0, ["2024", ".ipfs-execute"]), (1, [".ipfs-execute"])):
+        scripted = _scripted(store, grown, f"ls -lR /input # edit {edit}\n")
+        fetched = _fetches(stager)
+        with contextlib.ExitStack() as hold:
+            staged_now = stager.stage_input(scripted, hold=hold, base=grown)
+            assert [what.split(" (")[0] for what in fetched] == [
+                f"input entry {name}" for name in expected
+            ]
+            assert staged_now.path == cache.path_for("scripted-parts", grown) / "tree"
+            whole = stager.stage_input(scripted, hold=hold, by_parts=False)
+            assert _listing(rootfs, staged_now, scratch) == _listing(rootfs, whole, scratch)
+    assert cache.entries("scripted-parts") == [grown] and cache.entries("parts") == []
