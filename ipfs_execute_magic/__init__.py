@@ -450,7 +450,8 @@ def mkdir(entries: Mapping[str, str]) -> IpfsRef:
 
 
 def du() -> DiskUsage:
-    """What the data directory holds: staging cache, node repo, kept outputs, runs (print it)."""
+    """What the data directory holds: staging cache, node repo, kept outputs, runs, /output
+    templates, the example images' tarballs (print it)."""
     from .disk_space import usage
 
     return usage(default_runner().settings)
@@ -464,18 +465,25 @@ def node_status() -> NodeInfo:
     return status(default_runner().settings)
 
 
-def gc(staging_keep: int | str | None = None, *, kept_outputs: bool = False) -> GcReport:
+def gc(
+    staging_keep: int | str | None = None, *, kept_outputs: bool = False, images: bool = False
+) -> GcReport:
     """Free disk: staging entries no run is using (all, or down to `staging_keep` bytes or
-    "5G"), directories of runs whose process died, and the node's unpinned blocks. Outputs,
-    records and the result index are pinned and stay. Kept outputs (not yet in IPFS) are
-    deleted only with `kept_outputs=True`. Returns what was freed (print it)."""
+    "5G"), directories of runs whose process died, the node's unpinned blocks and the /output
+    templates (unless a run is taking one). Outputs, records and the result index are pinned
+    and stay. Kept outputs (not yet in IPFS) are deleted only with `kept_outputs=True`; the
+    example images' built tarballs only with `images=True` (the next `ie.images.NAME()`
+    builds again, to the same CID: from the cached Debian packages, else with apt-get, which
+    needs the network). Returns what was freed (print it)."""
     from .disk_space import collect
     from .settings import parse_size
 
     runner = default_runner()
     keep = 0 if staging_keep is None else parse_size(staging_keep)
     store = None if runner.settings.api else runner.store
-    return collect(runner.settings, store, staging_keep_bytes=keep, kept_outputs=kept_outputs)
+    return collect(
+        runner.settings, store, staging_keep_bytes=keep, kept_outputs=kept_outputs, images=images
+    )
 
 
 def signing_key() -> str:

@@ -61,7 +61,7 @@ other commands (each has --help):
   ipfs-execute cache export|import CID|list   share the result cache as one CID
   ipfs-execute node status|start|stop   the IPFS node: API, gateway, repo size; start, stop
   ipfs-execute du                       what the data directory holds, part by part
-  ipfs-execute gc [--kept-outputs]      free staging cache, dead runs, unpinned blocks
+  ipfs-execute gc [--images]            free staging cache, dead runs, unpinned blocks, templates
   ipfs-execute image build NAME|list    an example image's CID (built once: busybox, python ...)
   ipfs-execute share NOTEBOOK.ipynb     everything an executed notebook names, as one CAR file
   ipfs-execute import BUNDLE.car        import a shared notebook's bundle into this node
@@ -640,8 +640,10 @@ def _du(settings: Settings, words: list[str]) -> int:
         prog="ipfs-execute du",
         description="Show what the data directory holds: the staging cache (trees staged "
         "from CIDs; in use: held by a run now), the embedded node's repo, kept outputs "
-        "(outputs not yet in IPFS, each listed: add them with `ipfs-execute add PATH`) and "
-        "run directories (those of processes that died can go). Needs no daemon.",
+        "(outputs not yet in IPFS, each listed: add them with `ipfs-execute add PATH`), "
+        "run directories (those of processes that died can go), the /output templates "
+        "(formatted images each run copies) and the example images' built tarballs. "
+        "Needs no daemon.",
     )
     _parse(parser, words)
     from .disk_space import usage
@@ -657,7 +659,9 @@ def _gc(settings: Settings, words: list[str]) -> int:
         "run is using (re-staged from their CIDs when needed), directories of runs whose "
         "process died, and the embedded node's unpinned blocks (copies of others' content; "
         "outputs, records and the result index are pinned and kept, so no result a record "
-        "or notebook names is lost). Kept outputs stay unless --kept-outputs is given.",
+        "or notebook names is lost), and the /output templates (made again by the next run "
+        "that needs one; left while a run is taking one). Kept outputs stay unless "
+        "--kept-outputs is given, the example images' tarballs unless --images is.",
     )
     parser.add_argument(
         "--staging-keep",
@@ -671,6 +675,14 @@ def _gc(settings: Settings, words: list[str]) -> int:
         action="store_true",
         help="also delete kept outputs: outputs that were never added to IPFS (their only copy)",
     )
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="also delete the example images' built tarballs (HOME/images; their CIDs stay "
+        "pinned): the next `image build NAME` builds again, to the same CID, in seconds from "
+        "the cached Debian packages, or with apt-get, which needs the network, when those "
+        "are gone too",
+    )
     options = _parse(parser, words)
     from .disk_space import collect
     from .store import Store
@@ -682,6 +694,7 @@ def _gc(settings: Settings, words: list[str]) -> int:
             store,
             staging_keep_bytes=options.staging_keep or 0,
             kept_outputs=options.kept_outputs,
+            images=options.images,
         )
     finally:
         if store is not None:
@@ -958,7 +971,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "cache": Subcommand(_cache, "share the result cache as one CID"),
     "node": Subcommand(_node, "the embedded IPFS node"),
     "du": Subcommand(_du, "what the data directory holds"),
-    "gc": Subcommand(_gc, "free staging cache, dead runs and unpinned blocks"),
+    "gc": Subcommand(_gc, "free staging cache, dead runs, unpinned blocks, templates"),
     "image": Subcommand(_image, "the example images: build one (print its CID), list them"),
     "trust": Subcommand(_trust, "this node's signing key and the keys it trusts"),
     "share": Subcommand(_share, "an executed notebook and all it names, as one CAR file"),

@@ -2,8 +2,12 @@
 
 The parts: the staging cache (trees staged from CIDs: always re-creatable), the node's repo
 (Kubo's blocks; the embedded node's only), kept outputs (outputs produced while IPFS was
-unreachable: the only copy, so `gc` removes them only when asked), and run directories (a run
-in progress holds its directory's flock; one nobody holds belongs to a process that died).
+unreachable: the only copy, so `gc` removes them only when asked), run directories (a run
+in progress holds its directory's flock; one nobody holds belongs to a process that died),
+the /output templates (formatted images runs copy: made again on demand; a run copying one
+holds a shared flock on their directory) and the example images' built tarballs (what
+`ie.images.*` returns at once: `gc` removes them only when asked, and they are built again,
+to the same CID, on next use).
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from .settings import Settings
 from .staging_cache import CacheEntry, StagingCache, disk_usage, remove_tree
 from .store import Store
 
-__all__ = ["DiskUsage", "GcReport", "PathUsage", "collect", "format_bytes", "usage"]
+__all__ = [
+    "DiskUsage",
+    "GcReport",
+    "PathUsage",
+    "collect",
+    "format_bytes",
+    "output_templates_dir",
+    "usage",
+]
 
 # A run makes its directory a moment before it locks it: younger ones are left alone.
 _RUN_DIR_GRACE_S = 60.0
@@ -42,6 +54,9 @@ class DiskUsage:
     node_repo_bytes: int | None  # None: the user's own daemon (--api), not in the data directory
     kept_outputs: list[PathUsage]
     runs: list[PathUsage]
+    output_templates: list[PathUsage]
+    images: list[PathUsage]  # one per built image: its tarball, bytes with its record
+    images_bytes: int  # all of HOME/images (with what builds killed midway left)
 
     @property
     def staging_bytes(self) -> int:
@@ -56,12 +71,18 @@ class DiskUsage:
         return sum(run.bytes for run in self.runs)
 
     @property
+    def output_templates_bytes(self) -> int:
+        return sum(template.bytes for template in self.output_templates)
+
+    @property
     def total_bytes(self) -> int:
         return (
             self.staging_bytes
             + (self.node_repo_bytes or 0)
             + self.kept_outputs_bytes
             + self.runs_bytes
+            + self.output_templates_bytes
+            + self.images_bytes
         )
 
     def __str__(self) -> str:
@@ -82,6 +103,15 @@ class DiskUsage:
             f"{len(self.kept_outputs)} (add each with: ipfs-execute add PATH)",
             f"{format_bytes(self.runs_bytes):>10}  runs: {len(self.runs)} directories, "
             f"{len(stale)} left by processes that died",
+            f"{format_bytes(self.output_templates_bytes):>10}  output templates: "
+            f"{len(self.output_templates)} (formatted /output images, made again when needed)",
+            f"{format_bytes(self.images_bytes):>10}  images: "
+            + (
+                f"{', '.join(_image_name(image.path) for image in self.images)} built "
+                "(gc --images deletes them: built again on next use)"
+                if self.images
+                else "none built"
+            ),
         ]
         lines += [f"{format_bytes(kept.bytes):>10}    {kept.path}" for kept in self.kept_outputs]
         lines.append(f"{format_bytes(self.total_bytes):>10}  total in {self.home}")
@@ -99,10 +129,22 @@ class GcReport:
     kept_outputs: int
     kept_outputs_bytes: int
     kept_outputs_left: int  # kept outputs still there (gc without kept_outputs=True)
+    output_templates: int | None  # None: a run was taking one, all were left
+    output_templates_bytes: int
+    images: list[str]  # names of the images whose built tarballs were deleted
+    images_bytes: int
+    images_left: list[str]  # built images still there (without images=True, or being built)
 
     @property
     def total_bytes(self) -> int:
-        return self.staging_bytes + self.runs_bytes + self.repo_bytes + self.kept_outputs_bytes
+        return (
+            self.staging_bytes
+            + self.runs_bytes
+            + self.repo_bytes
+            + self.kept_outputs_bytes
+            + self.output_templates_bytes
+            + self.images_bytes
+        )
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
@@ -122,14 +164,31 @@ class GcReport:
             f"{format_bytes(self.kept_outputs_bytes):>10}  kept outputs: {self.kept_outputs} "
             f"deleted, {self.kept_outputs_left} kept"
             + (" (--kept-outputs deletes them)" if self.kept_outputs_left else ""),
+            (
+                f"{format_bytes(self.output_templates_bytes):>10}  output templates: "
+                f"{self.output_templates} deleted (made again when needed)"
+                if self.output_templates is not None
+                else f"{'-':>10}  output templates: a run was using them, left"
+            ),
+            f"{format_bytes(self.images_bytes):>10}  images: "
+            + (", ".join(self.images) if self.images else "none")
+            + " deleted"
+            + (
+                f", {', '.join(self.images_left)} kept (--images deletes them)"
+                if self.images_left
+                else ""
+            ),
             f"{format_bytes(self.total_bytes):>10}  freed in total",
         ]
         return lines
 
 
 def usage(settings: Settings) -> DiskUsage:
-    """What the data directory holds, part by part. Walks the node repo, kept outputs and run
-    directories; the staging cache's sizes were recorded when it was filled."""
+    """What the data directory holds, part by part. Walks the node repo, kept outputs, run
+    directories, templates and images; the staging cache's sizes were recorded when it was
+    filled."""
+    from .images import catalog
+
     return DiskUsage(
         home=settings.home,
         staging=StagingCache(settings.staging_dir).usage(),
@@ -142,6 +201,15 @@ def usage(settings: Settings) -> DiskUsage:
             PathUsage(path, disk_usage(path), stale=_is_stale_run(path))
             for path in _children(settings.runs_dir)
         ],
+        output_templates=[
+            PathUsage(path, disk_usage(path)) for path in _children(output_templates_dir(settings))
+        ],
+        images=[
+            PathUsage(image.tarball, disk_usage(image.tarball) + disk_usage(_record(image.tarball)))
+            for image in catalog.list_images(settings)
+            if image.tarball is not None
+        ],
+        images_bytes=disk_usage(catalog.images_dir(settings)),
     )
 
 
@@ -151,10 +219,15 @@ def collect(
     *,
     staging_keep_bytes: int = 0,
     kept_outputs: bool = False,
+    images: bool = False,
 ) -> GcReport:
     """Free what can be freed: staging entries no run holds (down to `staging_keep_bytes`),
     directories of runs whose process died, the node's unpinned blocks (`store`: the embedded
-    node; None skips them) and, only with `kept_outputs`, the kept outputs."""
+    node; None skips them), the /output templates unless a run is taking one, and, only when
+    asked, the kept outputs and the example images' built tarballs (`images`)."""
+    from .images import catalog
+    from .sandbox.output_area import remove_templates
+
     staging = StagingCache(settings.staging_dir)
     evicted = staging.evict(staging_keep_bytes)
     staging.sweep_use_locks()
@@ -183,6 +256,14 @@ def collect(
             remove_tree(path)
             removed += 1
             removed_bytes += size
+
+    templates = remove_templates(output_templates_dir(settings))
+
+    if images:
+        removed_images = catalog.remove_built(settings)
+    else:
+        built = [image.name for image in catalog.list_images(settings) if image.tarball is not None]
+        removed_images = catalog.RemovedImages(names=[], bytes=0, left=built)
     return GcReport(
         staging_entries=len(evicted),
         staging_bytes=sum(entry.bytes for entry in evicted),
@@ -193,7 +274,17 @@ def collect(
         kept_outputs=removed,
         kept_outputs_bytes=removed_bytes,
         kept_outputs_left=len(kept) - removed,
+        output_templates=None if templates is None else templates[0],
+        output_templates_bytes=0 if templates is None else templates[1],
+        images=removed_images.names,
+        images_bytes=removed_images.bytes,
+        images_left=removed_images.left,
     )
+
+
+def output_templates_dir(settings: Settings) -> Path:
+    """Where runs keep the formatted /output images they copy (`Runner`'s template dir)."""
+    return settings.home / "output-templates"
 
 
 def format_bytes(size: int) -> str:
@@ -204,6 +295,15 @@ def format_bytes(size: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+def _record(tarball: Path) -> Path:
+    """HOME/images/NAME.json beside NAME.tar.gz."""
+    return tarball.with_name(tarball.name.removesuffix(".tar.gz") + ".json")
+
+
+def _image_name(tarball: Path) -> str:
+    return tarball.name.removesuffix(".tar.gz")
 
 
 def _children(directory: Path) -> list[Path]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 import threading
 import urllib.parse
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 RECEIVE_BUFFER = 256 * 1024
@@ -265,16 +265,25 @@ class Client:
         params: Sequence[tuple[str, str]],
         *,
         headers: Mapping[str, str] | None = None,
+        stall_timeout: float | None = None,
+        on_stream_error: Callable[[str], Exception] | None = None,
     ) -> tuple[int, Stream]:
-        """The status and the answer as a Stream (to be closed), on a connection of its own."""
+        """The status and the answer as a Stream (to be closed), on a connection of its own.
+
+        `stall_timeout`: TimeoutError when no byte comes for so long, however long the whole
+        answer takes. `on_stream_error(message)`: the exception raised at the end of an answer
+        whose trailer says the command failed after it had begun (Kubo's X-Stream-Error); a
+        stream cut that way must never read as a whole one."""
         connection = _Connection(self.endpoint, self.timeout)
         try:
+            if stall_timeout is not None:
+                connection.sock.settimeout(stall_timeout)
             connection.send(self._head(path, params, b"", headers or {}), b"")
             status, answer_headers = connection.read_head()
         except BaseException:
             connection.close()
             raise
-        return status, Stream(connection, answer_headers)
+        return status, Stream(connection, answer_headers, on_stream_error)
 
     def close(self) -> None:
         with self._lock:
@@ -286,9 +295,15 @@ class Client:
 class Stream:
     """An answer's body as an iterator of byte chunks; `close` ends its connection."""
 
-    def __init__(self, connection: _Connection, headers: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        connection: _Connection,
+        headers: Mapping[str, str],
+        on_stream_error: Callable[[str], Exception] | None = None,
+    ) -> None:
         self._connection = connection
         self._body = connection.body(headers)
+        self._on_stream_error = on_stream_error
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -296,6 +311,12 @@ class Stream:
     def __next__(self) -> bytes:
         try:
             return next(self._body)
+        except StopIteration:
+            failed = self._connection.trailers.get("x-stream-error")
+            self.close()
+            if failed and self._on_stream_error is not None:
+                raise self._on_stream_error(failed) from None
+            raise
         except BaseException:
             self.close()
             raise

@@ -176,6 +176,33 @@ def _parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in numbers[:3])
 
 
+class _StallChecked:
+    """A stream whose stall (no byte for its timeout) is the tool's error, not a socket's."""
+
+    def __init__(self, chunks: rpc_http.Stream, stalled: Callable[[], Exception]) -> None:
+        self._chunks = chunks
+        self._stalled = stalled
+
+    def __iter__(self) -> _StallChecked:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except TimeoutError:
+            raise self._stalled() from None
+
+    def read_all(self) -> bytes:
+        return b"".join(self)
+
+    @property
+    def trailers(self) -> Mapping[str, str]:
+        return self._chunks.trailers
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
 class _IteratorReader(io.RawIOBase):
     """A file-like view of an iterator of byte chunks (an HTTP response body)."""
 
@@ -282,15 +309,24 @@ class Store:
         what: str = "",
     ) -> Any:
         request_opts = dict(opts or {})
-        if timeout is not None:
+        if timeout is not None and not stream:
             request_opts.setdefault("timeout", f"{timeout:g}s")  # Kubo's own per-command timeout
         params = [("arg", arg) for arg in args] + list(request_opts.items())
         params.append(("stream-channels", "true"))
+        label = what or " ".join(args)
         try:
             if stream:
-                status, chunks = self._rpc.stream(path, params, headers=headers)
+                # Kubo's timeout would bound the whole transfer (and end a 10 GB `get` cut
+                # short): a stream is bounded by how long no byte comes instead.
+                status, chunks = self._rpc.stream(
+                    path,
+                    params,
+                    headers=headers,
+                    stall_timeout=timeout,
+                    on_stream_error=lambda message: self._translate(message, label),
+                )
                 if status == 200:
-                    return chunks
+                    return _StallChecked(chunks, lambda: self._stalled(timeout, label))
                 body = chunks.read_all()
             else:
                 content = b"".join(data) if data is not None else None
@@ -300,6 +336,8 @@ class Store:
                 if status == 200 and trailers.get("x-stream-error"):
                     # The command failed after its answer had begun (a 200 with a trailer).
                     raise self._translate(trailers["x-stream-error"], what or " ".join(args))
+        except TimeoutError:
+            raise self._stalled(timeout, label) from None
         except OSError:
             raise DaemonUnreachableError(
                 f"no IPFS daemon answers at {self.api}: start it (`ipfs daemon`), fix --api / "
@@ -333,6 +371,13 @@ class Store:
                 raise self._translate(str(item["Message"]), what or " ".join(args))
         # The daemon streams one object per result; most commands have exactly one.
         return objects[0] if len(objects) == 1 else objects
+
+    def _stalled(self, timeout: float | None, what: str) -> IpfsExecuteError:
+        return NotRetrievableError(
+            f"{what}: no data came for {timeout or 0:g} s: no peer provided it (is the CID "
+            "right? is a node that has it online and connected? raise --fetch-timeout for "
+            "slow networks)"
+        )
 
     def _translate(self, error: Exception | str, what: str) -> IpfsExecuteError:
         message = str(error).strip()

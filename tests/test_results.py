@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from helpers import BIN, cli_env, ipfs_execute, world_traversable_tmpdir
@@ -59,7 +60,7 @@ def test_a_record_that_cannot_be_stored_is_said_when_the_writes_are_flushed(
 
     class RefusingStore:
         api = "/ip4/127.0.0.1/tcp/1"
-        linked: list[tuple[str, str]] = []
+        linked: ClassVar[list[tuple[str, str]]] = []
 
         def add_bytes(self, data: bytes, *, name: str, pin: bool) -> str:
             raise IpfsError("the IPFS daemon is not running")

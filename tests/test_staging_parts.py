@@ -497,7 +497,7 @@ def test_a_failed_entry_stops_a_side_by_side_fill_and_leaves_nothing(
         return real_fetch(self, cid, name, dest, stop)
 
     monkeypatch.setattr(Stager, "_fetch_entry", fetch)
-    with pytest.raises(staging.StagingError, match="top.csv"):
+    with pytest.raises(staging.StagingError, match=r"top\.csv"):
         stager.stage_input(big_input)
     assert cache.get("input", big_input) is None
     assert os.listdir(scratch / "cache" / "tmp") == []

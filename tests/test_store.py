@@ -8,12 +8,18 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from ipfs_execute_magic.cid import IpfsPath, is_cid
-from ipfs_execute_magic.errors import DaemonUnreachableError, InvalidPathError, NotRetrievableError
+from ipfs_execute_magic.errors import (
+    DaemonUnreachableError,
+    InvalidPathError,
+    IpfsError,
+    NotRetrievableError,
+)
 from ipfs_execute_magic.store import AddProgress, Store, _parse_version
 
 
@@ -311,3 +317,55 @@ def test_a_file_added_into_a_directory_is_what_mfs_would_make(store: Store, entr
     assert built == store.compose({".ipfs-execute/script": script_cid}, base=base)
     assert store.cat(f"{built}/.ipfs-execute/script") == script
     assert store.cat(f"{built}/zz/deeper") == b"z\n"
+
+
+@pytest.fixture(scope="module")
+def slow_to_read(store: Store) -> tuple[str, bytes]:
+    """A 24 MiB file: long enough that reading it slowly outlasts a one-second timeout."""
+    data = os.urandom(24 * 1024 * 1024)
+    return store.add_bytes(data, name="slow.bin"), data
+
+
+def _read_slowly(stream, pause: float = 0.05) -> bytes:
+    got = bytearray()
+    while chunk := stream.read(1024 * 1024):
+        got += chunk
+        time.sleep(pause)
+    return bytes(got)
+
+
+def test_a_transfer_longer_than_the_fetch_timeout_is_read_whole(
+    store: Store, slow_to_read: tuple[str, bytes]
+) -> None:
+    """The fetch timeout bounds how long no byte comes, not the whole transfer: with Kubo's
+    own per-command timeout, a big `get` or `cat` was cut when it ran out."""
+    cid, data = slow_to_read
+    patient = Store(store.api, fetch_timeout=1.0)
+    start = time.monotonic()
+    with patient.cat_stream(cid) as stream:
+        assert _read_slowly(stream) == data
+    assert time.monotonic() - start > 1.0  # it did outlast the timeout
+
+
+def test_a_stream_the_daemon_ends_with_an_error_is_an_error_not_a_short_read(
+    store: Store, slow_to_read: tuple[str, bytes]
+) -> None:
+    """Kubo reports a command that fails after its answer began in a trailer; a stream cut
+    that way (here by a deadline of its own) must fail, never read as a whole shorter file."""
+    cid, data = slow_to_read
+    chunks = store._call(
+        "/cat", cid, opts={"timeout": "500ms"}, decoder="none", stream=True, what=cid
+    )
+    got = bytearray()
+    start = time.monotonic()
+    with pytest.raises(IpfsError, match=cid):
+        for chunk in chunks:
+            # Slow for the first second (the daemon blocks on a full socket and its deadline
+            # passes), then as fast as the rest comes.
+            if (
+                time.monotonic() - start < 1.0
+                and len(got) // 2**20 != (len(got) + len(chunk)) // 2**20
+            ):
+                time.sleep(0.1)
+            got += chunk
+    assert len(got) < len(data)

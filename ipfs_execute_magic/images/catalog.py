@@ -6,7 +6,8 @@ only that the record still holds (same recipe, same tarball bytes) and that the 
 pins the CID: a few milliseconds. It rebuilds when the tarball is gone or changed or the
 recipe changed (new pins), and adds the tarball again when the node lost the CID. Builds of
 one image take turns (an flock on HOME/images/.NAME.lock): a second caller waits, then finds
-the first one's record.
+the first one's record. `remove_built` (`gc --images`) deletes tarballs and records under the
+same flock, skipping an image whose flock is held.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,6 +149,65 @@ def list_images(settings: Settings) -> list[ImageInfo]:
             )
         )
     return infos
+
+
+@dataclass(frozen=True)
+class RemovedImages:
+    """What `remove_built` deleted (image names, bytes on disk) and the built images it left."""
+
+    names: list[str]
+    bytes: int
+    left: list[str]
+
+
+def remove_built(settings: Settings) -> RemovedImages:
+    """Delete the built tarballs and their records in HOME/images (and what builds killed
+    midway left). The next use of an image builds it again, to the same CID while its recipe
+    is unchanged; its content stays pinned in the node meanwhile. An image being built or
+    looked up right now holds its lock and is left alone."""
+    directory = images_dir(settings)
+    names: list[str] = []
+    left: list[str] = []
+    removed_bytes = 0
+    for image in NAMES:
+        if image == "empty" or not _built_files(directory, image):
+            continue
+        with _locked_if_free(directory / f".{image}.lock") as free:
+            if not free:
+                left.append(image)  # being built or looked up right now
+                continue
+            for path in _built_files(directory, image):
+                with suppress(OSError):
+                    size = path.lstat().st_blocks * 512
+                    path.unlink()
+                    removed_bytes += size
+            names.append(image)
+    return RemovedImages(names, removed_bytes, left)
+
+
+def _built_files(directory: Path, image: str) -> list[Path]:
+    """The image's tarball and record, and temporary files of builds killed midway."""
+    files = [directory / f"{image}.tar.gz", directory / f"{image}.json"]
+    return [
+        *(path for path in files if path.exists()),
+        *directory.glob(f".{image}.tar.gz.*.tmp"),
+        *directory.glob(f".{image}.json.*.tmp"),
+    ]
+
+
+@contextmanager
+def _locked_if_free(path: Path) -> Iterator[bool]:
+    """Yields True with the flock held, False when someone else holds it."""
+    with open(path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

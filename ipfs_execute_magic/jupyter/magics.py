@@ -1321,8 +1321,8 @@ class IpfsExecuteMagics(Magics):
 
     @line_magic
     def ipfs_du(self, line: str) -> None:
-        """Show what the data directory holds: staging cache, node repo, kept outputs, runs
-        (as `ie.du()` and `ipfs-execute du`)."""
+        """Show what the data directory holds: staging cache, node repo, kept outputs, runs,
+        /output templates, the example images' tarballs (as `ie.du()` and `ipfs-execute du`)."""
         if line.strip():
             raise UsageError("%ipfs_du takes no arguments")
         with core_errors():
@@ -1339,15 +1339,29 @@ class IpfsExecuteMagics(Magics):
         action="store_true",
         help="also delete kept outputs: outputs never added to IPFS (their only copy)",
     )
+    @argument(
+        "--images",
+        action="store_true",
+        help="also delete the example images' built tarballs: the next %%ipfs_image NAME "
+        "builds again, to the same CID (apt-get needs the network if the cached Debian "
+        "packages are gone too)",
+    )
     @line_magic
     def ipfs_gc(self, line: str) -> None:
         """Free disk and say how much (as `ie.gc()` and `ipfs-execute gc`): staging entries no
-        run is using, directories of runs whose process died, the node's unpinned blocks.
-        Outputs, records and the result index are pinned, so every result a notebook names
-        stays. Kept outputs are deleted only with --kept-outputs."""
+        run is using, directories of runs whose process died, the node's unpinned blocks, the
+        /output templates. Outputs, records and the result index are pinned, so every result a
+        notebook names stays. Kept outputs are deleted only with --kept-outputs, the example
+        images' tarballs only with --images."""
         options = self.ipfs_gc.parser.parse_args(shell_words(line))
         with core_errors():
-            print(ie.gc(options.staging_keep, kept_outputs=options.kept_outputs))
+            print(
+                ie.gc(
+                    options.staging_keep,
+                    kept_outputs=options.kept_outputs,
+                    images=options.images,
+                )
+            )
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -8,7 +8,9 @@ Two mechanisms, by what the caller may do:
   is in IPFS. The host disk never holds more of an output than the image can take: the limit
   plus ext4's metadata (`image_size`), whatever the payload does. Given a template directory,
   mkfs runs once per (size, file count): each run copies that template (holes stay holes), and
-  attaches and mounts it with ioctls and mount(2) rather than mount(8) and umount(8).
+  attaches and mounts it with ioctls and mount(2) rather than mount(8) and umount(8). A run
+  holds a shared flock on the template directory while it takes its template; `gc` deletes
+  the templates only when it gets that flock exclusively (`remove_templates`).
 - Otherwise /output is a plain directory, and RLIMIT_FSIZE bounds each file.
 
 Either way `OutputWatch` measures /output while the payload runs (statvfs of its own file
@@ -155,8 +157,9 @@ class OutputArea:
             _mount(image, self.path)
             return
         for attempt in range(2):
-            template = _template(self.template_dir, limits)
-            _copy_sparse(template, image)
+            with _templates_in_use(self.template_dir):
+                template = _template(self.template_dir, limits)
+                _copy_sparse(template, image)
             try:
                 _mount(image, self.path)
                 return
@@ -370,6 +373,47 @@ def _template(template_dir: Path, limits: Limits) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return template
+
+
+@contextlib.contextmanager
+def _templates_in_use(template_dir: Path) -> Iterator[None]:
+    """A shared flock on the templates directory while a run checks, makes or copies its
+    template: `remove_templates` takes it exclusively, so it never deletes one mid-copy."""
+    try:
+        fd = os.open(template_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        template_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(template_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a gc deletes the templates
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_templates(template_dir: Path) -> tuple[int, int] | None:
+    """Delete every /output template (the next run that needs one makes it again): how many
+    files and their bytes on disk, or None when a run is using one right now (left alone)."""
+    try:
+        fd = os.open(template_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0, 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        removed = removed_bytes = 0
+        # The directory itself stays: runs lock it.
+        for path in template_dir.iterdir():
+            with contextlib.suppress(OSError):
+                size = path.lstat().st_blocks * 512  # sparse: what the disk really holds
+                path.unlink()
+                removed += 1
+                removed_bytes += size
+        return removed, removed_bytes
+    finally:
+        os.close(fd)
 
 
 def _copy_sparse(source: Path, target: Path) -> None:
@@ -623,5 +667,6 @@ __all__ = [
     "image_size",
     "loop_mount_problem",
     "release_stale",
+    "remove_templates",
     "template_path",
 ]
