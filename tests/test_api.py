@@ -183,3 +183,16 @@ def test_the_api_functions_survive_importing_every_module() -> None:
             assert callable(ie.images.busybox), "ie.images lost its functions"
             continue
         assert type(getattr(ie, name)).__name__ != "module", f"ie.{name} is a module"
+
+
+def test_an_input_holding_the_scripts_own_name_is_refused_for_a_cell(
+    api: Settings, busybox_cid: str, tmp_path: Path
+) -> None:
+    """The cell's script goes to /input/.ipfs-execute/script: an input that has that name
+    already is refused in one line, before anything runs; without a script it is just data."""
+    (tmp_path / ".ipfs-execute").write_bytes(b"mine\n")
+    (tmp_path / "data.txt").write_bytes(b"1\n")
+    taken = ie.add(tmp_path)
+    with pytest.raises(UsageError, match=rf"input {taken} already has a \.ipfs-execute/ entry"):
+        ie.run(busybox_cid, taken, script="true")
+    assert ie.run(busybox_cid, taken, "cat", "/input/.ipfs-execute").stdout == b"mine\n"
