@@ -234,10 +234,15 @@ class StagingCache:
     def recently_used(self, kind: str, *, min_bytes: int = 0) -> list[str]:
         """Keys of the ready entries of this kind (of at least `min_bytes` if given), the most
         recently used first."""
-        keys = self.entries(kind)
-        if min_bytes:
-            sizes = self._recorded_sizes()
-            keys = [key for key in keys if sizes.get((kind, key), (0, ""))[0] >= min_bytes]
+        if min_bytes:  # from the size records of this kind: the few big ones, not every entry
+            recorded = self._recorded_sizes(kind)
+            keys = [
+                key
+                for (_, key), (size, _) in recorded.items()
+                if size >= min_bytes and self.get(kind, key) is not None
+            ]
+        else:
+            keys = self.entries(kind)
         stamped = []
         for key in keys:
             try:
@@ -330,21 +335,24 @@ class StagingCache:
             )
         ]
 
-    def _recorded_sizes(self) -> dict[tuple[str, str], tuple[int, str]]:
+    def _recorded_sizes(self, kind: str | None = None) -> dict[tuple[str, str], tuple[int, str]]:
         """(kind, key) -> (bytes, the file that says so), from one listing (and a read of each
-        record in the older format, whose size was the file's content)."""
+        record in the older format, whose size was the file's content); of one kind if
+        given."""
         try:
             names = os.listdir(self._sizes)
         except FileNotFoundError:
             return {}
+        if kind is not None:
+            names = [name for name in names if name.startswith(f"{kind}.")]
         sizes: dict[tuple[str, str], tuple[int, str]] = {}
         for name in names:
-            kind, _, rest = name.partition(".")
+            name_kind, _, rest = name.partition(".")
             key, _, size = rest.partition(".")
-            if not (_KIND.fullmatch(kind) and _KEY.fullmatch(key)):
+            if not (_KIND.fullmatch(name_kind) and _KEY.fullmatch(key)):
                 continue
             if size.isdigit():
-                sizes[(kind, key)] = (int(size), name)
+                sizes[(name_kind, key)] = (int(size), name)
             elif not size:
                 try:
                     recorded = int((self._sizes / name).read_text())
@@ -352,7 +360,7 @@ class StagingCache:
                     os.rename(self._sizes / name, self._sizes / f"{name}.{recorded}")
                 except (FileNotFoundError, ValueError):
                     continue
-                sizes.setdefault((kind, key), (recorded, f"{name}.{recorded}"))
+                sizes.setdefault((name_kind, key), (recorded, f"{name}.{recorded}"))
         return sizes
 
     def _recorded_total(self) -> int:

@@ -268,6 +268,7 @@ class Store:
         # a kept block is never stale): a script edit reads its input's root block and the
         # block it made again, the same few blocks each time.
         self._recent_blocks: dict[str, bytes] = {}
+        self._recent_decoded: dict[str, tuple[str, list[bytes], bytes]] = {}  # of those blocks
         self._recent_blocks_lock = threading.Lock()  # runs of map_entries share a store
 
     @classmethod
@@ -545,6 +546,9 @@ class Store:
         """(UnixFS kind, encoded links, Data) of one block."""
         if cid_codec(cid) == "raw":
             return "file", [], b""
+        decoded = self._recent_decoded.get(cid)
+        if decoded is not None:
+            return decoded
         block = self._recent_blocks.get(cid)
         if block is None:
             block = self._call(
@@ -560,6 +564,9 @@ class Store:
         kind = {1: "directory", 2: "file", 0: "file", 4: "symlink", 5: "sharded-directory"}.get(
             unixfs_type, "other"
         )
+        if cid in self._recent_blocks:  # a block worth keeping is worth keeping decoded
+            with self._recent_blocks_lock:
+                self._recent_decoded[cid] = (kind, links, data)
         return kind, links, data
 
     def ls(self, cid: str) -> list[Entry]:
@@ -833,7 +840,9 @@ class Store:
             self._recent_blocks.pop(cid, None)
             self._recent_blocks[cid] = block  # newest last: the oldest goes first
             while len(self._recent_blocks) > _RECENT_BLOCKS:
-                del self._recent_blocks[next(iter(self._recent_blocks))]
+                oldest = next(iter(self._recent_blocks))
+                del self._recent_blocks[oldest]
+                self._recent_decoded.pop(oldest, None)
 
     def _put_blocks(self, blocks: list[bytes], *, codec: str, expected: list[str]) -> None:
         boundary = secrets.token_hex(16)
