@@ -716,7 +716,7 @@ def main() -> None:
                 work,
                 kubo_env,
                 directories=100 if options.big_input else 5,
-                repeat=2 if options.big_input else (3 if options.quick else 5),
+                repeat=(5 if options.big_input else 3) if options.quick else 7,
                 cold_repeat=1 if options.big_input else (2 if options.quick else 3),
             )
     finally:
