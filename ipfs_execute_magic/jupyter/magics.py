@@ -187,6 +187,17 @@ _size = arguments.size
 _positive_int = arguments.count
 
 
+def _run_options(options: Any, script: str | None, interpreter: str) -> dict[str, Any]:
+    """The keyword arguments of `ie.run` (and `ie.map_entries`) that a magic line sets."""
+    return {
+        "script": script,
+        "interpreter": interpreter,
+        **{limit: getattr(options, limit) for limit in LIMIT_OVERRIDES},
+        "params": dict(options.param),
+        "use_cache": not options.no_cache,
+    }
+
+
 def _on_cluster(*args: Any, on_progress: Any = None, **options: Any) -> RunResult:
     """`ie.run` on the configured Dask cluster; a LiveStatus as `on_progress` says whether
     the run is queued or on which worker it runs while it is pending."""
@@ -729,11 +740,7 @@ class IpfsExecuteMagics(Magics):
                     options.rootfs,
                     options.input,
                     *payload_args,
-                    script=script,
-                    interpreter=interpreter,
-                    **{name: getattr(options, name) for name in LIMIT_OVERRIDES},
-                    params=dict(options.param),
-                    use_cache=not options.no_cache,
+                    **_run_options(options, script, interpreter),
                     on_stdout=stdout,
                     on_stderr=stderr,
                     on_progress=progress,
@@ -753,8 +760,21 @@ class IpfsExecuteMagics(Magics):
 
         written = self._line_as_written(line, cell)
         self._say_why_it_ran(result, self._last_run_of(written, cell, name))
+        self._record_cell_run(written, cell, name, result)
+        if not result.ok and not options.no_raise_error:
+            raise PayloadFailedError(result, name)
+        if options.quiet and result.ok:
+            return None
+        return result
+
+    def _record_cell_run(
+        self, line: str, cell: str | None, name: str | None, result: RunResult | EntryResults
+    ) -> None:
+        """Put a run of the magic (one run or an --each cell) in the ledger, stale when an
+        input it read moves on, and bind its result to -o NAME: what read the old value of
+        NAME is stale now."""
         run = self.ledger.add(
-            written,
+            line,
             cell,
             self.user_ns,
             binds=name,
@@ -764,12 +784,7 @@ class IpfsExecuteMagics(Magics):
         run.result = result
         if name is not None:
             self.user_ns[name] = result
-            self.refresh_stale()  # the results that read the old value are stale now
-        if not result.ok and not options.no_raise_error:
-            raise PayloadFailedError(result, name)
-        if options.quiet and result.ok:
-            return None
-        return result
+            self.refresh_stale()
 
     def _last_run_of(self, line: str, cell: str | None, binds: str | None) -> CellRun | None:
         """The latest earlier run of this cell in this kernel (by the front end's cell id,
@@ -844,11 +859,7 @@ class IpfsExecuteMagics(Magics):
                     options.rootfs,
                     options.input,
                     *payload_args,
-                    script=script,
-                    interpreter=interpreter,
-                    **{limit: getattr(options, limit) for limit in LIMIT_OVERRIDES},
-                    params=dict(options.param),
-                    use_cache=not options.no_cache,
+                    **_run_options(options, script, interpreter),
                     on_entry=on_entry,
                     progress=progress,
                 )
@@ -859,20 +870,7 @@ class IpfsExecuteMagics(Magics):
         finally:
             if status is not None:
                 status.finish(outcome)
-        # In the ledger like any run of the magic: stale when the input it read moves on,
-        # and its result (bound or not) a value other cells read.
-        run = self.ledger.add(
-            self._line_as_written(line, cell),
-            cell,
-            self.user_ns,
-            binds=name,
-            cell_id=self._cell[1],
-            execution_count=getattr(self.shell, "execution_count", None),
-        )
-        run.result = each
-        if name is not None:
-            self.user_ns[name] = each
-            self.refresh_stale()
+        self._record_cell_run(self._line_as_written(line, cell), cell, name, each)
         if each.failed and not options.no_raise_error:
             names = ", ".join(each.failed)
             bound = f"; the others' outputs are bound to {name}" if name else ""
