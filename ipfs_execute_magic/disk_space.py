@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sandbox
-from .settings import Settings
+from .settings import Settings, format_bytes
 from .staging_cache import CacheEntry, StagingCache, disk_usage, remove_tree
 from .store import Store
 
@@ -31,7 +31,6 @@ __all__ = [
     "PathUsage",
     "collect",
     "format_bytes",
-    "output_templates_dir",
     "usage",
 ]
 
@@ -202,7 +201,7 @@ def usage(settings: Settings) -> DiskUsage:
             for path in _children(settings.runs_dir)
         ],
         output_templates=[
-            PathUsage(path, disk_usage(path)) for path in _children(output_templates_dir(settings))
+            PathUsage(path, disk_usage(path)) for path in _children(settings.output_templates_dir)
         ],
         images=[
             PathUsage(image.tarball, disk_usage(image.tarball) + disk_usage(_record(image.tarball)))
@@ -257,7 +256,7 @@ def collect(
             removed += 1
             removed_bytes += size
 
-    templates = remove_templates(output_templates_dir(settings))
+    templates = remove_templates(settings.output_templates_dir)
 
     if images:
         removed_images = catalog.remove_built(settings)
@@ -280,21 +279,6 @@ def collect(
         images_bytes=removed_images.bytes,
         images_left=removed_images.left,
     )
-
-
-def output_templates_dir(settings: Settings) -> Path:
-    """Where runs keep the formatted /output images they copy (`Runner`'s template dir)."""
-    return settings.home / "output-templates"
-
-
-def format_bytes(size: int) -> str:
-    """1.5 GiB, 12 KiB, 100 B."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _record(tarball: Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import IpfsError
 from .links import Gateway, link_gateway
 from .node import EmbeddedNode, stored_gateway_url
-from .settings import Settings
+from .settings import Settings, format_bytes
 from .staging_cache import disk_usage
 
 
@@ -29,7 +29,7 @@ class NodeInfo:
     pid: int | None = None
 
     def describe(self) -> str:
-        size = "unknown" if self.repo_size is None else _size(self.repo_size)
+        size = "unknown" if self.repo_size is None else format_bytes(self.repo_size)
         lines = []
         if self.embedded:
             state = f"running (pid {self.pid})" if self.running else "stopped (starts on first use)"
@@ -88,12 +88,3 @@ def node_status(settings: Settings) -> NodeInfo:
         )
     finally:
         store.close()
-
-
-def _size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

@@ -266,14 +266,16 @@ class Client:
         *,
         headers: Mapping[str, str] | None = None,
         stall_timeout: float | None = None,
+        on_stall: Callable[[], Exception] | None = None,
         on_stream_error: Callable[[str], Exception] | None = None,
     ) -> tuple[int, Stream]:
         """The status and the answer as a Stream (to be closed), on a connection of its own.
 
-        `stall_timeout`: TimeoutError when no byte comes for so long, however long the whole
-        answer takes. `on_stream_error(message)`: the exception raised at the end of an answer
-        whose trailer says the command failed after it had begun (Kubo's X-Stream-Error); a
-        stream cut that way must never read as a whole one."""
+        `stall_timeout`: TimeoutError (or `on_stall()`, while the body is read) when no byte
+        comes for so long, however long the whole answer takes. `on_stream_error(message)`: the
+        exception raised at the end of an answer whose trailer says the command failed after it
+        had begun (Kubo's X-Stream-Error); a stream cut that way must never read as a whole
+        one."""
         connection = _Connection(self.endpoint, self.timeout)
         try:
             if stall_timeout is not None:
@@ -283,7 +285,7 @@ class Client:
         except BaseException:
             connection.close()
             raise
-        return status, Stream(connection, answer_headers, on_stream_error)
+        return status, Stream(connection, answer_headers, on_stall, on_stream_error)
 
     def close(self) -> None:
         with self._lock:
@@ -299,10 +301,12 @@ class Stream:
         self,
         connection: _Connection,
         headers: Mapping[str, str],
+        on_stall: Callable[[], Exception] | None = None,
         on_stream_error: Callable[[str], Exception] | None = None,
     ) -> None:
         self._connection = connection
         self._body = connection.body(headers)
+        self._on_stall = on_stall
         self._on_stream_error = on_stream_error
 
     def __iter__(self) -> Iterator[bytes]:
@@ -316,6 +320,11 @@ class Stream:
             self.close()
             if failed and self._on_stream_error is not None:
                 raise self._on_stream_error(failed) from None
+            raise
+        except TimeoutError:
+            self.close()
+            if self._on_stall is not None:
+                raise self._on_stall() from None
             raise
         except BaseException:
             self.close()

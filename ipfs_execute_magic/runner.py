@@ -425,7 +425,7 @@ class Runner:
             durations["stage_input"] = staged_input.seconds
 
             run_dir = self._new_run_dir()
-            output = sandbox.OutputArea(run_dir / "output", self.settings.home / "output-templates")
+            output = sandbox.OutputArea(run_dir / "output", self.settings.output_templates_dir)
             keep_output = False
             try:
                 # Its own size-limited file system when root may make one (sandbox/output_area.py).

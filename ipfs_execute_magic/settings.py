@@ -77,6 +77,16 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def format_bytes(size: int) -> str:
+    """1.5 GiB, 12 KiB, 100 B: what `parse_size` reads back (to a rounding)."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
 def parse_seconds(text: str | float) -> float:
     """`30`, `30s`, `1.5` -> seconds. Refuses zero, negative, nan and inf."""
     try:
@@ -297,6 +307,11 @@ class Settings:
     @property
     def trusted_keys_path(self) -> Path:
         return self.home / "trusted-keys.json"
+
+    @property
+    def output_templates_dir(self) -> Path:
+        """The formatted /output images runs copy, one per (size, file count)."""
+        return self.home / "output-templates"
 
     @property
     def kept_outputs_dir(self) -> Path:

@@ -384,28 +384,39 @@ class Stager:
         parts = []
         all_ready = True
         for bind in binds:
-            if bind.source is not None:
-                kind, key, inner = bind.source
-                use(kind, key)  # before get: never evicted between them
-                tree = self.staging_cache.get(kind, key)
-                if tree is not None and _is_entry_name(inner):
-                    found = tree / inner
-                    with contextlib.suppress(FileNotFoundError):
-                        # lstat: only a file or directory is bound, never what a symlink names.
-                        mode = os.lstat(found).st_mode
-                        if stat_module.S_ISDIR(mode) or stat_module.S_ISREG(mode):
-                            parts.append((bind.path, found))
-                            continue
-                # Evicted meanwhile: the entry is fetched as a part of its own.
-            use("part", bind.cid)  # before get or fill: never evicted between them
-            entry = self.staging_cache.get("part", bind.cid)
-            if entry is None:
+            staged = self._staged_tree(bind, use)
+            if staged is None:  # not staged, or its source evicted: fetched as a part
                 all_ready = False
-                entry = self.staging_cache.fill(
+                use("part", bind.cid)  # before the fill: never evicted before the run ends
+                part = self.staging_cache.fill(
                     "part", bind.cid, functools.partial(self._fill_part, bind.cid, bind.path)
                 )
-            parts.append((bind.path, entry / _PART_TREE))
+                staged = part / _PART_TREE
+            parts.append((bind.path, staged))
         return tuple(parts), all_ready
+
+    def _staged_tree(self, bind: Bind, use: Callable[[str, str], None]) -> Path | None:
+        """The staged file or directory a bind names, held from now on (taken before the
+        look, so never evicted between them), or None when it is not staged; never a fetch.
+        Checked with lstat: only a file or a directory is bound, never what a symlink names."""
+        if bind.source is not None:
+            kind, key, inner = bind.source
+            use(kind, key)
+            tree = self.staging_cache.get(kind, key)
+            found = None if tree is None or not _is_entry_name(inner) else tree / inner
+            if found is None:
+                return None
+        else:
+            use("part", bind.cid)
+            part = self.staging_cache.get("part", bind.cid)
+            if part is None:
+                return None
+            found = part / _PART_TREE
+        try:
+            mode = os.lstat(found).st_mode
+        except FileNotFoundError:
+            return None
+        return found if stat_module.S_ISDIR(mode) or stat_module.S_ISREG(mode) else None
 
     def _replacement_binds(
         self,
@@ -432,35 +443,13 @@ class Stager:
             if old_name == name and old != cid
         ]
         for old in candidates:
-            resolved = self._staged_directory(old, use)
-            if resolved is None:
+            resolved = self._staged_tree(old, use)
+            if resolved is None or not resolved.is_dir():  # a directory's earlier version
                 continue
             replaced: list[tuple[str, str]] = []
             if self._replacements(old.cid, cid, resolved, name, replaced):
                 return [old, *(Bind(path, new) for path, new in replaced)]
         return None
-
-    def _staged_directory(self, bind: Bind, use: Callable[[str, str], None]) -> Path | None:
-        """The staged directory a bind names, held from now on, if it is staged; never a
-        fetch."""
-        if bind.source is not None:
-            kind, key, inner = bind.source
-            use(kind, key)
-            tree = self.staging_cache.get(kind, key)
-            found = None if tree is None or not _is_entry_name(inner) else tree / inner
-        else:
-            use("part", bind.cid)
-            part = self.staging_cache.get("part", bind.cid)
-            found = None if part is None else part / _PART_TREE
-        try:
-            # lstat: a symlink is never an earlier version's mount point.
-            return (
-                found
-                if found is not None and stat_module.S_ISDIR(os.lstat(found).st_mode)
-                else None
-            )
-        except FileNotFoundError:
-            return None
 
     def _replacements(
         self, old: str, new: str, old_tree: Path, path: str, replaced: list[tuple[str, str]]

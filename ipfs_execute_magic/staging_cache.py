@@ -145,9 +145,8 @@ class StagingCache:
             for key in self.entries(kind):
                 use_lock = self._locks / f"{kind}.{key}.use"
                 size, size_file = recorded.get((kind, key), (None, ""))
-                if size is None or not size_file.endswith(f".{size}"):
-                    # Not recorded (an older version), or in the older format: written now.
-                    size = disk_usage(self.path_for(kind, key)) if size is None else size
+                if size is None:  # filled by a version that did not record sizes
+                    size = disk_usage(self.path_for(kind, key))
                     self._write_size(kind, key, size)
                     size_file = f"{kind}.{key}.{size}"
                 last_used = 0.0  # never used by a run that stamps it: the first to go
@@ -310,13 +309,11 @@ class StagingCache:
         return sorted(name for name in names if _KIND.fullmatch(name) and name not in _RESERVED)
 
     def _write_size(self, kind: str, key: str, size: int) -> None:
+        # A key is filled once, and its records go with it (`remove`, `take`): no other to
+        # replace.
         _make_dir(self._sizes)
         name = f"{kind}.{key}.{size}"
         os.close(os.open(self._sizes / name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
-        for other in self._size_files(kind, key):
-            if other != name:  # an earlier record of the key, or one in the older format
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._sizes / other)
 
     def _size_files(self, kind: str, key: str) -> list[str]:
         try:

@@ -176,31 +176,18 @@ def _parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(n) for n in numbers[:3])
 
 
-class _StallChecked:
-    """A stream whose stall (no byte for its timeout) is the tool's error, not a socket's."""
-
-    def __init__(self, chunks: rpc_http.Stream, stalled: Callable[[], Exception]) -> None:
-        self._chunks = chunks
-        self._stalled = stalled
-
-    def __iter__(self) -> _StallChecked:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._chunks)
-        except TimeoutError:
-            raise self._stalled() from None
-
-    def read_all(self) -> bytes:
-        return b"".join(self)
-
-    @property
-    def trailers(self) -> Mapping[str, str]:
-        return self._chunks.trailers
-
-    def close(self) -> None:
-        self._chunks.close()
+def _decode_unixfs(block: bytes) -> tuple[str, list[bytes], bytes]:
+    """(UnixFS kind, encoded links, Data) of a dag-pb block; "other" for what is not one."""
+    try:
+        data, links = dag_pb_fields(block)
+    except ValueError:
+        return "other", [], b""
+    # UnixFS Data: field 1 (Type) as a varint, first; the types fit in one byte.
+    unixfs_type = data[1] if len(data) >= 2 and data[0] == 0x08 else -1
+    kind = {1: "directory", 2: "file", 0: "file", 4: "symlink", 5: "sharded-directory"}.get(
+        unixfs_type, "other"
+    )
+    return kind, links, data
 
 
 class _IteratorReader(io.RawIOBase):
@@ -264,11 +251,10 @@ class Store:
         # Set once this node is known to hold the empty directory pinned (add_tree).
         self._empty_directory_pinned = False
         self.repo: Path | None = None  # set for the embedded node: Kubo writes facts there
-        # Small dag-pb blocks this store made or read lately, by CID (a CID names its bytes, so
-        # a kept block is never stale): a script edit reads its input's root block and the
-        # block it made again, the same few blocks each time.
-        self._recent_blocks: dict[str, bytes] = {}
-        self._recent_decoded: dict[str, tuple[str, list[bytes], bytes]] = {}  # of those blocks
+        # Small dag-pb blocks this store made or read lately, decoded, by CID (a CID names its
+        # bytes, so a kept block is never stale): a script edit reads its input's root block
+        # and the block it made again, the same few blocks each time.
+        self._recent_blocks: dict[str, tuple[str, list[bytes], bytes]] = {}
         self._recent_blocks_lock = threading.Lock()  # runs of map_entries share a store
 
     @classmethod
@@ -324,10 +310,11 @@ class Store:
                     params,
                     headers=headers,
                     stall_timeout=timeout,
+                    on_stall=lambda: self._stalled(timeout, label),
                     on_stream_error=lambda message: self._translate(message, label),
                 )
                 if status == 200:
-                    return _StallChecked(chunks, lambda: self._stalled(timeout, label))
+                    return chunks
                 body = chunks.read_all()
             else:
                 content = b"".join(data) if data is not None else None
@@ -546,28 +533,14 @@ class Store:
         """(UnixFS kind, encoded links, Data) of one block."""
         if cid_codec(cid) == "raw":
             return "file", [], b""
-        decoded = self._recent_decoded.get(cid)
-        if decoded is not None:
-            return decoded
-        block = self._recent_blocks.get(cid)
-        if block is None:
+        decoded = self._recent_blocks.get(cid)
+        if decoded is None:
             block = self._call(
                 "/block/get", cid, decoder="none", timeout=self.fetch_timeout, what=cid
             )
-            self._remember_block(cid, block)
-        try:
-            data, links = dag_pb_fields(block)
-        except ValueError:
-            return "other", [], b""
-        # UnixFS Data: field 1 (Type) as a varint, first; the types fit in one byte.
-        unixfs_type = data[1] if len(data) >= 2 and data[0] == 0x08 else -1
-        kind = {1: "directory", 2: "file", 0: "file", 4: "symlink", 5: "sharded-directory"}.get(
-            unixfs_type, "other"
-        )
-        if cid in self._recent_blocks:  # a block worth keeping is worth keeping decoded
-            with self._recent_blocks_lock:
-                self._recent_decoded[cid] = (kind, links, data)
-        return kind, links, data
+            decoded = _decode_unixfs(block)
+            self._remember_block(cid, block, decoded)
+        return decoded
 
     def ls(self, cid: str) -> list[Entry]:
         answer = self._call(
@@ -833,16 +806,17 @@ class Store:
         self.pin(root_cid, based_on=base)
         return root_cid, file_cid
 
-    def _remember_block(self, cid: str, block: bytes) -> None:
+    def _remember_block(
+        self, cid: str, block: bytes, decoded: tuple[str, list[bytes], bytes] | None = None
+    ) -> None:
         if len(block) > _RECENT_BLOCK_MAX_BYTES:
             return
+        decoded = decoded or _decode_unixfs(block)
         with self._recent_blocks_lock:
             self._recent_blocks.pop(cid, None)
-            self._recent_blocks[cid] = block  # newest last: the oldest goes first
+            self._recent_blocks[cid] = decoded  # newest last: the oldest goes first
             while len(self._recent_blocks) > _RECENT_BLOCKS:
-                oldest = next(iter(self._recent_blocks))
-                del self._recent_blocks[oldest]
-                self._recent_decoded.pop(oldest, None)
+                del self._recent_blocks[next(iter(self._recent_blocks))]
 
     def _put_blocks(self, blocks: list[bytes], *, codec: str, expected: list[str]) -> None:
         boundary = secrets.token_hex(16)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ipfs_execute_magic.disk_space import PathUsage, collect, output_templates_dir, usage
+from ipfs_execute_magic.disk_space import PathUsage, collect, usage
 from ipfs_execute_magic.errors import NotRetrievableError, UsageError
 from ipfs_execute_magic.images import catalog
 from ipfs_execute_magic.node import EmbeddedNode
@@ -158,7 +158,7 @@ def test_du_and_gc_count_output_templates_and_images(own_home: Settings) -> None
         busybox = catalog.ensure("busybox", settings, runner.store)
         result = runner.run(RunRequest(busybox, None, script="echo one > /output/out"))
         assert _on_its_own_file_system(result)
-    templates = output_templates_dir(settings)
+    templates = settings.output_templates_dir
     [template] = templates.iterdir()
     tarball = settings.home / "images" / "busybox.tar.gz"
     record = settings.home / "images" / "busybox.json"
@@ -220,7 +220,7 @@ def _flock_waiting(directory: Path) -> bool:
 def test_gc_never_deletes_a_template_a_run_is_taking(
     own_home: Settings, busybox_tarball: Path
 ) -> None:
-    templates = output_templates_dir(own_home)
+    templates = own_home.output_templates_dir
     with Runner(own_home) as runner:
         busybox = runner.store.add_path(busybox_tarball)
         assert _on_its_own_file_system(
