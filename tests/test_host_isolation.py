@@ -146,6 +146,16 @@ def _payload_pid(marker: str, deadline_s: float = 20) -> int:
     raise AssertionError(f"no payload with {marker} appeared")
 
 
+def _wait_for_file(path: Path, deadline_s: float = 20) -> Path:
+    """`path`, once it exists: the payload's shell is seen before its first command has run."""
+    deadline = time.monotonic() + deadline_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+    return path
+
+
 def _host_uid(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -187,7 +197,7 @@ def test_concurrent_runs_have_own_host_uids_and_cannot_touch_each_other(base_dir
         first, last = DEFAULT_UID_RANGE
         assert uids[0] != uids[1]
         assert all(first <= uid <= last for uid in uids)
-        assert [(out / "mine").stat().st_uid for out in outputs] == uids
+        assert [_wait_for_file(out / "mine").stat().st_uid for out in outputs] == uids
 
         # Run 0's uid against run 1's payload: no signal, no look inside, no write to /output.
         assert as_uid(uids[1], "kill", "-0", str(pids[1])).returncode == 0  # its own: yes
