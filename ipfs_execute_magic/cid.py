@@ -239,6 +239,27 @@ def dag_pb_link(link: bytes) -> tuple[str, str]:
     return name.decode("utf-8", "surrogateescape"), cid_text(cid)
 
 
+def dag_pb_link_name_size(link: bytes) -> tuple[str, int]:
+    """An encoded PBLink's name and Tsize (the cumulative size of what it names), without
+    the cost of writing its CID as text."""
+    name, tsize = b"", 0
+    index, end = 0, len(link)
+    while index < end:
+        key, index = _varint(link, index)
+        if key & 7 == 0:
+            value, index = _varint(link, index)
+            if key >> 3 == 3:
+                tsize = value
+            continue
+        if key & 7 != 2:
+            raise ValueError("not a dag-pb link: unexpected field type")
+        length, index = _varint(link, index)
+        if key >> 3 == 2:
+            name = link[index : index + length]
+        index += length
+    return name.decode("utf-8", "surrogateescape"), tsize
+
+
 def dag_pb_link_bytes(name: str, cid: str, tsize: int) -> bytes:
     """One PBLink, encoded as `dag_pb_fields` returns it (the CID as text, made binary)."""
     binary = cid_binary(cid)
@@ -262,6 +283,12 @@ def dag_pb_block(data: bytes, links: list[bytes]) -> bytes:
     return b"".join(parts) + b"\x0a" + _varint_bytes(len(data)) + data
 
 
+def dag_pb_block_size(data: bytes, links: list[bytes]) -> int:
+    """len(dag_pb_block(data, links)), without encoding it."""
+    framing = sum(1 + len(_varint_bytes(len(link))) for link in links)
+    return sum(map(len, links)) + framing + 1 + len(_varint_bytes(len(data))) + len(data)
+
+
 def dag_pb_cid(block: bytes) -> str:
     """The CIDv1 (sha2-256) of a dag-pb block, in base32."""
     binary = bytes([0x01, 0x70, 0x12, 0x20]) + hashlib.sha256(block).digest()
@@ -279,6 +306,8 @@ def cid_binary(cid: str) -> bytes:
 
 
 def _varint_bytes(value: int) -> bytes:
+    if value < 0x80:  # most: a link's length, a name's (a directory of 1,000 encodes 3,000)
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -288,3 +317,6 @@ def _varint_bytes(value: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL_VARINTS = [bytes([value]) for value in range(0x80)]

@@ -17,6 +17,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -116,6 +117,7 @@ class Runner:
         self._trust_policy: TrustPolicy | None = None
         # The peer ID records name as the node that ran them: set on a cluster worker.
         self.node: str | None = None
+        self._areas: sandbox.OutputAreaPool | None = None  # made at the first run
 
     @property
     def store(self) -> Store:
@@ -126,6 +128,20 @@ class Runner:
         return self._store
 
     @property
+    def _output_areas(self) -> sandbox.OutputAreaPool:
+        """Where runs get their /output (not made for a cache hit: it loads the sandbox)."""
+        if self._areas is None:
+            # Nothing in it refers back to the runner: the finalizer must not keep it alive.
+            self._areas = sandbox.OutputAreaPool(
+                functools.partial(_new_run_dir, self.settings),
+                remove_tree,
+                self.settings.output_templates_dir,
+            )
+            # An area made ahead for a run that never came goes with the runner, or at exit.
+            weakref.finalize(self, self._areas.close)
+        return self._areas
+
+    @property
     def results(self) -> ResultCache:
         """The result cache and run index, kept in the node."""
         if self._results is None:
@@ -133,6 +149,8 @@ class Runner:
         return self._results
 
     def close(self) -> None:
+        if self._areas is not None:
+            self._areas.close()
         if self._results is not None:
             self._results.close()
         if self._store is not None:
@@ -424,12 +442,10 @@ class Runner:
             )
             durations["stage_input"] = staged_input.seconds
 
-            run_dir = self._new_run_dir()
-            output = sandbox.OutputArea(run_dir / "output", self.settings.output_templates_dir)
+            # Its own size-limited file system when root may make one (sandbox/output_area.py).
+            output = self._output_areas.take(request.limits)
             keep_output = False
             try:
-                # Its own size-limited file system when root may make one (sandbox/output_area.py).
-                output.create(request.limits)
                 output_dir = output.path
                 with contextlib.ExitStack() as views:
                     rootfs_dir, input_dir = rootfs.path, staged_input.path
@@ -498,11 +514,14 @@ class Runner:
                 durations["add_output"] = time.monotonic() - t_add
                 keep_output = False
             finally:
-                if output.image is not None and keep_output:
-                    self._keep(output)  # interrupted: an image cannot stay mounted, its files can
-                output.release()
-                if not keep_output:
-                    remove_tree(run_dir)
+                if keep_output:
+                    if output.image is not None:
+                        self._keep(output)  # interrupted: an image cannot stay mounted
+                    output.release()
+                else:
+                    # Released, and its run directory removed (in the background once the
+                    # process has run more than once: sandbox/output_pool.py).
+                    self._output_areas.give_back(output, request.limits)
         durations["total"] = time.monotonic() - t0
 
         return RunRecord(
@@ -579,22 +598,23 @@ class Runner:
             "machine": system.machine,
         }
 
-    def _new_run_dir(self) -> Path:
-        # Private all the way down: the sandbox reaches its directories through binds made for
-        # it (sandbox.PrivateBinds), so no other host user needs to traverse any of them.
-        _private_dir(self.settings.home)
-        runs = _private_dir(self.settings.runs_dir)
-        sandbox.release_stale_outputs(runs)
-        path = runs / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
-        path.mkdir(mode=0o700)
-        return path
-
     def _keep(self, output: sandbox.OutputArea) -> Path:
         kept_root = _private_dir(self.settings.kept_outputs_dir)
         kept = kept_root / output.path.parent.name
         output.keep(kept)
         remove_tree(output.path.parent)
         return kept
+
+
+def _new_run_dir(settings: Settings) -> Path:
+    # Private all the way down: the sandbox reaches its directories through binds made for
+    # it (sandbox.PrivateBinds), so no other host user needs to traverse any of them.
+    _private_dir(settings.home)
+    runs = _private_dir(settings.runs_dir)
+    sandbox.release_stale_outputs(runs)
+    path = runs / f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    return path
 
 
 class _Capture(StreamTail):

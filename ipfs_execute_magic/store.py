@@ -14,6 +14,7 @@ about 100 ms, most of a warm run's budget (docs/architecture.md, "Start-up").
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -27,19 +28,22 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from . import rpc_http
 from .cid import (
     EMPTY_DIRECTORY_CID,
     EMPTY_FILE_CID,
     IpfsPath,
+    cid_binary,
     cid_codec,
     dag_pb_block,
+    dag_pb_block_size,
     dag_pb_cid,
     dag_pb_fields,
     dag_pb_link,
     dag_pb_link_bytes,
+    dag_pb_link_name_size,
     is_cid,
     raw_leaf_cid,
 )
@@ -74,13 +78,18 @@ IMPORT_OPTIONS: Mapping[str, str] = {
     "preserve-mtime": "false",
 }
 UPLOAD_CHUNK = 256 * 1024
-# add_file_into builds a directory itself only below this many links, far from where Kubo
-# would shard it (a HAMT, which it then leaves to MFS).
-_BUILT_DIRECTORY_MAX_LINKS = 1000
+# compose builds a directory block itself only up to this size, far from where Kubo's MFS
+# would shard it (256 KiB of names and CIDs: a HAMT, which is left to MFS).
+_BUILT_DIRECTORY_MAX_BYTES = 128 * 1024
 # Blocks kept by Store._remember_block: a few, and none big (a root of 100,000 links is MBs).
 _RECENT_BLOCKS = 64
+_T = TypeVar("_T")
+
+# Tries of one MFS write: Kubo's MFS may lose what it just made under concurrent changes.
+_MFS_WRITE_ATTEMPTS = 3
 _RECENT_BLOCK_MAX_BYTES = 256 * 1024
 _UNIXFS_DIRECTORY = b"\x08\x01"  # UnixFS Data of a plain directory: Type = Directory
+_DAG_PB_V1_SHA256 = b"\x01\x70\x12\x20"  # how such a CID's binary form starts
 # How Kubo says that a node is not UnixFS (files/stat, cat, get, ls, files/cp).
 _NOT_UNIXFS = (
     "not unixfs node",
@@ -256,6 +265,8 @@ class Store:
         # and the block it made again, the same few blocks each time.
         self._recent_blocks: dict[str, tuple[str, list[bytes], bytes]] = {}
         self._recent_blocks_lock = threading.Lock()  # runs of map_entries share a store
+        # Cumulative sizes of what add_bytes added lately: a compose of it needs no stat.
+        self._added_sizes: dict[str, int] = {}
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -764,47 +775,26 @@ class Store:
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         results = answer if isinstance(answer, list) else [answer]
-        return str(results[-1]["Hash"])
+        cid = str(results[-1]["Hash"])
+        with contextlib.suppress(KeyError, TypeError, ValueError), self._recent_blocks_lock:
+            self._added_sizes[cid] = int(results[-1]["Size"])
+            while len(self._added_sizes) > _RECENT_BLOCKS:
+                del self._added_sizes[next(iter(self._added_sizes))]
+        return cid
 
     def add_file_into(self, base: str, path: str, data: bytes) -> tuple[str, str]:
-        """A new directory: `base` with a file of `data` at `path` (a/b/name), whose first
-        step is no entry of `base`. Returns (directory CID, file CID); pinned.
-
-        The same directory `compose` makes, built here when it is small and plain (a cell's
-        script in its input): three round trips instead of seven through MFS, which made a
-        script edit cost more than the run it starts. Otherwise it is `compose`.
-        """
-        steps = path.strip("/").split("/")
-        kind, links, base_data = (
-            self._unixfs_block(base) if len(data) <= 1024 * 1024 else ("", [], b"")
-        )
-        named = [dag_pb_link(link) for link in links] if kind == "directory" else []
-        if (
-            kind != "directory"
-            or len(links) > _BUILT_DIRECTORY_MAX_LINKS
-            or any(name == steps[0] for name, _ in named)
-        ):
-            file_cid = self.add_bytes(data, name=steps[-1])
+        """A new directory: `base` with a file of `data` at `path` (a/b/name). Returns
+        (directory CID, file CID); pinned. What `compose` makes, in three round trips when
+        the file is one block (a cell's script in its input)."""
+        if len(data) > int(IMPORT_OPTIONS["chunker"].removeprefix("size-")):
+            file_cid = self.add_bytes(data, name=path.rsplit("/", 1)[-1])
             return self.compose({path: file_cid}, base=base), file_cid
         file_cid = raw_leaf_cid(data)
-        child, child_size, made = file_cid, len(data), []
-        for step in reversed(steps[1:]):
-            block = dag_pb_block(_UNIXFS_DIRECTORY, [dag_pb_link_bytes(step, child, child_size)])
-            child, child_size = dag_pb_cid(block), child_size + len(block)
-            made.append(block)
-        new_link = dag_pb_link_bytes(steps[0], child, child_size)
-        # dag-pb sorts links by the bytes of their names.
-        order = sorted(
-            [*zip((name for name, _ in named), links, strict=True), (steps[0], new_link)],
-            key=lambda pair: pair[0].encode("utf-8", "surrogateescape"),
-        )
-        root = dag_pb_block(base_data, [link for _, link in order])
-        made.append(root)
+        edits = _edits({path: file_cid})
+        if edits is None:
+            return self.compose_in_mfs({path: file_cid}, base), file_cid  # MFS says why not
         self._put_blocks([data], codec="raw", expected=[file_cid])
-        self._put_blocks(made, codec="dag-pb", expected=[dag_pb_cid(block) for block in made])
-        root_cid = dag_pb_cid(root)
-        self.pin(root_cid, based_on=base)
-        return root_cid, file_cid
+        return self._compose(edits, base, {file_cid: len(data)}), file_cid
 
     def _remember_block(
         self, cid: str, block: bytes, decoded: tuple[str, list[bytes], bytes] | None = None
@@ -818,7 +808,9 @@ class Store:
             while len(self._recent_blocks) > _RECENT_BLOCKS:
                 del self._recent_blocks[next(iter(self._recent_blocks))]
 
-    def _put_blocks(self, blocks: list[bytes], *, codec: str, expected: list[str]) -> None:
+    def _put_blocks(
+        self, blocks: list[bytes], *, codec: str, expected: list[str], remember: bool = True
+    ) -> None:
         boundary = secrets.token_hex(16)
         body: list[bytes] = []
         for block in blocks:
@@ -837,7 +829,7 @@ class Store:
                 f"the IPFS daemon at {self.api} stored blocks as {keys}, not {expected}: "
                 "report this with `ipfs version --all`"
             )
-        if codec == "dag-pb":
+        if codec == "dag-pb" and remember:
             for cid, block in zip(keys, blocks, strict=True):
                 self._remember_block(cid, block)
 
@@ -888,14 +880,124 @@ class Store:
         return sum(1 for item in objects if isinstance(item, dict) and item.get("Key"))
 
     def compose(self, entries: Mapping[str, str], base: str | None = None) -> str:
-        """A new directory: `base` (or empty) with each name (may be nested: a/b) set to a CID.
+        """A new directory: `base` (or empty) with each name (may be nested: a/b) set to a
+        CID (an entry already there replaced); pinned.
 
-        The RPC `object patch` commands are gone from Kubo, so this goes through MFS.
+        The directory is the one Kubo's MFS makes (`files cp` of each entry into a copy of
+        `base`): the RPC `object patch` commands are gone from Kubo. Where every directory it
+        changes is a plain one of a modest size, it is built here from blocks instead, with
+        the same bytes: one `block/get` per changed directory not seen lately, a stat per
+        entry, one `block/put` and the pin, where MFS took five requests and re-wrote each
+        changed directory in the node (14 ms for one file in a directory of 1,000). Anything
+        else (a sharded directory, a path through a file, a name inside another entry) goes
+        through MFS.
         """
+        edits = _edits(entries)
+        return (
+            self._compose(edits, base) if edits is not None else self.compose_in_mfs(entries, base)
+        )
+
+    def _compose(
+        self, edits: _Edits, base: str | None, sizes: Mapping[str, int] | None = None
+    ) -> str:
+        with self._recent_blocks_lock:
+            known = {**self._added_sizes, **(sizes or {})}
+        made: list[tuple[bytes, list[bytes]]] = []  # (block, its links)
+        built = self._built_directory(base, edits, known, made)
+        if built is None:
+            return self.compose_in_mfs(_flat(edits), base)
+        root_cid, _ = built
+        blocks = [block for block, _ in made]
+        cids = [dag_pb_cid(block) for block in blocks]
+        self._put_blocks(blocks, codec="dag-pb", expected=cids, remember=False)
+        # Remembered as built: _put_blocks would decode each again.
+        for cid, (block, links) in zip(cids, made, strict=True):
+            self._remember_block(cid, block, ("directory", links, _UNIXFS_DIRECTORY))
+        self.pin(root_cid, based_on=base)
+        return root_cid
+
+    def _built_directory(
+        self,
+        cid: str | None,
+        edits: _Edits,
+        sizes: dict[str, int],
+        made: list[tuple[bytes, list[bytes]]],
+        old_size: int | None = None,
+    ) -> tuple[str, int | None] | None:
+        """(CID, cumulative size) of directory `cid` (None: a new, empty one) with `edits`
+        applied, its block and those of its changed subdirectories appended to `made`; None
+        where MFS would make something else (see compose). The size is worked out from the
+        old one (`old_size`, from the parent's link), so that only the links a binary search
+        passes are decoded: a directory of 1,000 entries costs what one of ten does. Without
+        `old_size` (the root) it is None."""
+        if cid is None:
+            links: list[bytes] = []
+            total: int | None = 0
+        else:
+            # MFS keeps a directory's CID version and hash function: built ones are v1 sha2-256.
+            if cid_binary(cid)[:4] != _DAG_PB_V1_SHA256:
+                return None
+            kind, decoded, data = self._unixfs_block(cid)
+            if kind != "directory" or data != _UNIXFS_DIRECTORY:
+                return None  # a file, a HAMT, or a directory with a mode or a time
+            links = list(decoded)
+            total = None if old_size is None else old_size - dag_pb_block_size(data, links)
+        for name, edit in edits.items():
+            index, found = _link_index(links, name)
+            old_cid, old_link_size = None, 0
+            if found:
+                old_cid = dag_pb_link(links[index])[1]
+                old_link_size = dag_pb_link_name_size(links[index])[1]
+            if isinstance(edit, str):
+                if old_cid is not None and not self._is_file(old_cid):
+                    return None  # MFS refuses to put anything over a directory
+                if edit not in sizes:
+                    sizes[edit] = self._cumulative_size(edit)
+                new_cid, new_size = edit, sizes[edit]
+            else:
+                child = self._built_directory(
+                    old_cid, edit, sizes, made, old_link_size if found else None
+                )
+                if child is None:
+                    return None
+                new_cid, child_size = child
+                assert child_size is not None  # a subdirectory's is known
+                new_size = child_size
+            new_link = dag_pb_link_bytes(name, new_cid, new_size)
+            if found:
+                links[index] = new_link
+            else:
+                links.insert(index, new_link)
+            if total is not None:
+                total += new_size - old_link_size
+        block = dag_pb_block(_UNIXFS_DIRECTORY, links)
+        if len(block) > _BUILT_DIRECTORY_MAX_BYTES:
+            return None
+        made.append((block, links))
+        return dag_pb_cid(block), None if total is None else total + len(block)
+
+    def _is_file(self, cid: str) -> bool:
+        return cid_codec(cid) == "raw" or self._unixfs_block(cid)[0] == "file"
+
+    def _cumulative_size(self, cid: str) -> int:
+        """What a dag-pb link to `cid` gives as its Tsize: the bytes of all its blocks."""
+        answer = self._call(
+            "/files/stat",
+            f"/ipfs/{cid}",
+            timeout=self.fetch_timeout,
+            what=f"stat {cid}",
+        )
+        return int(answer["CumulativeSize"])
+
+    def compose_in_mfs(self, entries: Mapping[str, str], base: str | None = None) -> str:
+        """`compose`, always through Kubo's MFS (what the built directories must equal)."""
         for name in entries:
             parts = name.strip("/").split("/")
             if not name.strip("/") or any(p in ("", ".", "..") for p in parts):
                 raise InvalidPathError(f"{name!r} is not a usable entry name")
+        return _retried_mfs_write(lambda: self._compose_once(entries, base))
+
+    def _compose_once(self, entries: Mapping[str, str], base: str | None) -> str:
         scratch = f"/.ipfs-execute-compose-{secrets.token_hex(8)}"
         try:
             if base:
@@ -954,13 +1056,15 @@ class Store:
 
     def mfs_link(self, path: str, cid: str) -> None:
         """Make MFS `path` point at `cid` (parents created, an old entry replaced)."""
-        self._call(
-            "/files/cp",
-            f"/ipfs/{cid}",
-            path,
-            opts={"parents": "true", "force": "true"},
-            timeout=self.fetch_timeout,
-            what=f"link {path} to {cid}",
+        _retried_mfs_write(
+            lambda: self._call(
+                "/files/cp",
+                f"/ipfs/{cid}",
+                path,
+                opts={"parents": "true", "force": "true"},
+                timeout=self.fetch_timeout,
+                what=f"link {path} to {cid}",
+            )
         )
 
     def mfs_hash(self, path: str) -> str | None:
@@ -1357,3 +1461,73 @@ def _is_empty_directory(path: Path) -> bool:
         return False
     with os.scandir(path) as entries:
         return next(entries, None) is None
+
+
+def _retried_mfs_write(write: Callable[[], _T]) -> _T:
+    """`write()` (an MFS `cp`, idempotent), done again when Kubo lost what it had just made.
+
+    Kubo's MFS can lose a directory or file that a request has just made when other requests
+    change MFS at the same time ("cp: cannot flush the created file ...: file does not
+    exist"; seen with the result index written while `--each` composes its entries, and
+    reproduced with parallel `files cp` alone), and two requests making the same parent
+    directory at once fail one of them ("file already exists", though `--force` replaces an
+    existing entry): done again, the write goes through.
+    """
+    for attempt in range(_MFS_WRITE_ATTEMPTS):
+        try:
+            return write()
+        except IpfsError as error:
+            raced = "does not exist" in str(error) or "already exists" in str(error)
+            if not raced or attempt == _MFS_WRITE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+# The entries of a compose as a tree: a name maps to a CID, or to the edits of a directory.
+_Edits = dict[str, "str | _Edits"]
+
+
+def _edits(entries: Mapping[str, str]) -> _Edits | None:
+    """`entries` ({"a/b": CID}) as a tree of edits; None where MFS decides the outcome: a
+    name that is not usable (MFS says why), or one entry inside another ("a" and "a/b")."""
+    tree: _Edits = {}
+    for name, cid in entries.items():
+        steps = name.strip("/").split("/")
+        if any(step in ("", ".", "..") for step in steps):
+            return None
+        node = tree
+        for step in steps[:-1]:
+            child = node.setdefault(step, {})
+            if isinstance(child, str):
+                return None
+            node = child
+        if steps[-1] in node:
+            return None
+        node[steps[-1]] = cid
+    return tree
+
+
+def _flat(edits: _Edits, prefix: str = "") -> dict[str, str]:
+    """The entries a tree of edits came from."""
+    flat: dict[str, str] = {}
+    for name, edit in edits.items():
+        if isinstance(edit, str):
+            flat[prefix + name] = edit
+        else:
+            flat.update(_flat(edit, f"{prefix}{name}/"))
+    return flat
+
+
+def _link_index(links: list[bytes], name: str) -> tuple[int, bool]:
+    """Where `name` is, or goes, among a directory's `links` (sorted by the bytes of their
+    names, as dag-pb requires), and whether it is there: a binary search."""
+    wanted = name.encode("utf-8", "surrogateescape")
+    low, high = 0, len(links)
+    while low < high:
+        middle = (low + high) // 2
+        if dag_pb_link_name_size(links[middle])[0].encode("utf-8", "surrogateescape") < wanted:
+            low = middle + 1
+        else:
+            high = middle
+    found = low < len(links) and dag_pb_link_name_size(links[low])[0] == name
+    return low, found

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 BIN = Path(sys.prefix) / "bin"
@@ -19,6 +21,38 @@ def _remove_made_in_tmp() -> None:
     # After every fixture has stopped its nodes: the test run leaves nothing in /tmp.
     for path in _made_in_tmp:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def left_run_dirs(home: Path) -> list[Path]:
+    """Run directories under HOME that no live process holds: what a finished run must not
+    leave. (A runner that has run more than once holds one, made for its next run; one being
+    made is not held for an instant, so a directory counts only if unheld twice, 0.2 s apart;
+    one made ahead by a process killed since, marked unused, is no run's leftover: the next
+    run anywhere removes it.)"""
+    first = _unheld_run_dirs(home)
+    if not first:
+        return []
+    time.sleep(0.2)
+    return [run_dir for run_dir in _unheld_run_dirs(home) if run_dir in first]
+
+
+def _unheld_run_dirs(home: Path) -> list[Path]:
+    runs = home / "runs"
+    unheld = []
+    for run_dir in sorted(runs.iterdir()) if runs.is_dir() else []:
+        try:
+            fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # gone meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not (run_dir / "unused").exists():
+                unheld.append(run_dir)
+        except BlockingIOError:
+            pass  # held by a live runner
+        finally:
+            os.close(fd)
+    return unheld
 
 
 def world_traversable_tmpdir(prefix: str) -> Path:

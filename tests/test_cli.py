@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import BIN, cli_env, ipfs_execute, world_traversable_tmpdir
+from helpers import BIN, cli_env, ipfs_execute, left_run_dirs, world_traversable_tmpdir
 
 from ipfs_execute_magic.cid import EMPTY_DIRECTORY_CID
 from ipfs_execute_magic.errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAGE
@@ -27,10 +27,7 @@ from ipfs_execute_magic.errors import EXIT_TIMEOUT, EXIT_TOOL_FAILURE, EXIT_USAG
 
 def leftovers(home: Path) -> list[str]:
     """Anything a finished run should not leave behind."""
-    found: list[str] = []
-    runs = home / "runs"
-    if runs.exists():
-        found += [f"run dir {p}" for p in runs.iterdir()]
+    found = [f"run dir {p}" for p in left_run_dirs(home)]
     tmp = home / "cache" / "tmp"
     if tmp.exists():
         found += [f"cache temp {p}" for p in tmp.iterdir() if not p.name.endswith(".lock")]

@@ -26,6 +26,7 @@ This package knows nothing of IPFS or notebooks: it takes staged directories and
     run          run_sandbox: plan, spawn, collect
     uid_pool     one host uid per concurrent run when the tool runs as root
     output_area  /output's byte and file limits: its own file system, and the watch
+    output_pool  /output areas made before their runs and released after them, in the background
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     )
     from .output_area import OutputArea, create_output_area
     from .output_area import release_stale as release_stale_outputs
+    from .output_pool import OutputAreaPool
     from .probe import bwrap_version, check_available
     from .rlimits import FIXED_RLIMITS, RlimitPlan, plan_rlimits
     from .run import run_sandbox
@@ -122,6 +124,7 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "MOUNT_POINTS": ("view", "MOUNT_POINTS"),
     "NEW_SESSION": ("options", "NEW_SESSION"),
     "OutputArea": ("output_area", "OutputArea"),
+    "OutputAreaPool": ("output_pool", "OutputAreaPool"),
     "PROC_STAT": ("determinism", "PROC_STAT"),
     "PayloadView": ("view", "PayloadView"),
     "Proc": ("options", "Proc"),
@@ -211,6 +214,7 @@ __all__ = [
     "Hostname",
     "JsonStatusFd",
     "OutputArea",
+    "OutputAreaPool",
     "PayloadView",
     "Proc",
     "ProcStat",

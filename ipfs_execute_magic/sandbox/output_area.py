@@ -178,9 +178,13 @@ class OutputArea:
             self.image.unlink(missing_ok=True)
             self.image = None
 
-    def release(self) -> None:
-        """Unmount and delete the image; the output must have been saved or copied first."""
+    def release(self, remove_run_dir: Callable[[Path], None] | None = None) -> None:
+        """Unmount and delete the image; the output must have been saved or copied first.
+        With `remove_run_dir`, the run directory goes too, before its flock is let go: at no
+        moment does it look like the directory of a dead run."""
         self._drop_image()
+        if remove_run_dir is not None:
+            remove_run_dir(self.path.parent)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
@@ -229,17 +233,23 @@ def _lock_run_dir(run_dir: Path) -> int:
     return fd
 
 
+# In a run directory made ahead for a run to come (output_pool.py) until a run takes it.
+UNUSED_MARKER = "unused"
+
+
 def release_stale(runs_dir: Path) -> None:
     """Unmount the /output images of runs whose process died before it could (kill -9): a
     mount and a loop device each, otherwise kept until reboot. Their images stay, with what
-    the payload wrote, like the output directories of such runs always did."""
+    the payload wrote, like the output directories of such runs always did; a directory
+    made ahead for a run that never came (UNUSED_MARKER) holds nothing and goes whole."""
     try:
         run_dirs = list(runs_dir.iterdir())
     except OSError:
         return
     for run_dir in run_dirs:
         output = run_dir / "output"
-        if not os.path.ismount(output):
+        unused = os.path.lexists(run_dir / UNUSED_MARKER)
+        if not unused and not os.path.ismount(output):
             continue
         try:
             fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -248,6 +258,8 @@ def release_stale(runs_dir: Path) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _unmount(output)
+            if unused and not os.path.ismount(output):
+                shutil.rmtree(run_dir, ignore_errors=True)
         except OSError:
             continue  # held: its run is alive
         finally:
