@@ -220,12 +220,12 @@ def _render(value: object) -> Any:
         return value
     if isinstance(value, Mapping):
         return {str(key): _render(item) for key, item in sorted(value.items())}
+    if hasattr(value, "args"):  # a bwrap option (a NamedTuple: before the tuples)
+        return " ".join(value.args())
     if isinstance(value, tuple | list):
         return [_render(item) for item in value]
     if isinstance(value, RunDir | SizedTmpfs | ProcStat):
         return value.describe()
-    if hasattr(value, "args"):
-        return " ".join(value.args())
     raise TypeError(f"cannot put {value!r} into the sandbox profile")
 
 
