@@ -219,14 +219,16 @@ def dag_pb_fields(block: bytes) -> tuple[bytes, list[bytes]]:
     return data, links
 
 
-def dag_pb_link(link: bytes) -> tuple[str, str]:
-    """An encoded PBLink (from `dag_pb_fields`) as (name, CID)."""
-    name, cid = b"", b""
+def _link_fields(link: bytes) -> tuple[bytes, bytes, int]:
+    """An encoded PBLink's (Name, Hash, Tsize), name and CID still binary."""
+    name, cid, tsize = b"", b"", 0
     index, end = 0, len(link)
     while index < end:
         key, index = _varint(link, index)
-        if key & 7 == 0:  # Tsize
-            _, index = _varint(link, index)
+        if key & 7 == 0:  # a varint: Tsize
+            value, index = _varint(link, index)
+            if key >> 3 == 3:
+                tsize = value
             continue
         if key & 7 != 2:
             raise ValueError("not a dag-pb link: unexpected field type")
@@ -236,27 +238,19 @@ def dag_pb_link(link: bytes) -> tuple[str, str]:
         elif key >> 3 == 2:
             name = link[index : index + length]
         index += length
+    return name, cid, tsize
+
+
+def dag_pb_link(link: bytes) -> tuple[str, str]:
+    """An encoded PBLink (from `dag_pb_fields`) as (name, CID)."""
+    name, cid, _ = _link_fields(link)
     return name.decode("utf-8", "surrogateescape"), cid_text(cid)
 
 
 def dag_pb_link_name_size(link: bytes) -> tuple[str, int]:
     """An encoded PBLink's name and Tsize (the cumulative size of what it names), without
     the cost of writing its CID as text."""
-    name, tsize = b"", 0
-    index, end = 0, len(link)
-    while index < end:
-        key, index = _varint(link, index)
-        if key & 7 == 0:
-            value, index = _varint(link, index)
-            if key >> 3 == 3:
-                tsize = value
-            continue
-        if key & 7 != 2:
-            raise ValueError("not a dag-pb link: unexpected field type")
-        length, index = _varint(link, index)
-        if key >> 3 == 2:
-            name = link[index : index + length]
-        index += length
+    name, _, tsize = _link_fields(link)
     return name.decode("utf-8", "surrogateescape"), tsize
 
 

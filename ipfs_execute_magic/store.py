@@ -1016,15 +1016,7 @@ class Store:
                     what="compose",
                 )
             for name, cid in entries.items():
-                target = f"{scratch}/{name.strip('/')}"
-                self._call(
-                    "/files/cp",
-                    f"/ipfs/{cid}",
-                    target,
-                    opts={"parents": "true", "force": "true"},
-                    timeout=self.fetch_timeout,
-                    what=f"compose {name}={cid}",
-                )
+                self._files_cp(cid, f"{scratch}/{name.strip('/')}", what=f"compose {name}={cid}")
             answer = self._call("/files/stat", scratch, opts={"hash": "true"}, what="compose")
             cid = str(answer["Hash"])
             self.pin(cid, based_on=base)
@@ -1056,15 +1048,17 @@ class Store:
 
     def mfs_link(self, path: str, cid: str) -> None:
         """Make MFS `path` point at `cid` (parents created, an old entry replaced)."""
-        _retried_mfs_write(
-            lambda: self._call(
-                "/files/cp",
-                f"/ipfs/{cid}",
-                path,
-                opts={"parents": "true", "force": "true"},
-                timeout=self.fetch_timeout,
-                what=f"link {path} to {cid}",
-            )
+        _retried_mfs_write(lambda: self._files_cp(cid, path, what=f"link {path} to {cid}"))
+
+    def _files_cp(self, cid: str, path: str, *, what: str) -> None:
+        """MFS `path` set to `cid`, its parents made, what was there replaced."""
+        self._call(
+            "/files/cp",
+            f"/ipfs/{cid}",
+            path,
+            opts={"parents": "true", "force": "true"},
+            timeout=self.fetch_timeout,
+            what=what,
         )
 
     def mfs_hash(self, path: str) -> str | None:

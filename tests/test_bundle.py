@@ -224,6 +224,7 @@ def test_a_bundle_with_an_edited_record_is_imported_without_it(
         record = honest.record
         edited = replace(record, args=(*record.args, "--edited"))  # the key no longer matches
         edited_cid = runner.store.add_bytes(edited.to_json().encode(), name="record.json")
+        runner.results.flush()  # the run's own entries are written in the background
         runner.store.mfs_link(f"{CACHE_DIR}/{record.key}", edited_cid)
         notebook = _notebook_of(scratch / "edited.ipynb", edited_cid)
         shared = share(runner, notebook)  # a record that fails its key goes to records/ only

@@ -200,16 +200,12 @@ def test_a_runner_leaves_no_run_directory_or_mount_behind(
     assert _mounts_under(settings.runs_dir) == []
 
 
-@pytest.mark.slow  # a real node and runs, in a process of their own
-def test_a_process_that_exits_without_closing_its_runner_releases_the_area(
-    tmp_path: Path, store, busybox_cid
-) -> None:
-    from ipfs_execute_magic.settings import Settings
-
-    settings = Settings(home=tmp_path / "home", api=store.api)
+def _runs_in_a_process(settings, store, busybox_cid: str, then: str) -> subprocess.CompletedProcess:
+    """Three runs in a process of their own, a pause (the next run's area is made by then),
+    and `then` (Python, with os, signal and the runner imported)."""
     script = textwrap.dedent(
         f"""
-        import time
+        import os, signal, time
         from ipfs_execute_magic.record import RunRequest
         from ipfs_execute_magic.runner import RunConditions, Runner
         from ipfs_execute_magic.settings import Settings
@@ -217,16 +213,27 @@ def test_a_process_that_exits_without_closing_its_runner_releases_the_area(
         request = RunRequest(rootfs={busybox_cid!r}, input=None, args=("true",))
         for _ in range(3):
             runner.run(request, RunConditions(use_cache=False))
-        time.sleep(0.5)  # the next run's area is made by now
-        print(len(list(runner.settings.runs_dir.iterdir())))
+        time.sleep(0.5)
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
+    return subprocess.run(
+        [sys.executable, "-c", script + then],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+
+
+@pytest.mark.slow  # a real node and runs, in a process of their own
+def test_a_process_that_exits_without_closing_its_runner_releases_the_area(
+    tmp_path: Path, store, busybox_cid
+) -> None:
+    from ipfs_execute_magic.settings import Settings
+
+    settings = Settings(home=tmp_path / "home", api=store.api)
+    done = _runs_in_a_process(
+        settings, store, busybox_cid, "print(len(list(runner.settings.runs_dir.iterdir())))\n"
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1"]  # it was there
@@ -242,26 +249,9 @@ def test_an_area_made_ahead_by_a_killed_process_is_removed_by_the_next_run(
     from ipfs_execute_magic.settings import Settings
 
     settings = Settings(home=tmp_path / "home", api=store.api)
-    script = textwrap.dedent(
-        f"""
-        import os, signal, time
-        from ipfs_execute_magic.record import RunRequest
-        from ipfs_execute_magic.runner import RunConditions, Runner
-        from ipfs_execute_magic.settings import Settings
-        runner = Runner(Settings(home={str(settings.home)!r}, api={store.api!r}))
-        request = RunRequest(rootfs={busybox_cid!r}, input=None, args=("true",))
-        for _ in range(3):
-            runner.run(request, RunConditions(use_cache=False))
-        time.sleep(0.5)  # the next run's area is made by now
-        os.kill(os.getpid(), signal.SIGKILL)  # no exit handler runs: as a kernel killed
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    # No exit handler runs: as a kernel shut down at once.
+    done = _runs_in_a_process(
+        settings, store, busybox_cid, "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     assert done.returncode == -9, done.stderr
     (left,) = list(settings.runs_dir.iterdir())
