@@ -677,30 +677,25 @@ def main() -> None:
             env.pop("PYTHONDONTWRITEBYTECODE", None)
             env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
             subprocess.run(cli, check=True, env=env, capture_output=True, stdin=subprocess.DEVNULL)
-            cli_samples = timed(
-                lambda: subprocess.run(
-                    cli, check=True, env=env, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL
-                ),
-                max(5, repeat // 4),
-            )
             # A hit through the CLI: the same request without --no-cache (the runs above
-            # went through the Python API with the cache on, so it is recorded).
+            # went through the Python API with the cache on, so it is recorded). The two and
+            # the interpreter's own start alternate: the machine's load falls on all alike.
             cli_hit = [part for part in cli if part != "--no-cache"]
-            cli_hit_samples = timed(
-                lambda: subprocess.run(
-                    cli_hit,
-                    check=True,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,  # it says "cache hit" each time
-                    stdin=subprocess.DEVNULL,
-                ),
+            quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}  # a hit says so
+            whole = alternating(
+                {
+                    "warm": lambda: subprocess.run(
+                        cli, check=True, env=env, stdin=subprocess.DEVNULL, **quiet
+                    ),
+                    "hit": lambda: subprocess.run(
+                        cli_hit, check=True, env=env, stdin=subprocess.DEVNULL, **quiet
+                    ),
+                    "python": lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
+                },
                 max(5, repeat // 4),
             )
-            python_samples = timed(
-                lambda: subprocess.run([sys.executable, "-c", "pass"], check=True),
-                max(5, repeat // 4),
-            )
+            cli_samples, cli_hit_samples = whole["warm"], whole["hit"]
+            python_samples = whole["python"]
             figures["python_c_pass"] = summary(python_samples)
             figures["cache_hit_cli"] = summary(cli_hit_samples)
             figures["bare_bwrap_true"] = summary(bare_samples)
