@@ -121,6 +121,11 @@ def test_profile_is_deterministic_json_of_what_the_payload_sees() -> None:
     assert profile["hostname"] == "sandbox" and profile["umask"] == "0022"
     # The run's host directories and fds are placeholders: they are not what the payload sees.
     assert "--ro-bind <input> /input" in profile["mounts"]
+    # Every mount and option is rendered as its bwrap words (they are tuples underneath).
+    assert all(isinstance(item, str) for item in profile["mounts"] + profile["isolation"])
+    assert "--perms 1777 --size <tmp_bytes> --tmpfs /tmp" in profile["mounts"]
+    assert "--perms 444 --ro-bind-data <proc_stat> /proc/stat" in profile["mounts"]
+    assert "--unshare-all" in profile["isolation"]
 
 
 def test_only_the_tmp_size_of_the_limits_is_in_the_view() -> None:

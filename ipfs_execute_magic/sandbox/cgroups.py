@@ -14,9 +14,8 @@ import secrets
 import signal
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from ..settings import Limits
 
@@ -27,15 +26,13 @@ _MIN_CPU_QUOTA_US = 1_000
 _KILL_GRACE_S = 2.0  # how long teardown waits for killed processes to vanish
 
 
-@dataclass(frozen=True)
-class CgroupMount:
+class CgroupMount(NamedTuple):
     path: Path
     version: Literal[1, 2]
     controllers: frozenset[str]  # v1: bound to this hierarchy; v2: available at its root
 
 
-@dataclass(frozen=True)
-class RunCgroup:
+class RunCgroup(NamedTuple):
     """A per-run cgroup directory, created before the run and removed after it."""
 
     path: Path

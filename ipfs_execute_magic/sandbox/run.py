@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from ..errors import SandboxError
 from .cgroups import (
@@ -170,8 +171,7 @@ def _prepare_output_dir(spec: SandboxSpec, view: PayloadView, host_ids: HostIds 
         ) from None
 
 
-@dataclass(frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
     """Everything decided before bwrap starts."""
 
     view: PayloadView

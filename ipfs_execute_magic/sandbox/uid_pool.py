@@ -22,8 +22,8 @@ import os
 import pwd
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import SandboxError
 
@@ -32,8 +32,7 @@ LOCK_DIR = Path("/run/ipfs-execute/uids")
 WAIT_S = 60.0
 
 
-@dataclass(frozen=True)
-class HostIds:
+class HostIds(NamedTuple):
     uid: int
     gid: int
 

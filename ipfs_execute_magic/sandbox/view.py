@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ..errors import SandboxError
 from ..settings import Limits
@@ -70,8 +70,7 @@ SANDBOX_UMASK = 0o022
 RunDirName = Literal["rootfs", "input", "output"]
 
 
-@dataclass(frozen=True)
-class RunDir:
+class RunDir(NamedTuple):
     """One of the run's own directories (the staged rootfs or input, the fresh output)."""
 
     name: RunDirName
@@ -85,8 +84,7 @@ class RunDir:
         return f"{'--bind' if self.writable else '--ro-bind'} <{self.name}> {self.dest}"
 
 
-@dataclass(frozen=True)
-class SizedTmpfs:
+class SizedTmpfs(NamedTuple):
     """A fresh tmpfs of the view's `tmp_bytes` (always sized: its pages are memory)."""
 
     dest: str
@@ -99,8 +97,7 @@ class SizedTmpfs:
         return f"--perms {self.perms:o} --size <tmp_bytes> --tmpfs {self.dest}"
 
 
-@dataclass(frozen=True)
-class ProcStat:
+class ProcStat(NamedTuple):
     """The view's synthetic /proc/stat, read-only, over the fresh /proc."""
 
     dest: str = "/proc/stat"
@@ -113,8 +110,7 @@ class ProcStat:
         return f"--perms {self.perms:o} --ro-bind-data <proc_stat> {self.dest}"
 
 
-@dataclass(frozen=True)
-class Unopenable:
+class Unopenable(NamedTuple):
     """A file of the fresh /proc covered by a read-only bind of /dev/null, which bwrap mounts
     nodev: it can no longer be opened. For pid 1's memory: bwrap's init has the payload's uid
     and no seccomp filter, and writing its memory would run code outside the filter."""
@@ -220,12 +216,13 @@ def _render(value: object) -> Any:
         return value
     if isinstance(value, Mapping):
         return {str(key): _render(item) for key, item in sorted(value.items())}
-    if hasattr(value, "args"):  # a bwrap option (a NamedTuple: before the tuples)
+    # Mounts and bwrap options are NamedTuples: looked at before the tuples.
+    if isinstance(value, RunDir | SizedTmpfs | ProcStat):
+        return value.describe()
+    if hasattr(value, "args"):
         return " ".join(value.args())
     if isinstance(value, tuple | list):
         return [_render(item) for item in value]
-    if isinstance(value, RunDir | SizedTmpfs | ProcStat):
-        return value.describe()
     raise TypeError(f"cannot put {value!r} into the sandbox profile")
 
 
