@@ -37,6 +37,8 @@ def left_run_dirs(home: Path) -> list[Path]:
 
 
 def _unheld_run_dirs(home: Path) -> list[Path]:
+    from ipfs_execute_magic.sandbox.output_area import UNUSED_MARKER
+
     runs = home / "runs"
     unheld = []
     for run_dir in sorted(runs.iterdir()) if runs.is_dir() else []:
@@ -46,7 +48,7 @@ def _unheld_run_dirs(home: Path) -> list[Path]:
             continue  # gone meanwhile
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not (run_dir / "unused").exists():
+            if not (run_dir / UNUSED_MARKER).exists():
                 unheld.append(run_dir)
         except BlockingIOError:
             pass  # held by a live runner

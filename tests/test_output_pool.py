@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ipfs_execute_magic.sandbox.output_area import loop_mount_problem
+from ipfs_execute_magic.sandbox.output_area import UNUSED_MARKER, loop_mount_problem
 from ipfs_execute_magic.sandbox.output_pool import OutputAreaPool
 from ipfs_execute_magic.settings import Limits
 
@@ -94,11 +94,13 @@ def test_from_the_second_run_the_next_area_is_made_while_idle_and_taken(
     waiting = dirs.root / "run-3" / "output"
     if loop_mount_problem() is None:
         assert _mounts_under(dirs.root) == [str(waiting)]
-    assert (waiting.parent / "unused").exists()  # whoever finds it, its process dead, removes it
+    # Whoever finds it once its process is dead removes it.
+    assert (waiting.parent / UNUSED_MARKER).exists()
     area = pool.take(LIMITS)
     assert area.path == waiting and not any(area.path.iterdir())
     assert dirs.made == 3  # taken, not made again
-    assert not (waiting.parent / "unused").exists()  # a run's now: kept should the process die
+    # A run's now: what it writes stays should the process die.
+    assert not (waiting.parent / UNUSED_MARKER).exists()
     pool.give_back(area, LIMITS)
     pool.close()
     assert dirs.present() == [] and _mounts_under(dirs.root) == []
@@ -255,7 +257,7 @@ def test_an_area_made_ahead_by_a_killed_process_is_removed_by_the_next_run(
     )
     assert done.returncode == -9, done.stderr
     (left,) = list(settings.runs_dir.iterdir())
-    assert (left / "unused").exists()
+    assert (left / UNUSED_MARKER).exists()
     if loop_mount_problem() is None:
         assert _mounts_under(settings.runs_dir) == [str(left / "output")]
     release_stale_outputs(settings.runs_dir)  # what the next run (or gc) does first

@@ -44,14 +44,17 @@ def _key(limits: Limits) -> _Key:
 
 
 class _Waiting:
-    """The area for the next run with limits `key`: to be made, being made, or made."""
+    """The area for the next run with `limits`: to be made, being made, or made."""
 
-    def __init__(self, key: _Key, limits: Limits) -> None:
-        self.key = key
+    def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.started = False  # the background thread took it on: wait for `done`
         self.area: OutputArea | None = None  # None once done: its making failed
         self.done = threading.Event()
+
+    def fits(self, limits: Limits) -> bool:
+        """Whether it was made for `limits`: the same size and file count."""
+        return _key(self.limits) == _key(limits)
 
 
 class OutputAreaPool:
@@ -89,7 +92,7 @@ class OutputAreaPool:
             self._runs += 1
             self._last_activity = time.monotonic()
             waiting = self._waiting
-            if waiting is not None and waiting.key == _key(limits):
+            if waiting is not None and waiting.fits(limits):
                 self._waiting = None
             else:
                 waiting = None
@@ -112,9 +115,9 @@ class OutputAreaPool:
                 self._last_activity = time.monotonic()
                 # Still there: runs came too fast for the background. Released here, now.
                 earlier, self._used = self._used, area
-                if self._waiting is None or self._waiting.key != _key(limits):
+                if self._waiting is None or not self._waiting.fits(limits):
                     # The next run most likely has this run's limits.
-                    replaced, self._waiting = self._waiting, _Waiting(_key(limits), limits)
+                    replaced, self._waiting = self._waiting, _Waiting(limits)
                 self._start_worker()
                 self._lock.notify()
         if not background:
