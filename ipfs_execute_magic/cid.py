@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import InvalidPathError
 
@@ -127,8 +127,7 @@ def cid_base32(cid: str) -> str:
     return "b" + base64.b32encode(binary).decode("ascii").lower().rstrip("=")
 
 
-@dataclass(frozen=True)
-class IpfsPath:
+class IpfsPath(NamedTuple):
     """A parsed user path: `CID`, `CID/sub`, `/ipfs/CID/sub` or `/ipns/NAME/sub`."""
 
     namespace: str  # "ipfs" or "ipns"

@@ -12,9 +12,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import arguments
 from .errors import (
@@ -848,8 +847,7 @@ def _image(settings: Settings, words: list[str]) -> int:
     return 0
 
 
-@dataclass(frozen=True)
-class Subcommand:
+class Subcommand(NamedTuple):
     handler: Callable[[Settings, list[str]], int]
     summary: str
 

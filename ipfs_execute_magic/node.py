@@ -44,8 +44,8 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from . import rpc_http
 from .errors import NodeError
@@ -212,8 +212,7 @@ def find_kubo_binary(settings: Settings) -> str:
     )
 
 
-@dataclass(frozen=True)
-class NodeStatus:
+class NodeStatus(NamedTuple):
     repo: Path
     api: str | None  # multiaddr, when running
     pid: int | None

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .record import RunRecord
 
@@ -73,8 +73,7 @@ class IpfsRef(str):
         return retrieve(store, str(self), dest, overwrite=overwrite, on_progress=on_progress).path
 
 
-@dataclass(frozen=True)
-class FileEntry:
+class FileEntry(NamedTuple):
     path: str  # relative to the root listed, '/'-separated
     kind: str  # "file", "directory" or "symlink"
     size: int

@@ -18,7 +18,7 @@ import re
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .cid import IpfsPath, is_cid, raw_leaf_cid
 from .errors import InvalidPathError, IpfsError, UsageError
@@ -38,14 +38,12 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 RECORD_BLOCK_MAX_BYTES = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class StoredRecord:
+class StoredRecord(NamedTuple):
     record: RunRecord
     cid: str
 
 
-@dataclass(frozen=True)
-class ImportReport:
+class ImportReport(NamedTuple):
     added: int
     already_present: int
     rejected: tuple[str, ...]  # entry names that were not valid records for their key

@@ -15,13 +15,12 @@ import os
 import secrets
 import stat
 import sys
-import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import __version__, sandbox, staging
 from .cid import EMPTY_DIRECTORY_CID, EMPTY_FILE_CID, IpfsPath
@@ -75,8 +74,7 @@ class RunConditions:
 ORDINARY = RunConditions()
 
 
-@dataclass(frozen=True)
-class ResolvedRequest:
+class ResolvedRequest(NamedTuple):
     """A request's paths resolved to CIDs, and its cache key (before any staging)."""
 
     rootfs_path: IpfsPath
@@ -89,8 +87,7 @@ class ResolvedRequest:
     key: str
 
 
-@dataclass(frozen=True)
-class SettledRun:
+class SettledRun(NamedTuple):
     """A run that has ended, signed and recorded (`Runner._settle`)."""
 
     record: RunRecord  # signed with this data directory's key when cacheable
@@ -320,12 +317,6 @@ class Runner:
         """Read the trusted keys again at the next lookup (they were changed)."""
         self._trust_policy = None
 
-    def _load_signing_key(self) -> None:
-        try:
-            _ = self.signing_key
-        except Exception:
-            pass  # raised again, to the caller, where the key is used
-
     @property
     def trust_policy(self) -> TrustPolicy:
         if self._trust_policy is None:
@@ -467,18 +458,11 @@ class Runner:
                             else conditions.clock_start_s
                         ),
                     )
-                    # Loading the signing key (and cryptography) overlaps the sandbox.
-                    key_loader = None
-                    if self._signing_key is None:
-                        key_loader = threading.Thread(target=self._load_signing_key, daemon=True)
-                        key_loader.start()
                     t_run = time.monotonic()
                     if on_progress is not None:
                         on_progress(staging.PHASE_RUNNING, 0, None)
                     result = sandbox.run_sandbox(spec, on_stdout=stdout, on_stderr=stderr)
                     durations["sandbox"] = time.monotonic() - t_run
-                    if key_loader is not None:
-                        key_loader.join()
 
                 # From here on the output exists: it is kept on disk until it is safely in IPFS.
                 keep_output = True

@@ -22,9 +22,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from . import sandbox  # its names load when used: a cache hit needs none of them
 from .cid import EMPTY_DIRECTORY_CID, cid_codec
@@ -69,8 +68,7 @@ _SKELETON_TREE = "tree"
 _PARTS_MANIFEST = "parts.json"
 
 
-@dataclass(frozen=True)
-class StagedTree:
+class StagedTree(NamedTuple):
     cid: str
     path: Path
     was_cached: bool
@@ -84,8 +82,7 @@ class StagedTree:
 TreeSource = tuple[str, str, str]
 
 
-@dataclass(frozen=True)
-class Bind:
+class Bind(NamedTuple):
     """What is bound at `path` under /input: the staged part of `cid`, or, with `source`,
     the same content as an entry of another staged tree."""
 

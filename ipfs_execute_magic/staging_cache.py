@@ -26,8 +26,8 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["CacheEntry", "StagingCache", "disk_usage", "remove_tree"]
 
@@ -43,8 +43,7 @@ _TREE_MODE = 0o755
 _RESERVED = frozenset({"tmp", "locks", "sizes"})
 
 
-@dataclass(frozen=True)
-class CacheEntry:
+class CacheEntry(NamedTuple):
     """One ready entry: its disk usage, when a run last used it, whether one uses it now."""
 
     kind: str

@@ -26,9 +26,8 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, NamedTuple, TypeVar
 
 from . import rpc_http
 from .cid import (
@@ -105,16 +104,14 @@ SMALL_ADD_BYTES = 1024 * 1024
 SMALL_ADD_PIECES = 1000  # pieces of that body: every entry is at least two
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     name: str
     cid: str
     size: int
     kind: str  # "file", "directory" or "symlink"
 
 
-@dataclass(frozen=True)
-class LeftOut:
+class LeftOut(NamedTuple):
     """An entry of an added tree that UnixFS cannot hold (a FIFO, a socket, a device)."""
 
     path: str  # relative to the added directory
@@ -124,14 +121,12 @@ class LeftOut:
         return f"{self.path}: {self.kind}, left out (IPFS has no form for it)"
 
 
-@dataclass(frozen=True)
-class Added:
+class Added(NamedTuple):
     cid: str
     left_out: tuple[LeftOut, ...] = ()
 
 
-@dataclass(frozen=True)
-class AddProgress:
+class AddProgress(NamedTuple):
     """How far an add has got, counted from what has been sent to the daemon.
 
     The totals come from a walk of the tree before sending (only when progress is asked for).
@@ -155,8 +150,7 @@ AddProgressCallback = Callable[[AddProgress], None]
 PROGRESS_INTERVAL_S = 0.15  # how often on_progress is called while adding
 
 
-@dataclass(frozen=True)
-class Stat:
+class Stat(NamedTuple):
     cid: str
     kind: str  # "file", "directory", "symlink"
     size: int  # file size, or cumulative size of a directory

@@ -22,9 +22,8 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import UsageError
 
@@ -61,8 +60,7 @@ def parse_key_id(text: str) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Attestation:
+class Attestation(NamedTuple):
     """`signer` says: the computation with cache key `key` gave `output`."""
 
     signer: str
@@ -238,8 +236,7 @@ class TrustedKeys:
         os.replace(temporary, self.path)
 
 
-@dataclass(frozen=True)
-class TrustSummary:
+class TrustSummary(NamedTuple):
     """What the attestations known for one computation say about one output."""
 
     output: str

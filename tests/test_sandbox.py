@@ -39,6 +39,7 @@ from ipfs_execute_magic.sandbox import (
     bwrap_argv,
     bwrap_version,
     cgroup_mounts,
+    cgroups,
     check_available,
     plan_rlimits,
     rlimits,
@@ -731,12 +732,18 @@ def test_unprivileged_caller_falls_back_to_rlimits(rootfs, input_dir, base_dir) 
 
 
 @pytest.mark.skipif(not os.access("/sys/fs/cgroup/pids", os.W_OK), reason="needs cgroup v1 as root")
-def test_stale_run_cgroups_of_dead_processes_are_swept(run) -> None:
-    stale = Path("/sys/fs/cgroup/pids/ipfs-execute/run-999999999-deadbeef")
-    stale.mkdir(parents=True)
+def test_stale_run_cgroups_of_dead_processes_are_swept(run, monkeypatch) -> None:
+    parent = Path("/sys/fs/cgroup/pids/ipfs-execute")
+    stale = parent / "run-999999999-deadbeef"
+    stale.mkdir(parents=True, exist_ok=True)
+    # A process sweeps at its first run in the parent: this test's runs are a new process's.
+    monkeypatch.setattr(cgroups, "_parents_ready", set())
     try:
         run("true", Limits(timeout=20, pids=32))
         assert not stale.exists()
+        # The parent stays for the next runs (making and removing it cost every run).
+        assert parent.is_dir()
+        assert not list(parent.glob(f"run-{os.getpid()}-*"))
     finally:
         if stale.exists():
             stale.rmdir()

@@ -46,7 +46,7 @@ def _changed(value: Any) -> Any:
     if isinstance(value, bool):
         return not value
     if isinstance(value, SeccompPolicy):
-        return replace(value, rules=value.rules[:-1])  # a rule less
+        return value._replace(rules=value.rules[:-1])  # a rule less
     if isinstance(value, int | float):
         return value + 1
     if isinstance(value, str):
@@ -103,7 +103,7 @@ def _realised(view: PayloadView, output_parent: Path) -> tuple[object, ...]:
     output_dir = Path(tempfile.mkdtemp(dir=output_parent))
     run_module._prepare_output_dir(replace(spec, output_dir=output_dir), view, host_ids)
     output = output_dir.stat()
-    child = replace(plan.child, cpus=())  # the CPU rotation differs from run to run
+    child = plan.child._replace(cpus=())  # the CPU rotation differs from run to run
     return (
         argv,
         view.proc_stat(),

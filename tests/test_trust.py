@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,12 +43,12 @@ def test_an_attestation_holds_only_for_what_was_signed(tmp_path: Path) -> None:
     assert attestation.valid()
     assert Attestation.from_json(attestation.to_json()) == attestation
     # Any field changed after signing: no longer valid.
-    assert not replace(attestation, output="bafyforged").valid()
-    assert not replace(attestation, key=OTHER_KEY).valid()
+    assert not attestation._replace(output="bafyforged").valid()
+    assert not attestation._replace(key=OTHER_KEY).valid()
     someone = SigningKey.load_or_create(tmp_path / "other.key")
-    assert not replace(attestation, signer=someone.public_id).valid()
+    assert not attestation._replace(signer=someone.public_id).valid()
     flipped = attestation.signature[:-2] + ("A" if attestation.signature[-2] != "A" else "B")
-    assert not replace(attestation, signature=flipped + attestation.signature[-1]).valid()
+    assert not attestation._replace(signature=flipped + attestation.signature[-1]).valid()
     with pytest.raises(ValueError):
         Attestation.from_json(b'{"format": "something else"}')
 
@@ -65,7 +64,7 @@ def test_the_policy_counts_trusted_signers_and_reports_conflicts(tmp_path: Path)
         colleague.attest(KEY, "out"),
         stranger.attest(KEY, "out"),
         stranger.attest(KEY, "forged"),
-        replace(colleague.attest(KEY, "out2"), output="out"),  # tampered: ignored
+        colleague.attest(KEY, "out2")._replace(output="out"),  # tampered: ignored
     ]
     summary = policy.summarize("out", attestations)
     assert summary.signers == (own.public_id, colleague.public_id, stranger.public_id)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .probe import find_bwrap, known_time_namespace
 
@@ -154,8 +154,7 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
-@dataclass(frozen=True)
-class PrivateBinds:
+class PrivateBinds(NamedTuple):
     """The run's directories where the sandbox uid can reach them, seen by bwrap alone.
 
     Run by root, the tool keeps its data directory 0700, and bwrap (started as the run's
@@ -234,8 +233,7 @@ def ignored_signals() -> tuple[signal.Signals, ...]:
     return tuple(ignored)
 
 
-@dataclass(frozen=True)
-class ChildSetup:
+class ChildSetup(NamedTuple):
     """Everything done between fork and exec of bwrap; computed beforehand in the parent."""
 
     pid_report_fd: int  # the child writes its pid here first (see run._kill_half_spawned)
@@ -252,7 +250,7 @@ class ChildSetup:
     clock_start_ns: int | None = None
     private_binds: PrivateBinds | None = None  # as root: where bwrap finds the run's dirs
 
-    def __call__(self) -> None:
+    def apply(self) -> None:
         # Runs in the forked child: no imports, no locks, no logging.
         os.write(self.pid_report_fd, b"%d" % os.getpid())
         # Blocked and ignored signals survive exec (a `cmd &` job ignores SIGINT, say): the

@@ -11,9 +11,9 @@ import functools
 import os
 import resource
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from ..settings import Limits
 
@@ -41,8 +41,7 @@ _UNNAMED_RLIMITS = {"RLIMIT_LOCKS": 10}
 _CAP_SYS_RESOURCE = 24
 
 
-@dataclass(frozen=True)
-class RlimitPlan:
+class RlimitPlan(NamedTuple):
     """Every rlimit the child sets, how the limits among them are described to the user, and
     which values differ from the fixed ones (a non-root caller cannot raise a hard limit)."""
 

@@ -121,8 +121,7 @@ def _with_output_watch(result: SandboxResult, watch: OutputWatch) -> SandboxResu
     stopped by itself at a full /output: checked once more now that it is gone)."""
     enforced = {**result.limits_enforced, **watch.enforced()}
     exceeded = watch.check()
-    return replace(
-        result,
+    return result._replace(
         limits_enforced=MappingProxyType(dict(sorted(enforced.items()))),
         killed_by=exceeded or result.killed_by,
     )
@@ -336,7 +335,7 @@ class _Running:
 def _spawn(run: _Running, bwrap: str, spec: SandboxSpec, plan: _Plan) -> None:
     """Start bwrap; its child joins the cgroups and applies plan.child before exec."""
     pid_read, pid_write = run.pipe()
-    child_setup = replace(plan.child, pid_report_fd=pid_write)
+    child_setup = plan.child._replace(pid_report_fd=pid_write)
     run.status_read, status_write = run.pipe()
     proc_stat_fd = run.keep(_memfd("proc-stat", plan.view.proc_stat()))
     seccomp_fd = run.keep(_memfd("seccomp", plan.view.seccomp.bpf()))
@@ -361,7 +360,7 @@ def _spawn(run: _Running, bwrap: str, spec: SandboxSpec, plan: _Plan) -> None:
             env={},
             pass_fds=(status_write, options_fd, proc_stat_fd, seccomp_fd),
             start_new_session=True,
-            preexec_fn=child_setup,
+            preexec_fn=child_setup.apply,
         )
     except (OSError, subprocess.SubprocessError) as exc:
         # Popen has reaped the child already.

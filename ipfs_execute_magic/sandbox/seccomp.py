@@ -21,8 +21,7 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ..errors import SandboxError
 
@@ -65,19 +64,17 @@ ALLOWED_SOCKET_FAMILIES: tuple[int, ...] = tuple(
 Comparison = Literal["eq", "ne", "ge", "masked_eq"]
 
 
-@dataclass(frozen=True)
-class ArgCheck:
-    """A condition on one argument of a call: `arg[index] <op> value`, or for masked_eq
-    `arg[index] & mask == value`."""
+class ArgCheck(NamedTuple):
+    """A condition on one argument of a call: `args[arg] <op> value`, or for masked_eq
+    `args[arg] & mask == value`."""
 
-    index: int
+    arg: int  # which argument, from 0 (not `index`: that is a tuple's method)
     op: Comparison
     value: int
     mask: int = 0
 
 
-@dataclass(frozen=True)
-class SyscallRule:
+class SyscallRule(NamedTuple):
     """Deny `syscall` with `errno` (a name, e.g. "EPERM") when every check holds."""
 
     syscall: str
@@ -153,8 +150,7 @@ SANDBOX_RULES: tuple[SyscallRule, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class SeccompPolicy:
+class SeccompPolicy(NamedTuple):
     """A named list of rules; what the payload's view records of its filter."""
 
     name: str
@@ -162,7 +158,19 @@ class SeccompPolicy:
 
     def digest(self) -> str:
         """sha256 of the rules as canonical JSON: changes whenever a rule does."""
-        text = json.dumps([asdict(rule) for rule in self.rules], sort_keys=True)
+        rules = [
+            {
+                "syscall": rule.syscall,
+                "errno": rule.errno,
+                # Keyed "index" as ever: the digest is part of every cache key.
+                "checks": [
+                    {"index": check.arg, "op": check.op, "value": check.value, "mask": check.mask}
+                    for check in rule.checks
+                ],
+            }
+            for rule in self.rules
+        ]
+        text = json.dumps(rules, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def describe(self) -> str:
@@ -249,9 +257,9 @@ def _compile(policy: SeccompPolicy) -> bytes:
                     "system call; install libseccomp 2.5 or newer"
                 )
             args = [
-                seccomp.Arg(check.index, operators[check.op], check.mask, check.value)
+                seccomp.Arg(check.arg, operators[check.op], check.mask, check.value)
                 if check.op == "masked_eq"
-                else seccomp.Arg(check.index, operators[check.op], check.value)
+                else seccomp.Arg(check.arg, operators[check.op], check.value)
                 for check in rule.checks
             ]
             action = seccomp.ERRNO(getattr(errno_module, rule.errno))

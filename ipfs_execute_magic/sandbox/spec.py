@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
 from ..errors import SandboxError
 from ..settings import DEFAULT_UID_RANGE, Limits
@@ -48,18 +49,20 @@ class SandboxSpec:
         return replace(payload_view(self.limits), env=self.env, clock_start_s=self.clock_start_s)
 
 
-@dataclass(frozen=True)
-class SandboxResult:
+_NOTHING: Mapping[str, str] = MappingProxyType({})
+
+
+class SandboxResult(NamedTuple):
     exit_status: int | None  # payload's status (128+N if killed by signal N); None: never ran
     timed_out: bool
     duration_s: float
     limits_enforced: Mapping[str, str]  # only what was really enforced, and how
     # asked for but impossible here, with the reason
-    limits_not_enforced: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    limits_not_enforced: Mapping[str, str] = _NOTHING
     # Sources of nondeterminism this run fixed, and how; and those it could not fix here, and
     # why (UNFIXABLE_SOURCES lists the ones no run fixes).
-    determinism: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    determinism_not_fixed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    determinism: Mapping[str, str] = _NOTHING
+    determinism_not_fixed: Mapping[str, str] = _NOTHING
     # Which limit ended a run that did not succeed: "timeout", or "memory" when the memory
     # cgroup OOM-killed a process of it; None when no limit is known to have (an RLIMIT_AS
     # allocation failure looks like any other error of the payload).
