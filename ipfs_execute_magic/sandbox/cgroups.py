@@ -402,15 +402,18 @@ def remove_run_cgroups(cgroups: Iterable[RunCgroup], *, deadline_s: float = _KIL
     cgroups = list(cgroups)
     deadline = time.monotonic() + deadline_s
     for cgroup in cgroups:
-        while cgroup.path.exists():
-            kill_cgroup_members(cgroup)
+        # Removed at the first try when the run has ended (its pid namespace took every
+        # process with it); only a busy cgroup has its members listed and killed.
+        while True:
             try:
                 cgroup.path.rmdir()
+                break
             except FileNotFoundError:
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     break  # left for the next run's sweep
+                kill_cgroup_members(cgroup)
                 time.sleep(0.001)  # the last tasks are still being reaped
 
 

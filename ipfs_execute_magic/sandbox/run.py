@@ -27,7 +27,6 @@ from ..errors import SandboxError
 from .cgroups import (
     RunCgroup,
     create_run_cgroups,
-    kill_cgroup_members,
     memory_limit_killed,
     remove_run_cgroups,
 )
@@ -477,16 +476,17 @@ def _collect(
         process, deadline
     )
     duration = time.monotonic() - run.started
-    # Read while the cgroup exists: teardown removes it with its counters.
-    memory_killed = memory_limit_killed(run.cgroups)
+    status = _parse_json_status(bytes(streams.status))
+    exit_code = status.get("exit-code")
+    # Read while the cgroup exists (teardown removes it with its counters), and only for a
+    # run that failed: no other can have been killed by the memory limit.
+    memory_killed = not timed_out and exit_code != 0 and memory_limit_killed(run.cgroups)
     # On success bwrap is gone already, and with it the pid namespace; on a timeout this
     # kills everything. Either way the run's cgroups go.
     run.teardown()
-    status = _parse_json_status(bytes(streams.status))
 
     if timed_out:
         return _result(plan, None, timed_out, duration, memory_killed=memory_killed)
-    exit_code = status.get("exit-code")
     if isinstance(exit_code, int):
         return _result(plan, exit_code, timed_out, duration, memory_killed=memory_killed)
     message = bwrap_message(streams.stderr_tail.decode("utf-8", "replace"))
@@ -645,9 +645,8 @@ def _teardown(process: subprocess.Popen[bytes] | None, cgroups: list[RunCgroup])
         try:
             if process is not None:
                 _kill_process_group(process)
-                for cgroup in cgroups:
-                    kill_cgroup_members(cgroup)  # backstop for anything outside the group
                 process.wait()
+            # Kills whatever is left in them (anything outside the group) until they are empty.
             remove_run_cgroups(cgroups)
             break
         except KeyboardInterrupt as exc:
