@@ -411,6 +411,7 @@ class Runner:
         if not self._sandbox_checked:
             check_home(self.settings)  # before anything is staged there
             sandbox.check_available(self.settings.home)  # remembered there: no probe next time
+            sandbox.remember_filters_in(self.settings.home)  # the seccomp program, the same way
             self._sandbox_checked = True
 
         # Held until the sandbox has ended: an entry a run uses is never evicted.

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -147,6 +148,40 @@ def test_the_filter_is_compiled_once_and_keyed_by_its_rules() -> None:
     fewer = SANDBOX_POLICY._replace(rules=SANDBOX_POLICY.rules[1:])
     assert fewer.digest() != SANDBOX_POLICY.digest()
     assert fewer.bpf() != SANDBOX_POLICY.bpf()
+
+
+# Prints the program's hex and whether getting it imported pyseccomp (compiled).
+_PROGRAM_OF_A_NEW_PROCESS = """\
+import sys
+from pathlib import Path
+from ipfs_execute_magic.sandbox.seccomp import SANDBOX_POLICY, remember_filters_in
+remember_filters_in(Path(sys.argv[1]))
+print(SANDBOX_POLICY.bpf().hex(), "pyseccomp" in sys.modules)
+"""
+
+
+def test_a_compiled_filter_is_remembered_for_the_next_process(tmp_path: Path) -> None:
+    def new_process() -> tuple[str, bool]:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROGRAM_OF_A_NEW_PROCESS, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        program, compiled = done.stdout.split()
+        return program, compiled == "True"
+
+    assert new_process() == (SANDBOX_POLICY.bpf().hex(), True)
+    (remembered,) = (tmp_path / "seccomp").glob("*.bpf")
+    # The next process loads it: no pyseccomp, no compiling (about 10 ms of a CLI run).
+    assert new_process() == (SANDBOX_POLICY.bpf().hex(), False)
+    # A damaged one (not whole instructions) is compiled again and replaced; another
+    # version's is dropped.
+    remembered.write_bytes(b"\x06\x00\x00")
+    other_version = tmp_path / "seccomp" / "0123.bpf"
+    other_version.write_bytes(bytes(8))
+    assert new_process() == (SANDBOX_POLICY.bpf().hex(), True)
+    assert remembered.read_bytes() == SANDBOX_POLICY.bpf() and not other_version.exists()
 
 
 def test_a_rule_for_an_unknown_system_call_is_a_clear_error() -> None:

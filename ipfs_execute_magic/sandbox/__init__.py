@@ -83,6 +83,7 @@ if TYPE_CHECKING:
     from .probe import bwrap_version, check_available
     from .rlimits import FIXED_RLIMITS, RlimitPlan, plan_rlimits
     from .run import run_sandbox
+    from .seccomp import remember_filters_in
     from .spec import SandboxResult, SandboxSpec, bwrap_argv, sandbox_options
     from .view import (
         DEFAULT_ENV,
@@ -162,6 +163,7 @@ _SOURCES: dict[str, tuple[str, str]] = {
     "plan_determinism": ("determinism", "plan_determinism"),
     "plan_rlimits": ("rlimits", "plan_rlimits"),
     "release_stale_outputs": ("output_area", "release_stale"),
+    "remember_filters_in": ("seccomp", "remember_filters_in"),
     "remove_run_cgroups": ("cgroups", "remove_run_cgroups"),
     "run_sandbox": ("run", "run_sandbox"),
     "sandbox_options": ("spec", "sandbox_options"),
@@ -245,6 +247,7 @@ __all__ = [
     "plan_determinism",
     "plan_rlimits",
     "release_stale_outputs",
+    "remember_filters_in",
     "remove_run_cgroups",
     "run_sandbox",
     "sandbox_options",

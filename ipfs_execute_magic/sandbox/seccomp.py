@@ -10,7 +10,10 @@ process: software that probes for a feature keeps working.
 The rules are data (`SANDBOX_POLICY`); they go into the payload's view (`PayloadView.seccomp`)
 and so into the result-cache key by name and digest. The BPF program is compiled from them
 with libseccomp (through PyPI `pyseccomp`, ctypes bindings with libseccomp's own Python API)
-once per process, and bwrap loads it with `--seccomp FD` just before it execs the payload.
+and bwrap loads it with `--seccomp FD` just before it execs the payload. A compiled program is
+remembered once a process, and in the caller's data directory (`remember_filters_in`) for
+what it depends on, so that a new process neither imports pyseccomp nor compiles (about
+10 ms of a CLI run).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import socket
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from ..errors import SandboxError
@@ -177,8 +181,8 @@ class SeccompPolicy(NamedTuple):
         return f"{self.name} ({len(self.rules)} rules, sha256 {self.digest()})"
 
     def bpf(self) -> bytes:
-        """The filter as a BPF program for `bwrap --seccomp FD` (compiled once a process)."""
-        return _compile(self)
+        """The filter as a BPF program for `bwrap --seccomp FD`: compiled, or remembered."""
+        return _remembered_bpf(self)
 
 
 SANDBOX_POLICY = SeccompPolicy("ipfs-execute-blocklist-1", SANDBOX_RULES)
@@ -222,7 +226,87 @@ def _import_pyseccomp() -> Any:
     return pyseccomp
 
 
+# Where compiled programs are kept across processes: a private directory (the data
+# directory's `seccomp/`), or None to compile in every process.
+_memo_dir: Path | None = None
+# sock_filter: a BPF program is a whole number of 8-byte instructions.
+_BPF_INSTRUCTION_BYTES = 8
+
+
+def remember_filters_in(data_dir: Path | None) -> None:
+    """Keep compiled filters in `data_dir`/seccomp from now on (None: not across processes).
+
+    The directory must be the caller's own (the data directory is 0700): a program found
+    there is loaded as it is.
+    """
+    global _memo_dir
+    _memo_dir = None if data_dir is None else data_dir / "seccomp"
+
+
+def _libseccomp_version() -> str | None:
+    """libseccomp's version, asked of the library itself (dlopen, no ldconfig)."""
+    import ctypes
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+    try:
+        function = ctypes.CDLL(_SONAMES["seccomp"]).seccomp_version
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.POINTER(Version)
+    version = function().contents
+    return f"{version.major}.{version.minor}.{version.micro}"
+
+
+def _memo_path(policy: SeccompPolicy) -> Path | None:
+    """Where `policy`'s program is remembered: named after everything the program depends
+    on, the rules, this module's code (how they are compiled), libseccomp and the machine."""
+    if _memo_dir is None or (version := _libseccomp_version()) is None:
+        return None
+    try:
+        code = Path(__file__).read_bytes()
+    except OSError:
+        return None
+    key = hashlib.sha256(
+        b"%s\0%s\0%s\0%s"
+        % (policy.digest().encode(), code, version.encode(), os.uname().machine.encode())
+    ).hexdigest()[:32]
+    return _memo_dir / f"{key}.bpf"
+
+
 @functools.cache
+def _remembered_bpf(policy: SeccompPolicy) -> bytes:
+    memo = _memo_path(policy)
+    if memo is not None:
+        try:
+            program = memo.read_bytes()
+        except OSError:
+            program = b""
+        if program and len(program) % _BPF_INSTRUCTION_BYTES == 0:
+            return program
+    program = _compile(policy)
+    if memo is not None:
+        _remember(memo, program)
+    return program
+
+
+def _remember(memo: Path, program: bytes) -> None:
+    """Write the program whole (a reader meanwhile sees the old file or none), and drop every
+    other program there: older code's are never used again, another policy's is compiled
+    again when one is needed."""
+    temporary = memo.with_name(f".{memo.name}.{os.getpid()}")
+    try:
+        memo.parent.mkdir(mode=0o700, exist_ok=True)
+        temporary.write_bytes(program)
+        os.replace(temporary, memo)
+        for other in memo.parent.glob("*.bpf"):
+            if other != memo:
+                other.unlink(missing_ok=True)
+    except OSError:
+        temporary.unlink(missing_ok=True)  # a read-only data directory compiles every time
+
+
 def _compile(policy: SeccompPolicy) -> bytes:
     try:
         seccomp = _import_pyseccomp()
