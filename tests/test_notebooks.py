@@ -186,7 +186,8 @@ def test_sweep_runs_on_the_cluster_and_reruns_only_the_new_year(
     import ast
 
     cells = code_cells(executed("sweep.ipynb"))
-    assert "Dask cluster: <Client:" in stream_text(cells["cluster"])
+    configured = stream_text(cells["cluster"])
+    assert "Dask cluster: <Client:" in configured and ", dashboard http://" in configured
     first = stream_text(cells["per-year"])
     assert first.count("✓ ran on node …") == 3 and "cached" not in first
     assert "entries that ran: ['2012.csv', '2013.csv', '2014.csv']" in stream_text(cells["table"])
