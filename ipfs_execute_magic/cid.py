@@ -11,7 +11,7 @@ import hashlib
 import re
 from typing import NamedTuple
 
-from .errors import InvalidPathError
+from .errors import InvalidPathError, UsageError
 
 # Well-known CIDs under the import settings the store sends (CIDv1, raw leaves, sha2-256):
 # they need no round trip to the daemon.
@@ -106,6 +106,32 @@ def cid_codec(cid: str) -> str | None:
     if version != 1:
         return None
     return _CODEC_NAMES.get(code, f"codec {code:#x}")
+
+
+def check_codecs(rootfs_cid: str, input_cid: str) -> None:
+    """Refuse, from the CIDs alone, a rootfs or input that cannot be UnixFS of the right kind.
+
+    Only dag-pb nodes are UnixFS files and directories; a raw block is always a file. Checked
+    before anything is fetched, composed or staged.
+    """
+    made_with = "add it with `ipfs-execute add` or `ipfs add`, not `ipfs dag put`"
+    rootfs_codec = cid_codec(rootfs_cid)
+    if rootfs_codec not in ("dag-pb", "raw", None):
+        raise UsageError(
+            f"rootfs {rootfs_cid} is a {rootfs_codec} node, not a file or directory "
+            f"(UnixFS): give a .tar.gz/.tar.zst/.tar file or a directory; {made_with}"
+        )
+    input_codec = cid_codec(input_cid)
+    if input_codec == "raw":
+        raise UsageError(
+            f"input {input_cid} is a raw block, i.e. a file, not a directory: put it in one, "
+            f"e.g. `ipfs-mkdir data.bin {input_cid}`"
+        )
+    if input_codec not in ("dag-pb", None):
+        raise UsageError(
+            f"input {input_cid} is a {input_codec} node, not a directory (UnixFS): give a "
+            f"directory; {made_with}"
+        )
 
 
 def cid_base32(cid: str) -> str:

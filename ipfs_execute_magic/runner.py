@@ -20,17 +20,15 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import __version__, sandbox, staging
-from .cid import EMPTY_DIRECTORY_CID, EMPTY_FILE_CID, IpfsPath
+from . import __version__, sandbox
+from .cid import EMPTY_DIRECTORY_CID, EMPTY_FILE_CID, IpfsPath, check_codecs
 from .errors import IpfsError, OutputNotSavedError, UsageError
 from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest, cache_key
 from .result import TAIL_BYTES, RunResult, StreamTail
 from .result_cache import ResultCache, StoredRecord
 from .settings import Limits, Settings, check_home
-from .staging import ProgressCallback, Stager
-from .staging_cache import StagingCache, remove_tree
 from .store import AddProgress, AddProgressCallback, Store
 from .trust import (
     Attestation,
@@ -40,6 +38,10 @@ from .trust import (
     TrustSummary,
     parse_key_id,
 )
+
+if TYPE_CHECKING:
+    from .staging import ProgressCallback
+    from .staging_cache import StagingCache
 
 OutputCallback = Callable[[bytes], None]
 
@@ -102,9 +104,7 @@ class Runner:
     def __init__(self, settings: Settings | None = None, store: Store | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._store = store
-        self.staging_cache = StagingCache(
-            self.settings.staging_dir, limit_bytes=self.settings.staging_limit_bytes
-        )
+        self._staging_cache: StagingCache | None = None  # made at the first run
         self._results: ResultCache | None = None
         self._sandbox_checked = False
         # (input, script hash) -> input with the script: composing costs several RPCs.
@@ -115,6 +115,17 @@ class Runner:
         # The peer ID records name as the node that ran them: set on a cluster worker.
         self.node: str | None = None
         self._areas: sandbox.OutputAreaPool | None = None  # made at the first run
+
+    @property
+    def staging_cache(self) -> StagingCache:
+        # Staging's modules load when something is staged: a cache hit needs none of them.
+        if self._staging_cache is None:
+            from .staging_cache import StagingCache
+
+            self._staging_cache = StagingCache(
+                self.settings.staging_dir, limit_bytes=self.settings.staging_limit_bytes
+            )
+        return self._staging_cache
 
     @property
     def store(self) -> Store:
@@ -128,6 +139,8 @@ class Runner:
     def _output_areas(self) -> sandbox.OutputAreaPool:
         """Where runs get their /output (not made for a cache hit: it loads the sandbox)."""
         if self._areas is None:
+            from .staging_cache import remove_tree
+
             # Nothing in it refers back to the runner: the finalizer must not keep it alive.
             self._areas = sandbox.OutputAreaPool(
                 functools.partial(_new_run_dir, self.settings),
@@ -288,7 +301,7 @@ class Runner:
         input_path = IpfsPath.parse(request.input) if request.input else None
         rootfs_cid = self.store.resolve(rootfs_path)
         given_input = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
-        staging.check_codecs(rootfs_cid, given_input)
+        check_codecs(rootfs_cid, given_input)
         input_cid, script_cid = given_input, None
         if request.script is not None:
             input_cid, script_cid = self.add_script(given_input, request.script)
@@ -406,6 +419,9 @@ class Runner:
         stderr: _Capture,
         on_progress: ProgressCallback | None,
     ) -> RunRecord:
+        from . import staging
+        from .staging_cache import StagingCache
+
         started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
         durations: dict[str, float] = {"resolve": resolve_s}
         if not self._sandbox_checked:
@@ -421,7 +437,7 @@ class Runner:
                 if conditions.staging_dir is None
                 else StagingCache(conditions.staging_dir)
             )
-            stager = Stager(self.store, staging_cache, on_progress=on_progress)
+            stager = staging.Stager(self.store, staging_cache, on_progress=on_progress)
             in_use.enter_context(staging_cache.use("rootfs", rootfs_cid))
             rootfs = stager.stage_rootfs(rootfs_cid)
             durations["stage_rootfs"] = rootfs.seconds
@@ -554,7 +570,9 @@ class Runner:
         if memo_key in self._scripted_inputs:
             return self._scripted_inputs[memo_key]
         if input_cid not in self._script_bases:  # facts about a CID: checked once
-            staging.check_input_is_directory(self.store, input_cid)
+            from .staging import check_input_is_directory
+
+            check_input_is_directory(self.store, input_cid)
             # Its names from its root block: `ls` would read each entry's block too (a data
             # set of a hundred big directories: tens of ms).
             links = self.store.directory_links(input_cid)
@@ -587,6 +605,8 @@ class Runner:
         kept_root = _private_dir(self.settings.kept_outputs_dir)
         kept = kept_root / output.path.parent.name
         output.keep(kept)
+        from .staging_cache import remove_tree
+
         remove_tree(output.path.parent)
         return kept
 
@@ -658,10 +678,12 @@ def _adding(on_progress: ProgressCallback | None) -> AddProgressCallback | None:
     """The add of /output reported as the phase PHASE_ADDING_OUTPUT: (files sent, total)."""
     if on_progress is None:
         return None  # and the add keeps its shortcut for an empty /output
+    from .staging import PHASE_ADDING_OUTPUT
+
     callback = on_progress
 
     def report(progress: AddProgress) -> None:
-        callback(staging.PHASE_ADDING_OUTPUT, progress.files, progress.files_total)
+        callback(PHASE_ADDING_OUTPUT, progress.files, progress.files_total)
 
     return report
 

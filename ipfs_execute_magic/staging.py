@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from . import sandbox  # its names load when used: a cache hit needs none of them
-from .cid import EMPTY_DIRECTORY_CID, cid_codec
+from .cid import EMPTY_DIRECTORY_CID
 from .errors import BadRootfsError, StagingError, TruncatedStreamError, UsageError
 from .record import SCRIPT_DIR
 from .sandbox.determinism import SOURCE_DATE_EPOCH
@@ -655,32 +655,6 @@ class Stager:
         finally:
             stream.close()
         _hoist_single_top(dest, cid)
-
-
-def check_codecs(rootfs_cid: str, input_cid: str) -> None:
-    """Refuse, from the CIDs alone, a rootfs or input that cannot be UnixFS of the right kind.
-
-    Only dag-pb nodes are UnixFS files and directories; a raw block is always a file. Checked
-    before anything is fetched, composed or staged.
-    """
-    made_with = "add it with `ipfs-execute add` or `ipfs add`, not `ipfs dag put`"
-    rootfs_codec = cid_codec(rootfs_cid)
-    if rootfs_codec not in ("dag-pb", "raw", None):
-        raise UsageError(
-            f"rootfs {rootfs_cid} is a {rootfs_codec} node, not a file or directory "
-            f"(UnixFS): give a .tar.gz/.tar.zst/.tar file or a directory; {made_with}"
-        )
-    input_codec = cid_codec(input_cid)
-    if input_codec == "raw":
-        raise UsageError(
-            f"input {input_cid} is a raw block, i.e. a file, not a directory: put it in one, "
-            f"e.g. `ipfs-mkdir data.bin {input_cid}`"
-        )
-    if input_codec not in ("dag-pb", None):
-        raise UsageError(
-            f"input {input_cid} is a {input_codec} node, not a directory (UnixFS): give a "
-            f"directory; {made_with}"
-        )
 
 
 def check_input_is_directory(store: Store, cid: str) -> Stat:

@@ -39,6 +39,8 @@ NOT_ON_A_HIT = (
     "pyseccomp",
     "ipfs_execute_magic.duplex_http",
     "ipfs_execute_magic.archive",
+    "ipfs_execute_magic.staging",
+    "ipfs_execute_magic.staging_cache",
     "ipfs_execute_magic.sandbox.run",
     "ipfs_execute_magic.sandbox.cgroups",
     "ipfs_execute_magic.sandbox.child",
