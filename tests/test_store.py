@@ -7,7 +7,6 @@ import itertools
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -369,7 +368,7 @@ def test_a_file_added_into_a_directory_is_what_mfs_would_make(store: Store, entr
 
 
 @pytest.fixture(scope="module")
-def shapes(store: Store, kubo_env) -> dict[str, str]:
+def shapes(store: Store, kubo_env, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Directories to compose on: a thousand files in a subdirectory, files of one and of
     several blocks, a nested tree, a directory of an older CID version."""
     big_file = os.urandom(3 * 1024 * 1024 + 17)  # four blocks: a dag-pb file
@@ -383,7 +382,7 @@ def shapes(store: Store, kubo_env) -> dict[str, str]:
             "é名前/ünï.txt": store.add_bytes(b"unicode\n"),
         }
     )
-    scratch = Path(tempfile.mkdtemp(prefix="iex-v0-"))
+    scratch = tmp_path_factory.mktemp("v0")  # pytest's own, removed as it removes the others
     (scratch / "x.txt").write_text("x\n")
     (scratch / "sub").mkdir()
     (scratch / "sub" / "y.txt").write_text("y\n")
