@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.prefix) / "bin"
@@ -21,6 +22,16 @@ def _remove_made_in_tmp() -> None:
     # After every fixture has stopped its nodes: the test run leaves nothing in /tmp.
     for path in _made_in_tmp:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 10.0) -> bool:
+    """Whether `condition()` became true within `seconds` (polled every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def left_run_dirs(home: Path) -> list[Path]:

@@ -15,13 +15,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import ipfs_execute, left_run_dirs
+from helpers import ipfs_execute, left_run_dirs, wait_for
 
 from ipfs_execute_magic.record import RunRecord
 from ipfs_execute_magic.sandbox import SandboxSpec, create_output_area, run_sandbox
@@ -407,15 +406,6 @@ finally:
 """
 
 
-def _wait_for(condition, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 @pytest.mark.slow  # real loop devices and mounts
 @needs_root
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
@@ -439,7 +429,7 @@ def test_interrupted_runs_leave_no_mount_or_loop_device_behind(base_dir: Path, h
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
     try:
-        assert _wait_for(lambda: (run_dir / "output" / "started").exists())
+        assert wait_for(lambda: (run_dir / "output" / "started").exists(), 30)
         mounts, devices = left_behind()
         assert len(mounts) == 1 and len(devices) == 1
         process.send_signal(how)
@@ -452,7 +442,7 @@ def test_interrupted_runs_leave_no_mount_or_loop_device_behind(base_dir: Path, h
         release_stale_outputs(runs)
         assert (run_dir / "output.img").exists()  # what it wrote is kept
     # The loop device goes with its last user: the payload, killed with its parent.
-    assert _wait_for(lambda: left_behind() == ([], []), 10), left_behind()
+    assert wait_for(lambda: left_behind() == ([], []), 10), left_behind()
 
 
 def _run_with_template(base: Path, run_dir: Path):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from ipfs_execute_magic.sandbox.output_area import UNUSED_MARKER, loop_mount_problem
 from ipfs_execute_magic.sandbox.output_pool import OutputAreaPool
@@ -29,15 +30,6 @@ def _mounts_under(path: Path) -> list[str]:
         for line in Path("/proc/self/mountinfo").read_text().splitlines()
         if line.split()[4].startswith(str(path))
     ]
-
-
-def _wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 class _Dirs:
@@ -89,8 +81,8 @@ def test_from_the_second_run_the_next_area_is_made_while_idle_and_taken(
         (area.path / "out.txt").write_text("an output, saved")
         pool.give_back(area, LIMITS)
     # Once idle, the used area is gone and one for the next run waits, empty.
-    assert _wait_for(lambda: dirs.present() == ["run-3"]), dirs.present()
-    assert _wait_for(lambda: pool._waiting is not None and pool._waiting.done.is_set())
+    assert wait_for(lambda: dirs.present() == ["run-3"]), dirs.present()
+    assert wait_for(lambda: pool._waiting is not None and pool._waiting.done.is_set())
     waiting = dirs.root / "run-3" / "output"
     if loop_mount_problem() is None:
         assert _mounts_under(dirs.root) == [str(waiting)]
@@ -123,8 +115,8 @@ def test_an_area_nobody_comes_for_is_released(dirs: _Dirs, tmp_path: Path) -> No
     pool = _pool(dirs, tmp_path, settle_s=0.01, idle_s=0.3)
     for _ in range(2):
         pool.give_back(pool.take(LIMITS), LIMITS)
-    assert _wait_for(lambda: dirs.present() == ["run-3"])
-    assert _wait_for(lambda: dirs.present() == [] and _mounts_under(dirs.root) == [], 5)
+    assert wait_for(lambda: dirs.present() == ["run-3"])
+    assert wait_for(lambda: dirs.present() == [] and _mounts_under(dirs.root) == [], 5)
     # And the next run still gets an area.
     area = pool.take(LIMITS)
     assert area.path.is_dir()
@@ -137,7 +129,7 @@ def test_other_limits_get_their_own_area(dirs: _Dirs, tmp_path: Path) -> None:
     pool = _pool(dirs, tmp_path, settle_s=0.01)
     for _ in range(2):
         pool.give_back(pool.take(LIMITS), LIMITS)
-    assert _wait_for(lambda: pool._waiting is not None and pool._waiting.done.is_set())
+    assert wait_for(lambda: pool._waiting is not None and pool._waiting.done.is_set())
     waiting = pool._waiting.area
     assert waiting is not None
     area = pool.take(OTHER_LIMITS)
@@ -195,7 +187,7 @@ def test_a_runner_leaves_no_run_directory_or_mount_behind(
     for _ in range(3):
         assert runner.run(request, RunConditions(use_cache=False)).record.exit_status == 0
     # The area for a fourth run waits (a run directory of its own, held by this process) ...
-    assert _wait_for(lambda: len(list(settings.runs_dir.iterdir())) == 1)
+    assert wait_for(lambda: len(list(settings.runs_dir.iterdir())) == 1)
     runner.close()
     # ... and goes with the runner.
     assert list(settings.runs_dir.iterdir()) == []
