@@ -29,7 +29,7 @@ from .record import SCRIPT_DIR, SCRIPT_PATH, RunRecord, RunRequest, cache_key
 from .result import TAIL_BYTES, RunResult, StreamTail
 from .result_cache import ResultCache, StoredRecord
 from .settings import Limits, Settings, check_home
-from .store import AddProgress, AddProgressCallback, Store
+from .store import AddProgress, AddProgressCallback, ComposedFile, PendingWrite, Store
 from .trust import (
     Attestation,
     SigningKey,
@@ -87,6 +87,8 @@ class ResolvedRequest(NamedTuple):
     script: str | None
     argv: tuple[str, ...]
     key: str
+    # The script's blocks being stored (resolve with write_behind), else None.
+    written: PendingWrite | None = None
 
 
 class SettledRun(NamedTuple):
@@ -108,7 +110,7 @@ class Runner:
         self._results: ResultCache | None = None
         self._sandbox_checked = False
         # (input, script hash) -> input with the script: composing costs several RPCs.
-        self._scripted_inputs: dict[tuple[str, str], tuple[str, str]] = {}
+        self._scripted_inputs: dict[tuple[str, str], ComposedFile] = {}
         self._script_bases: set[str] = set()  # inputs known to take a script
         self._signing_key: SigningKey | None = None
         self._trust_policy: TrustPolicy | None = None
@@ -192,7 +194,30 @@ class Runner:
         hit reads like the run it stands for.
         """
         t0 = time.monotonic()
-        resolved = self.resolve(request)
+        # The script's blocks are stored while the run stages and starts; waited for before
+        # anything relies on them, and before this returns.
+        resolved = self.resolve(request, write_behind=True)
+        try:
+            result = self._run_resolved(
+                request, conditions, resolved, t0, on_stdout, on_stderr, on_progress
+            )
+        except BaseException:
+            if resolved.written is not None:
+                resolved.written.join()  # its error, if any, is not what the caller hears
+            raise
+        self._script_written(resolved.written)
+        return result
+
+    def _run_resolved(
+        self,
+        request: RunRequest,
+        conditions: RunConditions,
+        resolved: ResolvedRequest,
+        t0: float,
+        on_stdout: OutputCallback | None,
+        on_stderr: OutputCallback | None,
+        on_progress: ProgressCallback | None,
+    ) -> RunResult:
         rootfs_path, input_path = resolved.rootfs_path, resolved.input_path
         rootfs_cid, given_input = resolved.rootfs, resolved.given_input
         input_cid, script_cid = resolved.input, resolved.script
@@ -228,6 +253,7 @@ class Runner:
             stdout=stdout,
             stderr=stderr,
             on_progress=on_progress,
+            written=resolved.written,
         )
         settled = self._settle(record, cached, cached_trust, conditions)
         return RunResult(
@@ -295,16 +321,21 @@ class Runner:
             trust = self.trust_policy.summarize(record.output, known).describe()
         return SettledRun(record, record_cid, disagreement, trust)
 
-    def resolve(self, request: RunRequest) -> ResolvedRequest:
-        """The request's content CIDs (the script added to the input) and its cache key."""
+    def resolve(self, request: RunRequest, *, write_behind: bool = False) -> ResolvedRequest:
+        """The request's content CIDs (the script added to the input) and its cache key.
+        `write_behind`: the script's blocks may still be being stored when this returns
+        (`.written`); the caller waits for them (`_script_written`)."""
         rootfs_path = IpfsPath.parse(request.rootfs)  # syntax errors before any daemon contact
         input_path = IpfsPath.parse(request.input) if request.input else None
         rootfs_cid = self.store.resolve(rootfs_path)
         given_input = self.store.resolve(input_path) if input_path else EMPTY_DIRECTORY_CID
         check_codecs(rootfs_cid, given_input)
-        input_cid, script_cid = given_input, None
+        input_cid, script_cid, written = given_input, None, None
         if request.script is not None:
-            input_cid, script_cid = self.add_script(given_input, request.script)
+            input_cid, script_cid, written = self._add_script(given_input, request.script)
+            if not write_behind:
+                self._script_written(written)
+                written = None
         argv = request.argv()
         key = cache_key(
             rootfs=rootfs_cid,
@@ -314,7 +345,15 @@ class Runner:
             sandbox=sandbox_profile(request),
         )
         return ResolvedRequest(
-            rootfs_path, input_path, rootfs_cid, given_input, input_cid, script_cid, argv, key
+            rootfs_path,
+            input_path,
+            rootfs_cid,
+            given_input,
+            input_cid,
+            script_cid,
+            argv,
+            key,
+            written,
         )
 
     # -- trust -----------------------------------------------------------------------------
@@ -418,6 +457,7 @@ class Runner:
         stdout: _Capture,
         stderr: _Capture,
         on_progress: ProgressCallback | None,
+        written: PendingWrite | None,
     ) -> RunRecord:
         from . import staging
         from .staging_cache import StagingCache
@@ -441,19 +481,29 @@ class Runner:
             in_use.enter_context(staging_cache.use("rootfs", rootfs_cid))
             rootfs = stager.stage_rootfs(rootfs_cid)
             durations["stage_rootfs"] = rootfs.seconds
-            # A shuffled view shows one directory tree: the input is staged whole for it.
-            staged_input = stager.stage_input(
-                input_cid,
-                hold=in_use,
-                by_parts=not conditions.shuffle_directories,
-                base=given_input if script_cid else None,
-            )
-            durations["stage_input"] = staged_input.seconds
 
             # Its own size-limited file system when root may make one (sandbox/output_area.py).
             output = self._output_areas.take(request.limits)
             keep_output = False
             try:
+                script_dir = None
+                if script_cid is not None and request.script is not None:
+                    # Written beside /output, not fetched: the script's directory in the input
+                    # is exactly this one file (add_script), with a staged tree's modes and times.
+                    script_dir = output.write_script(
+                        SCRIPT_PATH.rpartition("/")[2],
+                        request.script.encode(),
+                        sandbox.SOURCE_DATE_EPOCH,
+                    )
+                # A shuffled view shows one directory tree: the input is staged whole for it.
+                staged_input = stager.stage_input(
+                    input_cid,
+                    hold=in_use,
+                    by_parts=not conditions.shuffle_directories,
+                    base=given_input if script_cid else None,
+                    script_dir=script_dir,
+                )
+                durations["stage_input"] = staged_input.seconds
                 output_dir = output.path
                 with contextlib.ExitStack() as views:
                     rootfs_dir, input_dir = rootfs.path, staged_input.path
@@ -485,6 +535,7 @@ class Runner:
                 keep_output = True
                 t_add = time.monotonic()
                 try:
+                    self._script_written(written)  # stored while the sandbox ran
                     # Root reads whatever the payload left, whatever its modes.
                     if os.geteuid() != 0:
                         _make_readable(output_dir)
@@ -566,6 +617,27 @@ class Runner:
 
     def add_script(self, input_cid: str, script: str) -> tuple[str, str]:
         """A new input: `input_cid` plus the script at SCRIPT_PATH. Returns (input, script) CIDs."""
+        composed = self._add_script(input_cid, script)
+        self._script_written(composed.written)
+        return composed.directory, composed.file
+
+    def _script_written(self, written: PendingWrite | None) -> None:
+        """Wait for a script's blocks to be stored; forget the composition if they were not
+        (the next run with that script composes it again)."""
+        if written is None:
+            return
+        try:
+            written.wait()
+        except IpfsError:
+            self._scripted_inputs = {
+                key: composed
+                for key, composed in self._scripted_inputs.items()
+                if composed.written is not written
+            }
+            raise
+
+    def _add_script(self, input_cid: str, script: str) -> ComposedFile:
+        """add_script, its blocks maybe still being stored (`.written`)."""
         memo_key = (input_cid, hashlib.sha256(script.encode()).hexdigest())
         if memo_key in self._scripted_inputs:
             return self._scripted_inputs[memo_key]
@@ -587,7 +659,7 @@ class Runner:
                     "reserved for the cell's script: rename it in your input"
                 )
             self._script_bases.add(input_cid)
-        composed = self.store.add_file_into(input_cid, SCRIPT_PATH, script.encode())
+        composed = self.store.add_file_behind(input_cid, SCRIPT_PATH, script.encode())
         self._scripted_inputs[memo_key] = composed
         return composed
 

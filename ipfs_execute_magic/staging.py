@@ -184,6 +184,7 @@ class Stager:
         hold: contextlib.ExitStack | None = None,
         by_parts: bool = True,
         base: str | None = None,
+        script_dir: Path | None = None,
     ) -> StagedTree:
         """The input's tree: staged whole, or shown as staged trees with a few binds over them.
 
@@ -191,8 +192,11 @@ class Stager:
         mount. A big one is staged so that a new version costs what changed:
 
         - `base` given: `cid` is that input with the cell's script added at SCRIPT_PATH. The
-          base is staged once, whole, with an empty SCRIPT_DIR (`scripted/BASE`), and each
-          script's directory is bound over it: an edit costs a small fetch and one mount.
+          base is staged once with an empty SCRIPT_DIR (`scripted/BASE`, whole or by parts
+          like any input), and each script's directory is bound over it: an edit costs one
+          mount, and a small fetch unless the caller wrote that directory (`script_dir`,
+          holding exactly what SCRIPT_DIR holds in `cid`: the script file, with the modes
+          and times of a staged tree).
         - An input (or base) that an earlier one staged whole differs from only by replaced
           entries, however deep, is that earlier tree with each changed file or directory
           bound over its old self (at most REPLACED_MAX).
@@ -214,10 +218,20 @@ class Stager:
                 hold.enter_context(self.staging_cache.use(kind, key))
 
         def staged(path: Path, was_cached: bool, binds: list[Bind] | None = None) -> StagedTree:
-            parts, all_ready = self._stage_binds(binds or [], use)
+            written = None if script_dir is None else (SCRIPT_DIR, script_dir)
+            parts, all_ready = self._stage_binds(binds or [], use, written)
             seconds = time.monotonic() - started
             return StagedTree(cid, path, was_cached and all_ready, seconds, parts)
 
+        scripted = base is not None
+        # The warm paths, probed without their locks first: a stat or two, no round trip.
+        # The cell's loop first: a new script each time, on a base staged once.
+        if scripted and by_parts and self.staging_cache.get("scripted", str(base)) is not None:
+            use("scripted", str(base))
+            tree = self.staging_cache.get("scripted", str(base))
+            script_bind = self._script_bind(cid)
+            if tree is not None and script_bind is not None:
+                return staged(tree, True, [script_bind])
         use("input", cid)
         ready = self.staging_cache.get("input", cid)
         if ready is not None:
@@ -227,14 +241,6 @@ class Stager:
             return staged(self.staging_cache.fill("input", cid, set_tree_mtimes), False)
         if not by_parts:
             return staged(self._fill_whole("input", cid, None), False)
-        scripted = base is not None and base != EMPTY_DIRECTORY_CID
-        # The warm paths, probed without their locks first: a stat or two, no round trip.
-        if scripted and self.staging_cache.get("scripted", str(base)) is not None:
-            use("scripted", str(base))
-            tree = self.staging_cache.get("scripted", str(base))
-            script_bind = self._script_bind(cid)
-            if tree is not None and script_bind is not None:
-                return staged(tree, True, [script_bind])
         for skeleton_kind, key in (("parts", cid), ("scripted-parts", base if scripted else None)):
             if key is None or self.staging_cache.get(skeleton_kind, key) is None:
                 continue
@@ -247,14 +253,15 @@ class Stager:
                 binds += [script_bind] if script_bind is not None else []
                 return staged(skeleton / _SKELETON_TREE, True, binds)
 
-        found = check_input_is_directory(self.store, cid)
-        if found.size < PARTS_MIN_BYTES:
-            return staged(self._fill_whole("input", cid, found.size), False)
         kind, data, extra = "input", cid, []
         if scripted:
             script_bind = self._script_bind(cid)
             if script_bind is not None:  # else a sharded root: staged as any input
                 kind, data, extra = "scripted", str(base), [script_bind]
+        found = check_input_is_directory(self.store, data)
+        if found.size < PARTS_MIN_BYTES:
+            use(kind, data)
+            return staged(self._fill_whole(kind, data, found.size), False, extra)
         earlier = self._earlier_tree(kind, data, use)
         if earlier is not None:
             tree, replaced = earlier
@@ -373,14 +380,21 @@ class Stager:
         return entries
 
     def _stage_binds(
-        self, binds: list[Bind], use: Callable[[str, str], None]
+        self,
+        binds: list[Bind],
+        use: Callable[[str, str], None],
+        written: tuple[str, Path] | None = None,
     ) -> tuple[tuple[tuple[str, Path], ...], bool]:
         """Each bind's tree, as (path under /input, tree), and whether all were staged
-        already: a subtree of a staged tree where the bind says so and it is still there,
-        else the part of its CID, fetched if need be."""
+        already: `written` (path, tree) where the caller wrote that path's tree, a subtree of
+        a staged tree where the bind says so and it is still there, else the part of its CID,
+        fetched if need be."""
         parts = []
         all_ready = True
         for bind in binds:
+            if written is not None and bind.path == written[0]:
+                parts.append(written)
+                continue
             staged = self._staged_tree(bind, use)
             if staged is None:  # not staged, or its source evicted: fetched as a part
                 all_ready = False
@@ -558,7 +572,9 @@ class Stager:
         if known."""
 
         def fill(dest: Path) -> None:
-            if kind == "scripted" and self.staging_cache.take("input", cid, dest):
+            if kind == "scripted" and cid == EMPTY_DIRECTORY_CID:
+                pass  # dest is an empty directory already
+            elif kind == "scripted" and self.staging_cache.take("input", cid, dest):
                 pass  # the tree staged for runs without a script, moved here
             else:
                 self._fetch_input(cid, dest, side_by_side=(size or 0) >= SIDE_BY_SIDE_MIN_BYTES)

@@ -223,6 +223,49 @@ class _IteratorReader(io.RawIOBase):
         super().close()
 
 
+class PendingWrite:
+    """Blocks being stored and pinned on a thread of its own (Store.add_file_behind). Its
+    owner calls `wait`, which raises what the writing raised, every time it is called."""
+
+    def __init__(self, write: Callable[[], None] | None = None) -> None:
+        self.error: IpfsError | None = None
+        self.thread: threading.Thread | None = None
+        if write is not None:
+            # Not a daemon thread: the interpreter's exit waits for the blocks to be stored.
+            self.thread = threading.Thread(
+                target=self._write, args=(write,), name="ipfs-execute-write-behind"
+            )
+            self.thread.start()
+
+    def _write(self, write: Callable[[], None]) -> None:
+        _writer.active = True  # its calls never wait for other writes (they might wait for it)
+        try:
+            write()
+        except IpfsError as error:
+            self.error = error
+
+    def join(self) -> None:
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+_WRITTEN = PendingWrite()  # nothing left to write
+_writer = threading.local()
+
+
+class ComposedFile(NamedTuple):
+    """A new directory with a file put into it (add_file_behind), and its writing."""
+
+    directory: str
+    file: str
+    written: PendingWrite
+
+
 class Store:
     """A connection to one Kubo daemon."""
 
@@ -260,6 +303,8 @@ class Store:
         self._recent_blocks_lock = threading.Lock()  # runs of map_entries share a store
         # Cumulative sizes of what add_bytes added lately: a compose of it needs no stat.
         self._added_sizes: dict[str, int] = {}
+        # Compositions still being stored (add_file_behind): a call that could read them waits.
+        self._writes_in_flight: list[PendingWrite] = []
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -298,7 +343,13 @@ class Store:
         headers: Mapping[str, str] | None = None,
         timeout: float | None = None,
         what: str = "",
+        after_writes: bool = True,
     ) -> Any:
+        """One RPC call. `after_writes`: first wait for the compositions still being stored
+        (add_file_behind), so that the call sees them; False only for a call that cannot
+        involve them (a read of the result index in MFS)."""
+        if self._writes_in_flight and after_writes:
+            self._wait_for_writes()
         request_opts = dict(opts or {})
         if timeout is not None and not stream:
             request_opts.setdefault("timeout", f"{timeout:g}s")  # Kubo's own per-command timeout
@@ -779,15 +830,61 @@ class Store:
         """A new directory: `base` with a file of `data` at `path` (a/b/name). Returns
         (directory CID, file CID); pinned. What `compose` makes, in three round trips when
         the file is one block (a cell's script in its input)."""
+        composed = self.add_file_behind(base, path, data)
+        composed.written.wait()
+        return composed.directory, composed.file
+
+    def add_file_behind(self, base: str, path: str, data: bytes) -> ComposedFile:
+        """What add_file_into makes, its CIDs worked out here and, when the file is one block
+        (a cell's script), its blocks stored and pinned on a thread of their own: the caller
+        goes on at once (a run stages and starts meanwhile) and waits for `.written` before
+        it relies on the node having them. Until then every call of this store that could
+        read them waits for them first."""
         if len(data) > int(IMPORT_OPTIONS["chunker"].removeprefix("size-")):
             file_cid = self.add_bytes(data, name=path.rsplit("/", 1)[-1])
-            return self.compose({path: file_cid}, base=base), file_cid
+            return ComposedFile(self.compose({path: file_cid}, base=base), file_cid, _WRITTEN)
         file_cid = raw_leaf_cid(data)
         edits = _edits({path: file_cid})
-        if edits is None:
-            return self.compose_in_mfs({path: file_cid}, base), file_cid  # MFS says why not
-        self._put_blocks([data], codec="raw", expected=[file_cid])
-        return self._compose(edits, base, {file_cid: len(data)}), file_cid
+        if edits is None:  # MFS says why not
+            return ComposedFile(self.compose_in_mfs({path: file_cid}, base), file_cid, _WRITTEN)
+        with self._recent_blocks_lock:
+            known = {**self._added_sizes, file_cid: len(data)}
+        made: list[tuple[bytes, list[bytes]]] = []  # (block, its links)
+        built = self._built_directory(base, edits, known, made)
+        if built is None:
+            self._put_blocks([data], codec="raw", expected=[file_cid])
+            return ComposedFile(self.compose_in_mfs(_flat(edits), base), file_cid, _WRITTEN)
+        root_cid = built[0]
+        blocks = [block for block, _ in made]
+        cids = [dag_pb_cid(block) for block in blocks]
+        # Remembered now, as built: the stager reads the new root's links right away.
+        for cid, (block, links) in zip(cids, made, strict=True):
+            self._remember_block(cid, block, ("directory", links, _UNIXFS_DIRECTORY))
+
+        def write() -> None:
+            self._put_blocks([data], codec="raw", expected=[file_cid])
+            self._put_blocks(blocks, codec="dag-pb", expected=cids, remember=False)
+            self.pin(root_cid, based_on=base)
+
+        pending = PendingWrite(write)
+        with self._recent_blocks_lock:
+            self._writes_in_flight.append(pending)
+        return ComposedFile(root_cid, file_cid, pending)
+
+    def _wait_for_writes(self) -> None:
+        """Wait for the compositions still being stored (not on a writing thread), and raise
+        the first one's error (their owners get it again from `wait`)."""
+        if getattr(_writer, "active", False):
+            return
+        with self._recent_blocks_lock:
+            waited = list(self._writes_in_flight)
+        for pending in waited:
+            pending.join()
+        with self._recent_blocks_lock:
+            self._writes_in_flight = [p for p in self._writes_in_flight if p not in waited]
+        for pending in waited:
+            if pending.error is not None:
+                raise pending.error
 
     def _remember_block(
         self, cid: str, block: bytes, decoded: tuple[str, list[bytes], bytes] | None = None
@@ -1030,7 +1127,10 @@ class Store:
     def mfs_read(self, path: str) -> bytes | None:
         """A small file from MFS, or None when there is nothing at `path`."""
         try:
-            data: bytes = self._call("/files/read", path, decoder="none", what=path)
+            # Never a composition still being stored (_call): the index's own files.
+            data: bytes = self._call(
+                "/files/read", path, decoder="none", what=path, after_writes=False
+            )
             return data
         except NotRetrievableError:
             return None

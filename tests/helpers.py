@@ -34,6 +34,18 @@ def wait_for(condition: Callable[[], object], seconds: float = 10.0) -> bool:
     return True
 
 
+def recursive_pins(kubo_env: dict[str, str]) -> set[str]:
+    """What the node pins recursively, as `ipfs pin ls` says."""
+    listed = subprocess.run(
+        ["ipfs", "pin", "ls", "--type=recursive", "--quiet"],
+        env=kubo_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(listed.stdout.split())
+
+
 def left_run_dirs(home: Path) -> list[Path]:
     """Run directories under HOME that no live process holds: what a finished run must not
     leave. (A runner that has run more than once holds one, made for its next run; one being

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, cli_env, ipfs_execute
+from helpers import BIN, cli_env, ipfs_execute, recursive_pins
 from IPython.utils.capture import capture_output
 
 from ipfs_execute_magic.cid import EMPTY_FILE_CID
@@ -211,6 +211,9 @@ def test_ctrl_c_during_the_add_keeps_the_output_and_says_where(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a terminal's shell starts it: a suite run in the background by a shell without
+        # job control ignores SIGINT, and its children would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stderr is not None
     printed = ""
@@ -260,6 +263,31 @@ def test_a_failed_add_keeps_the_output(
     assert "neither took nor sent a byte for 2 s" in str(caught.value)
     kept = Path(caught.value.kept_path)
     _add_later(home, kept, kubo_env)
+
+
+def test_a_script_the_node_did_not_store_keeps_the_output_and_is_composed_again(
+    home: Path, settings, busybox_cid: str, empty_cid: str, kubo_env, monkeypatch
+) -> None:
+    """The cell's script is stored while the run starts (Store.add_file_behind): when that
+    fails, the run's output is kept as when its own add fails, and the next run of the same
+    script stores it again rather than trust a composition the node never got."""
+    request = RunRequest(rootfs=busybox_cid, input=empty_cid, script="echo made > /output/x\n")
+    with Runner(settings) as runner:
+        # Staged (the rootfs, the scripted base): nothing but the script's write is left to
+        # fail before the sandbox has run.
+        runner.run(RunRequest(rootfs=busybox_cid, input=empty_cid, script="true\n"))
+        pin = runner.store.pin
+
+        def refused(cid: str, **kwargs) -> None:
+            raise IpfsError(f"IPFS pin/update {cid} failed: the test says no")
+
+        monkeypatch.setattr(runner.store, "pin", refused)
+        with pytest.raises(OutputNotSavedError, match="the test says no") as caught:
+            runner.run(request, RunConditions(use_cache=False))
+        monkeypatch.setattr(runner.store, "pin", pin)
+        result = runner.run(request, RunConditions(use_cache=False))
+    assert result.record.input in recursive_pins(kubo_env)
+    _add_later(home, Path(caught.value.kept_path), kubo_env)
 
 
 def test_the_magic_and_the_api_name_what_could_not_be_held(ip, scratch: Path) -> None:

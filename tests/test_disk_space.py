@@ -47,14 +47,13 @@ def test_runs_past_the_limit_keep_what_they_use_and_evict_the_rest(
         # A 1-byte limit: every fill is past it, yet the trees a run uses stay until it ends.
         result = runner.run(RunRequest(busybox, first, script="cat /input/a > /output/out"))
         assert runner.store.cat(f"{result}/out") == b"first\n"
-        staged = result.record.input  # the input with the script in it
-        assert cache.entries("input") == [staged] and cache.entries("rootfs") == [busybox]
+        # The input is staged as a scripted base: the data, with the script bound over it.
+        assert cache.entries("scripted") == [first] and cache.entries("rootfs") == [busybox]
         result = runner.run(RunRequest(busybox, second, script="cat /input/b > /output/out"))
         assert runner.store.cat(f"{result}/out") == b"second\n"
         # The second run's fill evicted the first input (not in use); its own trees stayed.
-        staged = result.record.input
-        assert cache.entries("input") == [staged] and cache.entries("rootfs") == [busybox]
-        assert {entry.key for entry in cache.usage()} == {busybox, staged}
+        assert cache.entries("scripted") == [second] and cache.entries("rootfs") == [busybox]
+        assert {entry.key for entry in cache.usage()} == {busybox, second}
         assert not any(entry.in_use for entry in cache.usage())
 
 
@@ -82,7 +81,7 @@ def test_du_and_gc_say_what_is_held_and_free_it(own_home: Settings, busybox_tarb
     fcntl.flock(held, fcntl.LOCK_EX)  # as a run in progress holds its directory
     try:
         held_usage = usage(settings)
-        assert {entry.kind for entry in held_usage.staging} == {"rootfs", "input"}
+        assert {entry.kind for entry in held_usage.staging} == {"rootfs", "scripted"}
         assert held_usage.staging_bytes > 1024**2  # busybox, extracted
         assert held_usage.node_repo_bytes is not None and held_usage.node_repo_bytes > 3 * 1024**2
         assert [(k.path, k.bytes >= 100_000) for k in held_usage.kept_outputs] == [(kept, True)]

@@ -25,10 +25,12 @@ import pytest
 from helpers import package_copy_for_other_users
 
 from ipfs_execute_magic import staging
+from ipfs_execute_magic.cid import EMPTY_DIRECTORY_CID
 from ipfs_execute_magic.node import EmbeddedNode
 from ipfs_execute_magic.record import SCRIPT_PATH, RunRequest
 from ipfs_execute_magic.runner import Runner
 from ipfs_execute_magic.sandbox import SandboxSpec, run_sandbox
+from ipfs_execute_magic.sandbox.output_area import OutputArea
 from ipfs_execute_magic.settings import Limits, Settings
 from ipfs_execute_magic.staging import PARTS_MIN_BYTES, Stager
 from ipfs_execute_magic.staging_cache import StagingCache, disk_usage
@@ -188,15 +190,14 @@ def test_a_new_script_on_a_big_input_stages_only_the_script(
             grown_by.append(disk_usage(runner.staging_cache.root) - before)
             assert result.record.succeeded
             assert result.stdout == store.cat(f"{first}/sums")
-            # Only the new script's directory is fetched: the data is the scripted base.
-            staged = {what: done for what, done in fetched.items() if what.startswith("input")}
-            assert [what.split(" (")[0] for what in staged] == ["input entry .ipfs-execute"]
-            assert sum(staged.values()) < 8192
-        # The data was staged once, for the first run, as the scripted base; each run added
-        # its script's directory.
+            # Nothing is fetched: the data is the scripted base, and the script's directory
+            # is written beside the run's /output.
+            assert not [what for what in fetched if what.startswith("input")]
+        # The data was staged once, for the first run, as the scripted base; no run added
+        # anything.
         assert runner.staging_cache.entries("scripted") == [data]
         assert runner.staging_cache.entries("parts") == []
-        assert len(runner.staging_cache.entries("part")) == 3
+        assert runner.staging_cache.entries("part") == []
         assert max(grown_by) < 1024 * 1024
     EmbeddedNode(settings).stop()
 
@@ -237,6 +238,40 @@ def test_a_scripted_input_shows_the_tree_a_whole_staging_shows(
     plain = _listing(rootfs, plain_staged, scratch)
     assert ".ipfs-execute" not in plain
     assert f". 755 4096 {staging.SOURCE_DATE_EPOCH} 5 directory" in plain
+
+
+@pytest.mark.parametrize("base", ["big", "small", "empty"])
+def test_a_script_written_beside_the_output_shows_what_a_whole_staging_shows(
+    store, busybox_cid: str, big_input: str, scratch: Path, base: str
+) -> None:
+    """The runner writes the script's directory instead of fetching it: under any umask the
+    payload sees the tree of the input's CID, as a whole staging of it shows it."""
+    small = store.compose({"tiny.txt": store.add_bytes(b"tiny\n")})
+    data = {"big": big_input, "small": small, "empty": EMPTY_DIRECTORY_CID}[base]
+    script = "echo written; ls -l /input\n"
+    scripted = _scripted(store, data, script)
+    stager = Stager(store, StagingCache(scratch / "cache"))
+    rootfs = stager.stage_rootfs(busybox_cid).path
+    area = OutputArea(Path(tempfile.mkdtemp(dir=scratch)) / "output")
+    old_umask = os.umask(0o077)
+    try:
+        area.create(Limits())
+        written = area.write_script("script", script.encode(), staging.SOURCE_DATE_EPOCH)
+    finally:
+        os.umask(old_umask)
+    try:
+        fetched = _fetches(stager)
+        with contextlib.ExitStack() as hold:
+            on_base = stager.stage_input(scripted, hold=hold, base=data, script_dir=written)
+            assert dict(on_base.parts)[".ipfs-execute"] == written
+            assert on_base.path == stager.staging_cache.path_for("scripted", data)
+            assert not [what for what in fetched if what.startswith("input entry")]
+            seen = _listing(rootfs, on_base, scratch)
+            whole = stager.stage_input(scripted, hold=hold, by_parts=False)
+            assert seen == _listing(rootfs, whole, scratch)
+        assert f"./.ipfs-execute/script 644 {len(script)} {staging.SOURCE_DATE_EPOCH}" in seen
+    finally:
+        area.release()
 
 
 def test_data_run_without_a_script_first_becomes_the_scripted_base_without_a_fetch(
@@ -323,10 +358,9 @@ def test_parts_a_run_uses_are_never_evicted_under_it(
             )
         cache = runner.staging_cache
         # What the last run used stays (held while it ran, the newest since): the data as a
-        # scripted base and the last script's directory; the first script's went at the
-        # next fill.
+        # scripted base. The scripts' directories were written beside /output, not cached.
         assert cache.entries("scripted") == [data]
-        assert len(cache.entries("part")) == 1
+        assert cache.entries("part") == []
 
 
 def _md5(data: bytes) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import recursive_pins
 
 from ipfs_execute_magic.cid import IpfsPath, is_cid
 from ipfs_execute_magic.errors import (
@@ -256,17 +257,6 @@ def test_add_reports_growing_progress_ending_at_the_totals(store: Store, scratch
     assert seen[0].files_total == 3002 and seen[0].bytes_total == total_bytes
 
 
-def _recursive_pins(kubo_env: dict[str, str]) -> set[str]:
-    listed = subprocess.run(
-        ["ipfs", "pin", "ls", "--type=recursive", "--quiet"],
-        env=kubo_env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return set(listed.stdout.split())
-
-
 def test_a_composition_is_pinned_whether_or_not_its_base_is(store: Store, kubo_env) -> None:
     """On a pinned base, the pin of a composition walks only what differs (`pin update`); on
     an unpinned one it falls back to pinning the whole: either way it is pinned, and the
@@ -276,7 +266,7 @@ def test_a_composition_is_pinned_whether_or_not_its_base_is(store: Store, kubo_e
     subprocess.run(["ipfs", "pin", "rm", loose_base], env=kubo_env, check=True, capture_output=True)
     on_pinned = store.compose({"b": store.add_bytes(b"b\n")}, base=pinned_base)
     on_loose = store.compose({"b": store.add_bytes(b"b\n")}, base=loose_base)
-    pins = _recursive_pins(kubo_env)
+    pins = recursive_pins(kubo_env)
     assert {pinned_base, on_pinned, on_loose} <= pins
     assert loose_base not in pins
 
@@ -365,6 +355,77 @@ def test_a_file_added_into_a_directory_is_what_mfs_would_make(store: Store, entr
     assert built == store.compose({".ipfs-execute/script": script_cid}, base=base)
     assert store.cat(f"{built}/.ipfs-execute/script") == script
     assert store.cat(f"{built}/zz/deeper") == b"z\n"
+
+
+def _slowed_writes(store: Store, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False):
+    """Blocks put on the write-behind thread take 0.3 s (or fail): a call that does not wait
+    for them would find them missing."""
+    put = store._put_blocks
+
+    def slow_put(*args, **kwargs) -> None:
+        if threading.current_thread().name == "ipfs-execute-write-behind":
+            time.sleep(0.3)
+            if fail:
+                raise IpfsError("IPFS block/put failed: the test says no")
+        put(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_put_blocks", slow_put)
+
+
+def test_a_file_added_behind_is_there_for_every_call_after_it(
+    store: Store, kubo_env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """add_file_behind returns before the blocks are stored; any later call that could read
+    them waits for them (and the pin), while a read of the result index does not."""
+    base = store.compose({"data.txt": store.add_bytes(b"data\n")})
+    _slowed_writes(store, monkeypatch)
+    started = time.monotonic()
+    composed = store.add_file_behind(base, ".ipfs-execute/script", b"echo behind\n")
+    assert time.monotonic() - started < 0.2
+    assert store.mfs_read("/no-such-index-entry") is None
+    assert time.monotonic() - started < 0.2  # the index read did not wait
+    assert store.cat(f"{composed.directory}/.ipfs-execute/script") == b"echo behind\n"
+    assert time.monotonic() - started >= 0.3  # the cat did
+    composed.written.wait()
+    assert composed.directory in recursive_pins(kubo_env)
+    assert (composed.directory, composed.file) == store.add_file_into(
+        base, ".ipfs-execute/script", b"echo behind\n"
+    )
+
+
+def test_a_failed_write_behind_is_raised_to_its_owner_and_to_the_call_that_needed_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = store.compose({"data.txt": store.add_bytes(b"failing\n")})
+    _slowed_writes(store, monkeypatch, fail=True)
+    composed = store.add_file_behind(base, ".ipfs-execute/script", b"echo lost\n")
+    with pytest.raises(IpfsError, match="the test says no"):
+        store.cat(f"{composed.directory}/.ipfs-execute/script")
+    with pytest.raises(IpfsError, match="the test says no"):
+        composed.written.wait()  # told again: its owner must know
+    assert store.cat(f"{base}/data.txt") == b"failing\n"  # once told, the store goes on
+
+
+def test_files_added_behind_from_many_threads_all_land(store: Store, kubo_env) -> None:
+    """Runs of `--each` compose their scripts at once: no write waits for another's thread."""
+    base = store.compose({"shared.txt": store.add_bytes(b"shared\n")})
+    made: list[tuple[str, bytes]] = []
+
+    def compose(worker: int) -> None:
+        for step in range(5):
+            script = b"echo %d %d\n" % (worker, step)
+            made.append((store.add_file_behind(base, "s/script", script).directory, script))
+
+    threads = [threading.Thread(target=compose, args=(worker,)) for worker in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    assert len(made) == 40
+    for directory, script in made:
+        assert store.cat(f"{directory}/s/script") == script
+    assert {directory for directory, _ in made} <= recursive_pins(kubo_env)
 
 
 @pytest.fixture(scope="module")
@@ -499,7 +560,7 @@ def test_a_composition_built_from_blocks_is_pinned_and_takes_few_requests(
     # The two changed directories were read lately, and the new file's size is known from
     # its add: the two blocks are stored, and pinned by the difference from the base.
     assert seen == ["/block/put", "/pin/update"]
-    assert built in _recursive_pins(kubo_env)
+    assert built in recursive_pins(kubo_env)
 
 
 @pytest.fixture(scope="module")

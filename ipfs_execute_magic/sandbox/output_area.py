@@ -74,6 +74,7 @@ _MNT_DETACH = 2
 # unmount would, through the loop device) costs milliseconds and protects nothing.
 _MOUNT_DATA = b"nobarrier"
 _EXT4_MAGIC = 0xEF53
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def image_size(limits: Limits) -> int:
@@ -130,6 +131,8 @@ class OutputArea:
     # mkfs.ext4 for every run.
     template_dir: Path | None = None
     image: Path | None = field(default=None, init=False)
+    # The file name in `script_dir`, once made (the pool makes the next run's alike).
+    script_name: str | None = field(default=None, init=False)
     _lock: int | None = field(default=None, init=False, repr=False)
 
     def create(self, limits: Limits) -> None:
@@ -150,6 +153,39 @@ class OutputArea:
         except BaseException:
             self._drop_image()
             raise
+
+    @property
+    def script_dir(self) -> Path:
+        """The directory beside `path` that holds the cell's script (`write_script`)."""
+        return self.path.with_name("script")
+
+    def prepare_script(self, name: str) -> None:
+        """Make `script_dir` with an empty file `name`, ahead of the run (the pool does, while
+        idle): on many disks creating a file costs ten times what writing one does, and a
+        cell's edit is the loop to keep short."""
+        self.script_dir.mkdir(mode=0o755)
+        os.close(os.open(self.script_dir / name, _NEW_FILE, 0o644))
+        self.script_name = name
+
+    def write_script(self, name: str, data: bytes, mtime: int) -> Path:
+        """`script_dir` holding only the file `name` with `data`, both with modes 0755 and
+        0644 and the times `mtime` whatever the umask: what a staged directory holding that
+        one file is, for the caller to bind in its place."""
+        file = self.script_dir / name
+        if self.script_name != name:
+            self.prepare_script(name)
+        fd = os.open(file, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fchmod(fd, 0o644)
+            os.utime(fd, (mtime, mtime))
+        finally:
+            os.close(fd)
+        os.chmod(self.script_dir, 0o755)
+        os.utime(self.script_dir, (mtime, mtime))
+        return self.script_dir
 
     def _make_and_mount(self, image: Path, limits: Limits) -> None:
         if self.template_dir is None:

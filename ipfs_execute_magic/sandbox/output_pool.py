@@ -4,7 +4,8 @@ Run by root, a run's /output is a loop-mounted image (output_area.py): copying t
 attaching and mounting it costs about 2 ms, unmounting and deleting it about 1.5 ms, a fifth of
 a warm run. In a process that runs more than once (a notebook kernel, a script calling
 `ie.run`, a cluster worker) one background thread does both between runs: when a run ends, the
-used area is released and one for the next run (with the same limits) is made.
+used area is released and one for the next run (with the same limits, and an empty file for its
+script if this run had one) is made.
 
 Only while the process is idle: the thread starts on its work once no run has started or ended
 for `SETTLE_S`. Made beside a run that is starting, the same work slows it down more than it
@@ -46,8 +47,9 @@ def _key(limits: Limits) -> _Key:
 class _Waiting:
     """The area for the next run with `limits`: to be made, being made, or made."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, script_name: str | None) -> None:
         self.limits = limits
+        self.script_name = script_name  # the last run had a script: so will this one
         self.started = False  # the background thread took it on: wait for `done`
         self.area: OutputArea | None = None  # None once done: its making failed
         self.done = threading.Event()
@@ -117,7 +119,7 @@ class OutputAreaPool:
                 earlier, self._used = self._used, area
                 if self._waiting is None or not self._waiting.fits(limits):
                     # The next run most likely has this run's limits.
-                    replaced, self._waiting = self._waiting, _Waiting(limits)
+                    replaced, self._waiting = self._waiting, _Waiting(limits, area.script_name)
                 self._start_worker()
                 self._lock.notify()
         if not background:
@@ -146,11 +148,13 @@ class OutputAreaPool:
 
     # -- internal -------------------------------------------------------------------------
 
-    def _make(self, limits: Limits) -> OutputArea:
+    def _make(self, limits: Limits, script_name: str | None = None) -> OutputArea:
         run_dir = self._new_run_dir()
         area = OutputArea(run_dir / "output", self._template_dir)
         try:
             area.create(limits)
+            if script_name is not None:
+                area.prepare_script(script_name)
         except BaseException:
             self._discard(area, report=False)
             raise
@@ -222,7 +226,7 @@ class OutputAreaPool:
             if waiting is not None:
                 area = None
                 try:
-                    area = self._make(waiting.limits)
+                    area = self._make(waiting.limits, waiting.script_name)
                     # Should this process die, whoever finds the directory removes it whole.
                     (area.path.parent / UNUSED_MARKER).touch()
                     waiting.area = area
