@@ -628,12 +628,11 @@ class Runner:
             return
         try:
             written.wait()
-        except IpfsError:
-            self._scripted_inputs = {
-                key: composed
-                for key, composed in self._scripted_inputs.items()
-                if composed.written is not written
-            }
+        except Exception:
+            # Other threads may add meanwhile (`--each` runs share a runner): a copy is walked.
+            for key, composed in list(self._scripted_inputs.items()):
+                if composed.written is written:
+                    self._scripted_inputs.pop(key, None)
             raise
 
     def _add_script(self, input_cid: str, script: str) -> ComposedFile:

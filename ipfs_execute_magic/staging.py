@@ -188,8 +188,9 @@ class Stager:
     ) -> StagedTree:
         """The input's tree: staged whole, or shown as staged trees with a few binds over them.
 
-        A small input (under PARTS_MIN_BYTES) is staged whole: one fetch costs less than a
-        mount. A big one is staged so that a new version costs what changed:
+        A small input (under PARTS_MIN_BYTES) is staged whole, its script aside (`base`): one
+        fetch costs less than a mount. A big one is staged so that a new version costs what
+        changed:
 
         - `base` given: `cid` is that input with the cell's script added at SCRIPT_PATH. The
           base is staged once with an empty SCRIPT_DIR (`scripted/BASE`, whole or by parts

@@ -228,7 +228,7 @@ class PendingWrite:
     owner calls `wait`, which raises what the writing raised, every time it is called."""
 
     def __init__(self, write: Callable[[], None] | None = None) -> None:
-        self.error: IpfsError | None = None
+        self.error: Exception | None = None
         self.thread: threading.Thread | None = None
         if write is not None:
             # Not a daemon thread: the interpreter's exit waits for the blocks to be stored.
@@ -241,7 +241,7 @@ class PendingWrite:
         _writer.active = True  # its calls never wait for other writes (they might wait for it)
         try:
             write()
-        except IpfsError as error:
+        except Exception as error:  # whatever it is, the owner hears it: nothing is assumed stored
             self.error = error
 
     def join(self) -> None:

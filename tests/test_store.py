@@ -357,7 +357,9 @@ def test_a_file_added_into_a_directory_is_what_mfs_would_make(store: Store, entr
     assert store.cat(f"{built}/zz/deeper") == b"z\n"
 
 
-def _slowed_writes(store: Store, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False):
+def _slowed_writes(
+    store: Store, monkeypatch: pytest.MonkeyPatch, *, fail: type[Exception] | None = None
+):
     """Blocks put on the write-behind thread take 0.3 s (or fail): a call that does not wait
     for them would find them missing."""
     put = store._put_blocks
@@ -365,8 +367,8 @@ def _slowed_writes(store: Store, monkeypatch: pytest.MonkeyPatch, *, fail: bool 
     def slow_put(*args, **kwargs) -> None:
         if threading.current_thread().name == "ipfs-execute-write-behind":
             time.sleep(0.3)
-            if fail:
-                raise IpfsError("IPFS block/put failed: the test says no")
+            if fail is not None:
+                raise fail("IPFS block/put failed: the test says no")
         put(*args, **kwargs)
 
     monkeypatch.setattr(store, "_put_blocks", slow_put)
@@ -393,15 +395,17 @@ def test_a_file_added_behind_is_there_for_every_call_after_it(
     )
 
 
+@pytest.mark.parametrize("error", [IpfsError, RuntimeError])
 def test_a_failed_write_behind_is_raised_to_its_owner_and_to_the_call_that_needed_it(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+    store: Store, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
 ) -> None:
+    """Whatever the writing raised (an unexpected error too): nothing is taken as stored."""
     base = store.compose({"data.txt": store.add_bytes(b"failing\n")})
-    _slowed_writes(store, monkeypatch, fail=True)
+    _slowed_writes(store, monkeypatch, fail=error)
     composed = store.add_file_behind(base, ".ipfs-execute/script", b"echo lost\n")
-    with pytest.raises(IpfsError, match="the test says no"):
+    with pytest.raises(error, match="the test says no"):
         store.cat(f"{composed.directory}/.ipfs-execute/script")
-    with pytest.raises(IpfsError, match="the test says no"):
+    with pytest.raises(error, match="the test says no"):
         composed.written.wait()  # told again: its owner must know
     assert store.cat(f"{base}/data.txt") == b"failing\n"  # once told, the store goes on
 
