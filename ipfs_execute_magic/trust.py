@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -141,7 +142,8 @@ class SigningKey:
         except FileNotFoundError:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             seed = Ed25519PrivateKey.generate().private_bytes_raw()
-            temporary = path.with_name(f".{path.name}.{os.getpid()}")
+            # Threads of one process (concurrent runs in a new data directory) make theirs too.
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as file:
                 file.write(f"{_PRIVATE_PREFIX}{_b64(seed)}\n")
@@ -182,7 +184,7 @@ class SigningKey:
         except FileNotFoundError:
             pass
         key_id = SigningKey.load_or_create(path).public_id
-        temporary = public.with_name(f".{public.name}.{os.getpid()}")
+        temporary = public.with_name(f".{public.name}.{os.getpid()}.{secrets.token_hex(4)}")
         temporary.write_text(key_id + "\n")
         os.replace(temporary, public)
         return key_id
@@ -231,7 +233,7 @@ class TrustedKeys:
 
     def _save(self, keys: Mapping[str, str]) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         temporary.write_text(json.dumps(dict(sorted(keys.items())), indent=1) + "\n")
         os.replace(temporary, self.path)
 

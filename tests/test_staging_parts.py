@@ -158,7 +158,7 @@ def test_an_input_differing_in_one_entry_fetches_only_that_entry(
     assert stager.stage_input(added).was_cached and fetched == {}
 
 
-def test_a_new_script_on_a_big_input_stages_only_the_script(
+def test_a_new_script_on_a_big_input_stages_nothing(
     scratch: Path, busybox_tarball: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     settings = Settings(home=scratch / "home")
@@ -367,13 +367,14 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-@pytest.mark.parametrize("staged_as", ["parts", "scripted base"])
+@pytest.mark.parametrize("staged_as", ["parts", "scripted base", "script written"])
 def test_an_ordinary_user_sees_the_parts_bound_by_bwrap(
     store, busybox_cid: str, big_input: str, scratch: Path, staged_as: str
 ) -> None:
     """Without root there is no private mount namespace of ours: bwrap binds each part (or
-    the script's directory over a scripted base)."""
+    the script's directory over a scripted base, fetched or written beside /output)."""
     base_dir = Path(tempfile.mkdtemp(prefix="iex-parts-"))
+    area = OutputArea(base_dir / "run" / "output")
     try:
         os.chmod(base_dir, 0o755)
         cache = StagingCache(base_dir / "cache")
@@ -386,8 +387,17 @@ def test_an_ordinary_user_sees_the_parts_bound_by_bwrap(
             assert len(staged.parts) == 6
         else:
             scripted = _scripted(store, big_input, "echo from a user\n")
-            staged = stager.stage_input(scripted, base=big_input)
+            written = None
+            if staged_as == "script written":
+                area.path.parent.mkdir()
+                area.create(Limits(output_bytes=None))  # a plain directory: nothing mounted
+                written = area.write_script(
+                    "script", b"echo from a user\n", staging.SOURCE_DATE_EPOCH
+                )
+            staged = stager.stage_input(scripted, base=big_input, script_dir=written)
             assert staged.path == cache.path_for("scripted", big_input)
+            if written is not None:
+                assert dict(staged.parts)[".ipfs-execute"] == written
         expected = _listing(rootfs, staged, scratch)  # as root: private binds
         subprocess.run(["chmod", "-R", "a+rX", str(base_dir)], check=True)
         package_parent = package_copy_for_other_users(base_dir)
@@ -429,6 +439,7 @@ def test_an_ordinary_user_sees_the_parts_bound_by_bwrap(
         assert completed.returncode == 0, completed.stderr
         assert completed.stdout == expected
     finally:
+        area.release()
         shutil.rmtree(base_dir, ignore_errors=True)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,46 @@ def test_a_key_is_made_once_private_and_reloaded(tmp_path: Path) -> None:
     path.write_text("not a key\n")
     with pytest.raises(UsageError, match="not a signing key of this tool"):
         SigningKey.load_or_create(path)
+
+
+def _load_at_once(
+    load_key: Callable[[], str], threads: int
+) -> tuple[list[str], list[BaseException]]:
+    """`load_key()` called by `threads` threads let go at the same moment."""
+    start = threading.Barrier(threads)
+    found: list[str] = []
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        start.wait()
+        try:
+            found.append(load_key())
+        except BaseException as error:
+            errors.append(error)
+
+    running = [threading.Thread(target=load) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+    return found, errors
+
+
+def test_threads_making_the_key_at_once_all_get_the_one_made(tmp_path: Path) -> None:
+    """Runs in threads of one process (`--each`, `ie.map_entries`) in a new data directory
+    each load the key: whichever makes it, all get that one, and nothing is left beside it."""
+    for attempt in range(40):
+        path = tmp_path / f"home-{attempt}" / "keys" / "signing.key"
+        # The key itself, or its public half (written beside it on first use).
+        if attempt % 2:
+            found, errors = _load_at_once(lambda path=path: SigningKey.public_id_at(path), 4)
+        else:
+            found, errors = _load_at_once(
+                lambda path=path: SigningKey.load_or_create(path).public_id, 4
+            )
+        assert errors == []
+        assert len(found) == 4 and len(set(found)) == 1
+        assert [name for name in os.listdir(path.parent) if name.startswith(".")] == []
 
 
 def test_an_attestation_holds_only_for_what_was_signed(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -160,7 +161,7 @@ def _facts_key(bwrap: str) -> str | None:
 
 
 def _remember(path: Path, facts: dict[str, str]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         temporary.write_text(json.dumps(facts))
         os.replace(temporary, path)  # whole or not at all, whoever reads it meanwhile

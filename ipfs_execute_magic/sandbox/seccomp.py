@@ -23,6 +23,7 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import socket
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -295,7 +296,7 @@ def _remember(memo: Path, program: bytes) -> None:
     """Write the program whole (a reader meanwhile sees the old file or none), and drop every
     other program there: older code's are never used again, another policy's is compiled
     again when one is needed."""
-    temporary = memo.with_name(f".{memo.name}.{os.getpid()}")
+    temporary = memo.with_name(f".{memo.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         memo.parent.mkdir(mode=0o700, exist_ok=True)
         temporary.write_bytes(program)
