@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import UsageError
+from .files import replace_file
 
 ATTESTATION_FORMAT = "ipfs-execute/attestation/1"
 KEY_PREFIX = "ed25519:"
@@ -184,9 +185,7 @@ class SigningKey:
         except FileNotFoundError:
             pass
         key_id = SigningKey.load_or_create(path).public_id
-        temporary = public.with_name(f".{public.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        temporary.write_text(key_id + "\n")
-        os.replace(temporary, public)
+        replace_file(public, f"{key_id}\n".encode())
         return key_id
 
     def attest(self, key: str, output: str) -> Attestation:
@@ -233,9 +232,7 @@ class TrustedKeys:
 
     def _save(self, keys: Mapping[str, str]) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        temporary.write_text(json.dumps(dict(sorted(keys.items())), indent=1) + "\n")
-        os.replace(temporary, self.path)
+        replace_file(self.path, (json.dumps(dict(sorted(keys.items())), indent=1) + "\n").encode())
 
 
 class TrustSummary(NamedTuple):

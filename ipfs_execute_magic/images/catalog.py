@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cid import EMPTY_DIRECTORY_CID
 from ..errors import ImageBuildError, UsageError
+from ..files import replace_file
 from . import builders
 from .debinstall import InstallError
 
@@ -232,9 +232,7 @@ def _read_record(directory: Path, image: str) -> dict[str, Any] | None:
 
 def _write_record(directory: Path, image: str, record: dict[str, Any]) -> None:
     path = directory / f"{image}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    replace_file(path, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _sha256(path: Path) -> str:

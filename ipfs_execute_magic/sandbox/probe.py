@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import secrets
 import shutil
 import subprocess
 from pathlib import Path
 
 from ..errors import SandboxError, SandboxUnavailableError
+from ..files import replace_file
 from ..settings import SANDBOX_GID, SANDBOX_UID
 from .options import (
     DIE_WITH_PARENT,
@@ -161,12 +161,10 @@ def _facts_key(bwrap: str) -> str | None:
 
 
 def _remember(path: Path, facts: dict[str, str]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        temporary.write_text(json.dumps(facts))
-        os.replace(temporary, path)  # whole or not at all, whoever reads it meanwhile
+        replace_file(path, json.dumps(facts).encode())  # whole, whoever reads it meanwhile
     except OSError:
-        temporary.unlink(missing_ok=True)  # a read-only data directory probes every time
+        pass  # a read-only data directory probes every time
 
 
 def drop_privileges() -> None:

@@ -23,12 +23,12 @@ import functools
 import hashlib
 import json
 import os
-import secrets
 import socket
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from ..errors import SandboxError
+from ..files import replace_file
 
 # ioctl requests (asm-generic/ioctls.h; the same on every architecture that has them).
 _TIOCSTI = 0x5412  # push a byte into the terminal's input queue (CVE-2017-5226)
@@ -296,16 +296,14 @@ def _remember(memo: Path, program: bytes) -> None:
     """Write the program whole (a reader meanwhile sees the old file or none), and drop every
     other program there: older code's are never used again, another policy's is compiled
     again when one is needed."""
-    temporary = memo.with_name(f".{memo.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         memo.parent.mkdir(mode=0o700, exist_ok=True)
-        temporary.write_bytes(program)
-        os.replace(temporary, memo)
+        replace_file(memo, program)
         for other in memo.parent.glob("*.bpf"):
             if other != memo:
                 other.unlink(missing_ok=True)
     except OSError:
-        temporary.unlink(missing_ok=True)  # a read-only data directory compiles every time
+        pass  # a read-only data directory compiles every time
 
 
 def _compile(policy: SeccompPolicy) -> bytes:
